@@ -1,0 +1,163 @@
+"""Typed recipe schema.
+
+A recipe is a YAML file validated into :class:`Recipe` at load time. Every section forbids unknown keys, so a
+typo fails before a model is built (see :mod:`finetune.recipe` for the error formatting with "did you mean").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GroupMode = Literal["frozen", "full", "lora"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Tracker = Literal["tensorboard", "wandb", "trackio"]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are checked strictly."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    family: str = Field(description="Model family module under finetune/models (e.g. llava_onevision).")
+    path: str = Field(description="Hub id or local folder of the checkpoint.")
+    revision: str | None = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Leaf module names per module group, e.g. {"llm": ["q_proj", "v_proj"]}. A group that is in `lora` mode and
+    # absent here uses the family's default targets. Names are scoped to the group (never a bare global list,
+    # which would also wrap the vision tower's identically named layers).
+    targets: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class TuningSection(Section):
+    # Mode per module group. Groups a family has but the recipe omits are an error (nothing implicit).
+    groups: dict[str, GroupMode] = Field(default_factory=lambda: {"vision": "frozen", "projector": "frozen",
+                                                                   "llm": "lora"})
+    lora: LoraSection = Field(default_factory=LoraSection)
+    gradient_checkpointing: bool = False
+
+
+class PromptSection(Section):
+    instruction: str = "Extract the details from the document image and structure them into JSON format:"
+    # JSON skeleton shown after the instruction. None: derived from the training targets (union of their keys).
+    skeleton: dict | None = None
+
+
+class DataSection(Section):
+    train: str = Field(description="JSONL file, Hugging Face dataset folder / imagefolder, or hub dataset id.")
+    val: str | None = None
+    test: str | None = None
+    image_column: str = "image"
+    target_column: str = "target"
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    max_length: int = Field(2048, gt=0, description="Samples longer than this are dropped and counted.")
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_train_samples: int | None = Field(None, gt=0)
+
+
+class OptimSection(Section):
+    # One learning rate for every trainable group, or one per group name.
+    lr: float | dict[str, float] = 1e-4
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(None, ge=0)
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value):
+        values = value.values() if isinstance(value, dict) else [value]
+        if any(v <= 0 for v in values):
+            raise ValueError("learning rates must be > 0")
+        return value
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    batch_size: int = Field(1, gt=0, description="Per process.")
+    grad_accum: int = Field(1, gt=0)
+    precision: Precision = "fp32"
+    group_by_length: bool = True
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(1, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0, description="Optimizer steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class EvalSection(Section):
+    split: Literal["val", "test"] = "val"
+    before_training: bool = True
+    after_training: bool = True
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(512, gt=0)
+    max_samples: int | None = Field(None, gt=0)
+
+
+class OutputSection(Section):
+    dir: str = "runs/run"
+    # An existing run folder is never silently reused: `error` refuses, `resume` continues from its latest
+    # checkpoint, `overwrite` deletes it first.
+    if_exists: Literal["error", "resume", "overwrite"] = "error"
+
+
+class TrackingSection(Section):
+    report_to: list[Tracker] = Field(default_factory=list)
+    project: str = "finetune"
+    run_name: str | None = None
+
+
+class Recipe(Section):
+    """A whole training recipe."""
+
+    model: ModelSection
+    data: DataSection
+    tuning: TuningSection = Field(default_factory=TuningSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _lr_groups_are_known(self):
+        if isinstance(self.optim.lr, dict):
+            unknown = set(self.optim.lr) - set(self.tuning.groups)
+            if unknown:
+                raise ValueError(f"optim.lr names groups not in tuning.groups: {sorted(unknown)}")
+        unknown = set(self.tuning.lora.targets) - set(self.tuning.groups)
+        if unknown:
+            raise ValueError(f"tuning.lora.targets names groups not in tuning.groups: {sorted(unknown)}")
+        return self
+
+    def lr_for(self, group: str) -> float:
+        """Learning rate of one module group."""
+        if isinstance(self.optim.lr, dict):
+            if group not in self.optim.lr:
+                raise ValueError(f"optim.lr has no learning rate for trainable group '{group}'")
+            return self.optim.lr[group]
+        return self.optim.lr
+
+
+def data_paths(recipe: Recipe) -> dict[str, Path]:
+    """The local data files a recipe names (the ones that can be checked for existence)."""
+    paths = {}
+    for split in ("train", "val", "test"):
+        value = getattr(recipe.data, split)
+        if value is not None:
+            paths[f"data.{split}"] = Path(value)
+    return paths

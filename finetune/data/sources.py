@@ -1,0 +1,110 @@
+"""Reading image→JSON pairs from a JSONL file, a Hugging Face dataset, or any Python iterable.
+
+Every record keeps its origin (`file.jsonl:17`, `dataset row 17`, `item 17`) so a bad sample can be named.
+Nothing here decodes images; :mod:`finetune.data.dataset` validates them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass
+class RawRecord:
+    """One sample as read: image references (paths or PIL images), the target as given, where it came from."""
+
+    images: list[Any]
+    target: Any
+    origin: str
+    problem: str | None = None  # set when the record itself is malformed (not valid JSON, missing field, ...)
+
+
+def read_records(source: str | Path | Iterable, *, image_column: str = "image",
+                 target_column: str = "target") -> Iterator[RawRecord]:
+    """Records from a JSONL path, a dataset folder (`save_to_disk` or imagefolder with metadata.jsonl),
+    `hf:org/name[:split]`, a `datasets.Dataset`, or an iterable of dicts."""
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if text.startswith("hf:"):
+            yield from _from_rows(_load_hub_dataset(text[3:]), f"{text}", image_column, target_column)
+            return
+        path = Path(source)
+        if path.is_dir():
+            yield from _from_rows(_load_dataset_folder(path), str(path), image_column, target_column)
+            return
+        yield from _from_jsonl(path, image_column, target_column)
+        return
+    yield from _from_rows(source, "item", image_column, target_column)
+
+
+def _from_jsonl(path: Path, image_column: str, target_column: str) -> Iterator[RawRecord]:
+    base = path.parent
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield RawRecord([], None, origin, f"invalid JSON line ({err.msg} at column {err.colno})")
+                continue
+            if not isinstance(row, dict):
+                yield RawRecord([], None, origin, "line is not a JSON object")
+                continue
+            record = _record(row, origin, image_column, target_column)
+            record.images = [base / p if isinstance(p, str) else p for p in record.images]
+            yield record
+
+
+def _from_rows(rows: Iterable, label: str, image_column: str, target_column: str) -> Iterator[RawRecord]:
+    for index, row in enumerate(rows):
+        origin = f"{label} row {index}" if label != "item" else f"item {index}"
+        if not isinstance(row, dict):
+            yield RawRecord([], None, origin, f"expected a mapping, got {type(row).__name__}")
+            continue
+        yield _record(row, origin, image_column, target_column)
+
+
+def _record(row: dict, origin: str, image_column: str, target_column: str) -> RawRecord:
+    if image_column not in row:
+        return RawRecord([], None, origin, f"field '{image_column}' is missing")
+    if target_column not in row:
+        return RawRecord([], None, origin, f"field '{target_column}' is missing")
+    images = row[image_column]
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
+        return RawRecord([], None, origin, f"field '{image_column}' is an empty list")
+    bad = [type(i).__name__ for i in images if not isinstance(i, (str, Path, Image.Image, dict))]
+    if bad:
+        return RawRecord([], None, origin, f"field '{image_column}' holds {bad[0]}, expected a path or an image")
+    target = row[target_column]
+    if isinstance(target, str):  # datasets often store nested JSON as a string column
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError as err:
+            return RawRecord(images, None, origin, f"field '{target_column}' is a string but not JSON ({err.msg})")
+    return RawRecord(images, target, origin)
+
+
+def _load_dataset_folder(path: Path):
+    import datasets
+
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        return datasets.load_from_disk(str(path))
+    if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    raise ValueError(f"{path}: a folder must be a saved dataset (save_to_disk) or an imagefolder with metadata.jsonl")
+
+
+def _load_hub_dataset(spec: str):
+    import datasets
+
+    name, _, split = spec.partition(":")
+    return datasets.load_dataset(name, split=split or "train")

@@ -1,0 +1,128 @@
+"""What every model family provides to the generic data, training and evaluation code.
+
+A family module (`finetune/models/<family>.py`) subclasses :class:`ModelFamily` and keeps all of its quirks —
+checkpoint loading, processor, chat format, module groups, batching of image tensors — to itself.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's cross_entropy default)
+
+
+@dataclass
+class Encoded:
+    """One tokenised sample: text ids, labels aligned with them, and the family's image tensors."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ModelFamily(ABC):
+    """Interface of a model family. Instances are stateless; the processor is passed in explicitly."""
+
+    name: str
+    # Module groups → parameter-name prefixes (names as in the un-wrapped model). Every parameter must fall
+    # into exactly one group: `assign_groups` fails loudly otherwise.
+    group_prefixes: dict[str, tuple[str, ...]]
+    # Default LoRA leaf-module targets per group.
+    default_lora_targets: dict[str, tuple[str, ...]]
+    # Parameters the forward pass never uses (so DDP need not search for unused parameters every step).
+    never_used_parameters: tuple[str, ...] = ()
+
+    # --- loading ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_processor(self, path: str, revision: str | None = None):
+        """The family's processor (tokenizer + image processor + chat template) for a checkpoint."""
+
+    @abstractmethod
+    def load_model(self, path: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str = "sdpa") -> torch.nn.Module:
+        """The model, with every checkpoint weight accounted for."""
+
+    @abstractmethod
+    def save_pretrained(self, model: torch.nn.Module, processor, out_dir: Path, source_path: str | None = None,
+                        state_dict: dict | None = None) -> None:
+        """Save a (merged or fully trained) model with processor, tokenizer and chat template. `source_path`:
+        the checkpoint it came from (files we cannot rebuild are copied from it); `state_dict`: gathered weights
+        (ZeRO-3 / FSDP)."""
+
+    # --- text and images ---------------------------------------------------------------------------------
+    @abstractmethod
+    def render_prompt(self, processor, instruction: str, num_images: int) -> str:
+        """The chat-formatted prompt text up to and including the assistant's turn header."""
+
+    @abstractmethod
+    def end_of_turn_token(self, processor) -> str:
+        """The token that closes the assistant's turn (labelled, and a stop token for generation)."""
+
+    @abstractmethod
+    def encode_prompt(self, processor, images: list[Image.Image], prompt_text: str) -> Encoded:
+        """Tokenise the prompt with the images' placeholder tokens expanded; labels all IGNORE_INDEX."""
+
+    @abstractmethod
+    def count_image_tokens(self, processor, image_sizes: list[tuple[int, int]]) -> int:
+        """Image tokens the processor will insert for images of these (width, height) sizes, without
+        processing pixels (used to drop over-length samples before training starts)."""
+
+    @abstractmethod
+    def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Batch the per-sample image tensors into the model's keyword arguments."""
+
+    def stop_token_ids(self, processor) -> list[int]:
+        """Token ids that end generation."""
+        tokenizer = processor.tokenizer
+        ids = {tokenizer.convert_tokens_to_ids(self.end_of_turn_token(processor))}
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        return sorted(ids)
+
+    # --- module groups -----------------------------------------------------------------------------------
+    def group_of(self, parameter_name: str) -> str | None:
+        """The module group of a parameter name (PEFT's `base_model.model.` prefix is ignored)."""
+        name = parameter_name.removeprefix("base_model.model.")
+        for group, prefixes in self.group_prefixes.items():
+            if name.startswith(prefixes):
+                return group
+        return None
+
+    def assign_groups(self, model: torch.nn.Module) -> dict[str, list[str]]:
+        """Parameter names per group; a parameter in no group is an error (it would silently stay as is)."""
+        groups: dict[str, list[str]] = {g: [] for g in self.group_prefixes}
+        for name, _ in model.named_parameters():
+            group = self.group_of(name)
+            if group is None:
+                raise ValueError(f"{self.name}: parameter '{name}' belongs to no module group "
+                                 f"(groups: {self.group_prefixes})")
+            groups[group].append(name)
+        return groups
+
+    def lora_target_regex(self, targets: dict[str, list[str] | tuple[str, ...]]) -> str:
+        """A PEFT `target_modules` regex that matches the given leaf names only inside their groups."""
+        alternatives = []
+        for group, leaves in targets.items():
+            if not leaves:
+                continue
+            prefixes = "|".join(re.escape(p.rstrip(".")) for p in self.group_prefixes[group])
+            names = "|".join(re.escape(leaf) for leaf in leaves)
+            alternatives.append(rf"(?:{prefixes})\..*\.(?:{names})")
+        if not alternatives:
+            raise ValueError("LoRA requested but no target modules given")
+        return rf"^(?:{'|'.join(alternatives)})$"
+
+    # --- tiny checkpoints ----------------------------------------------------------------------------------
+    @abstractmethod
+    def build_tiny_checkpoint(self, out_dir: Path, *, seed: int = 0, **sizes) -> Path:
+        """Write a tiny randomly initialised checkpoint in the exact Hub layout (offline)."""

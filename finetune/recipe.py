@@ -1,0 +1,169 @@
+"""Loading recipes: YAML file + `key.path=value` overrides → validated :class:`~finetune.config.Recipe`.
+
+Every problem is one line naming the file, the YAML line where it can be known, and the key path, e.g.::
+
+    recipes/invoices.yaml:12: tuning.lora.rr: unknown key (did you mean 'r'?)
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.config import Recipe, data_paths
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key path."""
+
+
+def resolve_recipe_path(name: str | Path) -> Path:
+    """A path as given, or a bare name (with or without `.yaml`) resolved under `recipes/`."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (RECIPES_DIR / path, RECIPES_DIR / path.with_suffix(".yaml")):
+        if candidate.exists():
+            return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise RecipeError(f"{name}: recipe not found (as a path or under {RECIPES_DIR}){_suggest(path.stem, known)}")
+
+
+def load_recipe(name: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_files: bool = True) -> Recipe:
+    """Read, override and validate a recipe. `overrides` are `key.path=value` strings (values parsed as YAML)."""
+    path = resolve_recipe_path(name)
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override, path)
+    recipe = validate_recipe(raw, source=str(path), lines=lines)
+    if check_files:
+        check_recipe_files(recipe, source=str(path), lines=lines)
+    return recipe
+
+
+def validate_recipe(raw: dict, *, source: str = "<recipe>", lines: dict[str, int] | None = None) -> Recipe:
+    """Validate a plain dict into a Recipe, turning the first pydantic error into a one-line RecipeError."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err.errors()[0], source, lines or {})) from None
+
+
+def check_recipe_files(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int] | None = None) -> None:
+    """Local files the recipe names must exist (Hub ids, written `hf:org/name`, are not checked here)."""
+    for key, path in data_paths(recipe).items():
+        if str(path).startswith("hf:"):
+            continue
+        if not path.exists():
+            raise RecipeError(f"{_where(source, lines or {}, key)}: {key}: file not found: {path}")
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the fully resolved recipe (defaults included) so a run folder says exactly what ran."""
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
+    """Split `recipe=NAME key.path=value ...` into the recipe name and the overrides."""
+    recipe_name, overrides = None, []
+    for arg in argv:
+        if "=" not in arg:
+            raise RecipeError(f"argument '{arg}': expected recipe=NAME or key.path=value")
+        key, _, value = arg.partition("=")
+        if key.lstrip("-") == "recipe":
+            recipe_name = value
+        else:
+            overrides.append(arg)
+    if recipe_name is None:
+        raise RecipeError("missing recipe=NAME (a YAML path or a name under recipes/)")
+    return recipe_name, overrides
+
+
+# --- internals ---------------------------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict, override: str, source: Path) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override '{override}': expected key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{source}: override {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _format_error(error: dict, source: str, lines: dict[str, int]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    where = _where(source, lines, key)
+    if error["type"] == "extra_forbidden":
+        known = _known_fields(loc[:-1])
+        return f"{where}: {key}: unknown key{_suggest(loc[-1], known)}"
+    if error["type"] == "missing":
+        return f"{where}: {key}: required key is missing"
+    got = error.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {key or '<top>'}: {message}{got_text}"
+
+
+def _known_fields(parent_loc: list[str]) -> list[str]:
+    """Field names of the section at `parent_loc` (for "did you mean")."""
+    model: type[BaseModel] | None = Recipe
+    for part in parent_loc:
+        field = model.model_fields.get(part) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return sorted(model.model_fields) if model else []
+
+
+def _suggest(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known: {', '.join(known)})" if known else ""
+
+
+def _where(source: str, lines: dict[str, int], key: str) -> str:
+    # Walk up to the nearest key with a known line (an override or a missing key has none of its own).
+    parts = key.split(".")
+    while parts:
+        line = lines.get(".".join(parts))
+        if line:
+            return f"{source}:{line}"
+        parts.pop()
+    return source
+
+
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Map dotted key paths to 1-based YAML line numbers."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    return lines

@@ -1,0 +1,1 @@
+"""Synthetic document generators (invoices, receipts, small forms) with JSON targets."""

@@ -1,0 +1,1 @@
+"""Training: which parameters train (tuning), batching order (sampler), checkpoints, and the recipe runner."""
