@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from finetune.data.dataset import Collator, DocumentDataset, Sample
 from finetune.models.base import ModelFamily
@@ -65,7 +66,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
             rows.append({"index": i, "text": text})
     if was_training:
         unwrapped.train()
-    rows = accelerator.gather_object(rows) if accelerator.num_processes > 1 else rows
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
     rows = sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"])
     return score(samples, rows)
 

@@ -123,6 +123,8 @@ class ModelFamily(ABC):
         return rf"^(?:{'|'.join(alternatives)})$"
 
     # --- tiny checkpoints ----------------------------------------------------------------------------------
+    tiny_presets: dict[str, dict[str, Any]] = {}  # named size presets for build_tiny_checkpoint
+
     @abstractmethod
     def build_tiny_checkpoint(self, out_dir: Path, *, seed: int = 0, **sizes) -> Path:
         """Write a tiny randomly initialised checkpoint in the exact Hub layout (offline)."""

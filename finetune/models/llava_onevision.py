@@ -150,7 +150,8 @@ class LlavaOnevisionFamily(ModelFamily):
         return "<|im_end|>"
 
     def encode_prompt(self, processor, images: list[Image.Image], prompt_text: str) -> Encoded:
-        out = processor(images=images, text=prompt_text, return_tensors="pt")
+        # Nested: all images belong to this one prompt (a flat list would be read as one image per sample).
+        out = processor(images=[images], text=[prompt_text], return_tensors="pt")
         ids = out["input_ids"][0].tolist()
         image_inputs = {
             "pixel_values": out["pixel_values"],  # (num_images, num_crops, 3, H, W)
@@ -182,6 +183,13 @@ class LlavaOnevisionFamily(ModelFamily):
         }
 
     # --- tiny checkpoints ----------------------------------------------------------------------------------
+    # "test": fastest that still learns the 8-sample overfit; "quickstart": enough resolution (64 px crops,
+    # up to 2×2 of them) to read the `simple` synthetic forms within a few CPU minutes.
+    tiny_presets = {
+        "test": {"image_size": 32, "vision_hidden": 32, "text_hidden": 64},
+        "quickstart": {"image_size": 64, "vision_hidden": 64, "text_hidden": 128},
+    }
+
     def build_tiny_checkpoint(self, out_dir: Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
                               vision_hidden: int = 32, vision_layers: int = 2, text_hidden: int = 64,
                               text_layers: int = 2, grid: tuple[int, ...] = (1, 2), extra_corpus=()) -> Path:

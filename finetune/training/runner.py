@@ -13,6 +13,7 @@ count, so long and short answers weigh the same whatever the batching.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -83,15 +84,15 @@ class FineTuneRecipe:
             optimizer_groups(model, self.family, r.lr_for, r.optim.weight_decay),
             betas=r.optim.betas, eps=r.optim.eps,
         )
-        loader = self._train_loader()
-        self.batches_per_epoch = len(loader)
+        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer,
+                                                                                 self._train_loader())
+        self.batches_per_epoch = len(self.train_loader)  # per process, after Accelerate sharded the batches
         self.total_steps = self._total_steps()
         warmup = r.optim.warmup_steps if r.optim.warmup_steps is not None else round(r.optim.warmup_ratio *
                                                                                      self.total_steps)
         scheduler = get_scheduler(r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
-                                  optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
-        self.model, self.optimizer, self.train_loader, self.scheduler = self.accelerator.prepare(
-            model, optimizer, loader, scheduler)
+                                  self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        self.scheduler = self.accelerator.prepare(scheduler)
         self.accelerator.register_save_state_pre_hook(self._keep_trainable_weights_only)
 
         if r.tracking.report_to:
@@ -161,6 +162,9 @@ class FineTuneRecipe:
                                             group_by_length=t.group_by_length)
         return torch.utils.data.DataLoader(
             dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+            # Its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
+            # instead would shift dropout masks between a resumed and an uninterrupted run.
+            generator=torch.Generator().manual_seed(t.seed),
             collate_fn=Collator(self.family, self.processor.tokenizer.pad_token_id, padding_side="right"))
 
     def _total_steps(self) -> int:
@@ -222,19 +226,40 @@ class FineTuneRecipe:
             if every and (self.state.global_step % every == 0 or self.state.global_step == self.total_steps):
                 self.save_checkpoint()
         bar.close()
+        self._check_replicas_agree()
+
+    def _check_replicas_agree(self) -> None:
+        """Data-parallel replicas must end bit-identical; a silent divergence would make the saved model depend
+        on which rank wrote it. One hash per rank over the trainable weights, compared on every rank."""
+        if self.accelerator.num_processes == 1 or self.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+            return  # sharded engines hold different shards by design
+        digest = hashlib.sha256()
+        for name, param in self.accelerator.unwrap_model(self.model).named_parameters():
+            if param.requires_grad:
+                digest.update(name.encode())
+                digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests = gather_object([digest.hexdigest()])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"data-parallel replicas diverged: weight hashes per rank {digests}")
+        self._info(f"trainable weights identical on all {len(digests)} processes (sha256 {digests[0][:12]})")
 
     def _batch_stream(self):
         """Micro-batches forever, epoch after epoch, resuming mid-epoch exactly where the state says."""
         while True:
-            self.train_loader.set_epoch(self.state.epoch)
+            epoch = self.state.epoch
+            self.train_loader.set_epoch(epoch)
             loader = self.train_loader
             if self.state.batches_in_epoch:
                 loader = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
             for batch in loader:
                 self.state.batches_in_epoch += 1
+                if self.state.batches_in_epoch == self.batches_per_epoch:
+                    # Advance now, not after the loop, so a checkpoint taken here says "next epoch, batch 0".
+                    self.state.epoch, self.state.batches_in_epoch = epoch + 1, 0
                 yield batch
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
+            if self.state.epoch == epoch:
+                raise RuntimeError(f"epoch {epoch} ended after {self.state.batches_in_epoch} batches, "
+                                   f"expected {self.batches_per_epoch}")
 
     def _log_step(self, bar, loss: float, tokens_per_s: float) -> None:
         step = self.state.global_step

@@ -70,7 +70,8 @@ def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSect
 
 
 def _is_trainable(name: str, mode: str, uses_lora: bool, family: ModelFamily) -> bool:
-    clean = name.removeprefix("base_model.model.")
+    # Names as in the un-wrapped model: PEFT adds a prefix and, for modules_to_save, a copy's path segment.
+    clean = name.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
     if clean.startswith(family.never_used_parameters):
         return False
     if mode == "frozen":

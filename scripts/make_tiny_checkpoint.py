@@ -1,0 +1,39 @@
+"""Write a tiny randomly initialised checkpoint in the exact Hub file layout, offline.
+
+    python scripts/make_tiny_checkpoint.py --family llava_onevision --preset quickstart --out checkpoints/tiny-llava-ov
+
+Used by the quickstart and the tests: the real loading code runs on it exactly as on a Hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from finetune.models import FAMILIES, get_family  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llava_onevision", choices=sorted(FAMILIES))
+    parser.add_argument("--preset", default="quickstart", help="size preset of the family (test, quickstart)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+
+    family = get_family(args.family)
+    if args.preset not in family.tiny_presets:
+        parser.error(f"--preset: {args.family} has presets {sorted(family.tiny_presets)}")
+    if (args.out / "config.json").exists() and not args.overwrite:
+        print(f"{args.out}: checkpoint exists, kept (pass --overwrite to rebuild)")
+        return
+    family.build_tiny_checkpoint(args.out, seed=args.seed, **family.tiny_presets[args.preset])
+    print(f"{args.family} tiny checkpoint ({args.preset}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

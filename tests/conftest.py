@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny offline checkpoints and small synthetic datasets, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is never reachable here; fail fast instead of retrying
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    """The 'test' size LLaVA-OneVision checkpoint in Hub layout."""
+    from finetune.models import get_family
+
+    family = get_family("llava_onevision")
+    return family.build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava"), **family.tiny_presets["test"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_quickstart(tmp_path_factory) -> Path:
+    from finetune.models import get_family
+
+    family = get_family("llava_onevision")
+    return family.build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava-qs"), **family.tiny_presets["quickstart"])
+
+
+@pytest.fixture(scope="session")
+def simple_docs(tmp_path_factory) -> dict[str, Path]:
+    """8 train / 8 val / 4 test `simple` forms (two fields each)."""
+    from finetune.synthetic.invoices import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("simple"), seed=0, n_train=8, n_val=8, n_test=4, preset="simple")
+
+
+@pytest.fixture(scope="session")
+def invoice_docs(tmp_path_factory) -> dict[str, Path]:
+    from finetune.synthetic.invoices import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("invoices"), seed=0, n_train=6, n_val=2, n_test=2)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state; reset it around in-process training."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def run_train(args: list[str], *, processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch finetune/train.py ARGS` as a user runs it (2 processes: gloo on CPU)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    if processes > 1:
+        # `--cpu --num_processes 2` silently runs one process; --multi_gpu with ACCELERATE_USE_CPU runs two (gloo).
+        launch.append("--multi_gpu")
+        env["ACCELERATE_USE_CPU"] = "true"
+    else:
+        launch.append("--cpu")
+    result = subprocess.run(launch + [str(REPO / "finetune" / "train.py"), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

@@ -1,0 +1,139 @@
+"""Which parameters train: LoRA scoped to its groups, frozen groups bit-identical after steps, per-group LRs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune.config import TuningSection
+from finetune.data.dataset import Collator, DocumentDataset, prepare_samples
+from finetune.models import get_family
+from finetune.training.tuning import apply_tuning, optimizer_groups
+
+INSTRUCTION = 'Extract into JSON format: {"number": "", "total": ""}'
+
+
+@pytest.fixture(scope="module")
+def family():
+    return get_family("llava_onevision")
+
+
+@pytest.fixture(scope="module")
+def batch(family, tiny_llava, simple_docs):
+    processor = family.load_processor(str(tiny_llava))
+    samples, _ = prepare_samples(simple_docs["train"], split="train", family=family, processor=processor,
+                                 instruction_text=INSTRUCTION, skeleton={"number": "", "total": ""}, max_length=4096)
+    dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=INSTRUCTION)
+    data = Collator(family, processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    data.pop("index")
+    return data
+
+
+def train_steps(model, family, batch, lrs, steps=3):
+    optimizer = torch.optim.AdamW(optimizer_groups(model, family, lambda g: lrs[g], weight_decay=0.01))
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_lora_wraps_only_llm_projections(family, tiny_llava):
+    model = family.load_model(str(tiny_llava))
+    model, plan = apply_tuning(model, family, TuningSection())
+    wrapped = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+               for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert wrapped, "no LoRA layer was created"
+    assert all(name.startswith("model.language_model.layers.") for name in wrapped)
+    # SigLIP also has q_proj/k_proj/v_proj: a bare target list would have wrapped them.
+    layers = model.base_model.model.config.text_config.num_hidden_layers
+    assert len(wrapped) == layers * 7
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert plan.trainable.get("vision", 0) == 0 and plan.trainable["llm"] > 0
+
+
+def test_lora_steps_change_only_lora_weights(family, tiny_llava, batch):
+    model = family.load_model(str(tiny_llava))
+    model, _ = apply_tuning(model, family, TuningSection(groups={"vision": "frozen", "projector": "frozen",
+                                                                  "llm": "lora"}))
+    before = snapshot(model)
+    train_steps(model, family, batch, {"llm": 1e-2})
+    for name, param in model.named_parameters():
+        if ".lora_B." in name:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+        elif ".lora_" not in name:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def test_full_with_frozen_vision(family, tiny_llava, batch):
+    model = family.load_model(str(tiny_llava))
+    groups = {"vision": "frozen", "projector": "full", "llm": "full"}
+    model, plan = apply_tuning(model, family, TuningSection(groups=groups))
+    before = snapshot(model)
+    optimizer = train_steps(model, family, batch, {"projector": 1e-3, "llm": 1e-4})
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
+        "llm": 1e-4, "llm.no_decay": 1e-4, "projector": 1e-3, "projector.no_decay": 1e-3}
+    for name, param in model.named_parameters():
+        group = family.group_of(name)
+        if group == "vision":
+            assert torch.equal(param, before[name]) and not param.requires_grad
+        elif name.startswith("model.language_model.embed_tokens"):
+            continue  # rows of tokens absent from the batch get no gradient
+        else:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+    assert plan.frozen["vision"] == sum(p.numel() for n, p in model.named_parameters()
+                                        if family.group_of(n) == "vision")
+
+
+@pytest.mark.parametrize("llm_mode", ["full", "lora"])
+def test_every_trainable_parameter_gets_a_gradient(family, tiny_llava, batch, llm_mode):
+    """SigLIP's post_layernorm is never used by LLaVA: it must stay frozen, also as a PEFT modules_to_save copy,
+    or DDP fails on unused parameters."""
+    model = family.load_model(str(tiny_llava))
+    model, _ = apply_tuning(model, family, TuningSection(groups={"vision": "full", "projector": "full",
+                                                                  "llm": llm_mode}))
+    model(**batch).loss.backward()
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert not no_grad, f"trainable parameters without gradient (DDP would hang or need find_unused): {no_grad}"
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "post_layernorm" in n)
+
+
+def test_full_projector_inside_lora_run_is_saved_with_adapter(family, tiny_llava, batch):
+    model = family.load_model(str(tiny_llava))
+    model, plan = apply_tuning(model, family, TuningSection(groups={"vision": "frozen", "projector": "full",
+                                                                     "llm": "lora"}))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".modules_to_save.default.linear_1." in n for n in trainable)
+    assert not any(".original_module." in n for n in trainable)
+    assert plan.trainable["projector"] > 0
+
+
+def test_groups_must_match_family(family, tiny_llava):
+    model = family.load_model(str(tiny_llava))
+    with pytest.raises(ValueError, match=r"missing \['vision'\]"):
+        apply_tuning(model, family, TuningSection(groups={"projector": "full", "llm": "full"}))
+    with pytest.raises(ValueError, match="leaves no parameter trainable"):
+        apply_tuning(model, family, TuningSection(groups={"vision": "frozen", "projector": "frozen",
+                                                          "llm": "frozen"}))
+
+
+def test_multi_image_sample_runs_through_the_model(family, tiny_llava, tmp_path):
+    processor = family.load_processor(str(tiny_llava))
+    model = family.load_model(str(tiny_llava))
+    for i, size in enumerate([(60, 40), (40, 90)]):
+        Image.new("RGB", size, "white").save(tmp_path / f"p{i}.png")
+    rows = [{"image": [str(tmp_path / "p0.png"), str(tmp_path / "p1.png")], "target": {"number": "1"}},
+            {"image": str(tmp_path / "p0.png"), "target": {"number": "2"}}]
+    samples, _ = prepare_samples(rows, split="train", family=family, processor=processor,
+                                 instruction_text=INSTRUCTION, skeleton={"number": ""}, max_length=4096)
+    dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=INSTRUCTION)
+    batch = Collator(family, processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    batch.pop("index")
+    assert batch["batch_num_images"].tolist() == [2, 1]
+    assert torch.isfinite(model(**batch).loss)
