@@ -46,6 +46,22 @@ def test_overfit_eight_samples_to_full_exact_match(tiny_llava_quickstart, simple
         assert (final / name).exists(), name
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 8 and all(p["exact_match"] for p in predictions)
+    # The saved full model loads with the stock transformers class, not only through our family.
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(final)
+    assert type(reloaded).__name__ == "LlavaOnevisionForConditionalGeneration"
+
+
+def test_bf16_lora_run_with_gradient_checkpointing(tiny_llava, simple_docs, tmp_path):
+    out = tmp_path / "bf16"
+    run_train(base_args(tiny_llava, simple_docs, out, **{
+        "tuning.groups": "{vision: frozen, projector: full, llm: lora}", "tuning.gradient_checkpointing": True,
+        "train.precision": "bf16", "train.max_steps": 3, "train.batch_size": 4, "train.grad_accum": 2,
+        "eval.before_training": False, "eval.max_new_tokens": 4}))
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(loss == loss and loss < 20 for loss in losses)  # finite
+    assert (out / "final" / "adapter_model.safetensors").exists()
 
 
 def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_path):
@@ -79,8 +95,57 @@ def test_two_processes_end_with_identical_weights(tiny_llava, simple_docs, tmp_p
     out = tmp_path / "ddp"
     result = run_train(base_args(tiny_llava, simple_docs, out, **{
         "tuning.groups": "{vision: full, projector: full, llm: lora}", "train.max_steps": 4,
-        "train.batch_size": 2, "eval.before_training": False, "eval.max_new_tokens": 4}), processes=2)
+        "train.batch_size": 2, "eval.before_training": False, "eval.max_new_tokens": 4,
+        "tracking.report_to": "[tensorboard]"}), processes=2)
     assert "trainable weights identical on all 2 processes" in result.stdout
+    assert list(out.glob("**/events.out.tfevents.*")), "tensorboard logged nothing"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["num_samples"] == 8  # both ranks' generations gathered, none lost or doubled
     assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_saved_adapter_reloads_with_identical_logits(tiny_llava, simple_docs, tmp_path, fresh_accelerate_state):
+    """In-process run, then base + saved adapter from disk must reproduce the trained model's logits."""
+    from peft import PeftModel
+
+    from finetune.data.dataset import Collator, DocumentDataset
+    from finetune.recipe import load_recipe
+    from finetune.training.runner import FineTuneRecipe
+
+    out = tmp_path / "run"
+    args = base_args(tiny_llava, simple_docs, out, **{
+        "tuning.groups": "{vision: frozen, projector: full, llm: lora}", "optim.lr": 1e-2, "train.max_steps": 3,
+        "train.batch_size": 4, "eval.before_training": False, "eval.after_training": False})
+    job = FineTuneRecipe(load_recipe("quickstart", args[1:]))
+    job.setup()
+    job.train()
+    final = job.save_final()
+
+    dataset = DocumentDataset(job.train_samples, family=job.family, processor=job.processor,
+                              instruction_text=job.instruction_text)
+    batch = Collator(job.family, job.processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    batch.pop("index")
+    trained = job.accelerator.unwrap_model(job.model).eval()
+    reloaded = PeftModel.from_pretrained(job.family.load_model(str(tiny_llava)), final).eval()
+    with torch.no_grad():
+        expected, got = trained(**batch).logits, reloaded(**batch).logits
+        base = job.family.load_model(str(tiny_llava))(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(base, expected, atol=1e-3)  # training (adapter + projector) changed the model
+    # The adapter folder also carries what is needed to prompt it: processor, tokenizer and chat template.
+    processor = job.family.load_processor(str(final))
+    assert processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+                                         tokenize=False, add_generation_prompt=True).endswith("assistant\n")
+
+
+def test_existing_run_folder_is_never_reused_silently(tiny_llava, simple_docs, tmp_path, fresh_accelerate_state):
+    from finetune.recipe import load_recipe
+    from finetune.training.runner import FineTuneRecipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    args = base_args(tiny_llava, simple_docs, out, **{"output.if_exists": "error"})
+    with pytest.raises(FileExistsError, match="output.if_exists=resume"):
+        FineTuneRecipe(load_recipe("quickstart", args[1:])).setup()
+    assert (out / "metrics.json").read_text() == "{}"

@@ -137,3 +137,22 @@ def test_multi_image_sample_runs_through_the_model(family, tiny_llava, tmp_path)
     batch.pop("index")
     assert batch["batch_num_images"].tolist() == [2, 1]
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_gradient_checkpointing_with_frozen_vision_gives_the_same_gradients(family, tiny_llava, batch):
+    """The classic failure: checkpointed blocks whose inputs need no grad (frozen tower) silently get none."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = family.load_model(str(tiny_llava))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, _ = apply_tuning(model, family, TuningSection(
+            groups={"vision": "frozen", "projector": "frozen", "llm": "lora"}, lora={"dropout": 0.0}))
+        model.train()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[1].keys() == grads[0].keys()
+    assert all(g.abs().sum() > 0 for n, g in grads[1].items() if "lora_B" in n)  # lora_A: 0 while B is 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)

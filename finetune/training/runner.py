@@ -186,7 +186,16 @@ class FineTuneRecipe:
             metrics["after"] = self.evaluate("after")
             self._save_metrics(metrics)
         self.accelerator.end_training()
+        self._info(self._summary(metrics))
         return metrics
+
+    def _summary(self, metrics: dict) -> str:
+        def em(tag: str) -> str:
+            return f"{metrics[tag]['json_exact_match']:.1%}" if tag in metrics else "n/a"
+
+        what = "adapter" if self.plan.uses_lora else "model"
+        return (f"done: JSON exact match on {self.recipe.eval.split} {em('before')} before -> {em('after')} after; "
+                f"{what} in {self.run_dir / 'final'}, metrics and predictions in {self.run_dir}")
 
     def train(self) -> None:
         """Optimizer steps until the step budget; the data stream runs across epoch boundaries."""

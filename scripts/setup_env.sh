@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv/ and install the toolkit with its dev, tracking and DeepSpeed extras. Idempotent: re-runs only
+# when pyproject.toml or this script changed.
+#
+# torch is pinned in the same pip command: an unpinned torch request on a CPU-only machine pulls several GB
+# of CUDA wheels. On a GPU machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch==2.9.1").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+stamp=".venv/.installed-$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)-${TORCH_SPEC//[^a-zA-Z0-9.]/_}"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing into .venv ($TORCH_SPEC, transformers, peft, accelerate, trl, datasets, deepspeed, ...)"
+  # DS_BUILD_OPS=0: DeepSpeed compiles its C++/CUDA ops on first use instead of at install time.
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    "$TORCH_SPEC" -e ".[dev,track,deepspeed]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
