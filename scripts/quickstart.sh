@@ -8,7 +8,7 @@ bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ ! -f data/quickstart/train.jsonl ]; then
-  .venv/bin/python scripts/make_invoices.py --out data/quickstart --preset simple --seed 0 \
+  .venv/bin/python scripts/make_invoices.py --out data/quickstart --preset digits --seed 0 \
     --n-train 2000 --n-val 48 --n-test 48
 fi
 .venv/bin/python scripts/make_tiny_checkpoint.py --family llava_onevision --preset quickstart \

@@ -21,7 +21,7 @@ MONEY = re.compile(r"^\d+\.\d{2}$")
 INVOICE_KEYS = {"invoice_number", "date", "seller", "buyer", "items", "subtotal", "tax", "total",
                 "currency"}
 RECEIPT_KEYS = {"store", "date", "items", "total"}
-PRESET_KEYS = {"simple": [{"number", "total"}], "form": [{"name", "date", "total"}],
+PRESET_KEYS = {"simple": [{"number", "total"}], "digits": [{"number"}], "form": [{"name", "date", "total"}],
                "invoices": [INVOICE_KEYS, RECEIPT_KEYS]}
 
 
@@ -105,15 +105,16 @@ def test_dates_are_iso(invoice_targets):
         dt.date.fromisoformat(target["date"])
 
 
-@pytest.mark.parametrize("preset", ["invoices", "form", "simple"])
+@pytest.mark.parametrize("preset", ["invoices", "form", "simple", "digits"])
 def test_presets_yield_documented_keys(preset, invoice_targets):
     docs = invoice_targets if preset == "invoices" else targets(preset, 10)
     seen = [set(target) for target in docs]
     assert all(keys in PRESET_KEYS[preset] for keys in seen)
     # Every schema of the preset shows up (invoices: both invoice and receipt layouts).
     assert all(keys in seen for keys in PRESET_KEYS[preset])
-    if preset == "simple":
+    if preset in ("simple", "digits"):
         assert all(re.fullmatch(r"\d{5}", t["number"]) for t in docs)
+    if preset == "simple":
         assert all(Decimal("10.00") <= Decimal(t["total"]) <= Decimal("99.99") for t in docs)
     if preset == "invoices":
         for target in (t for t in docs if "seller" in t):
@@ -122,7 +123,7 @@ def test_presets_yield_documented_keys(preset, invoice_targets):
                        for i in target["items"])
 
 
-@pytest.mark.parametrize("preset", ["invoices", "form", "simple"])
+@pytest.mark.parametrize("preset", ["invoices", "form", "simple", "digits"])
 def test_images_exist_and_open(preset, small_dataset, tmp_path):
     out = small_dataset
     if preset != "invoices":
@@ -136,6 +137,8 @@ def test_images_exist_and_open(preset, small_dataset, tmp_path):
                 assert image.mode == "RGB"
                 if preset == "simple":
                     assert image.size == (128, 128)
+                elif preset == "digits":
+                    assert image.size == (64, 64)
                 elif preset == "form":
                     assert image.size == (256, 256)
                 else:
