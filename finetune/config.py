@@ -7,7 +7,7 @@ typo fails before a model is built (see :mod:`finetune.recipe` for the error for
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,7 +17,8 @@ Tracker = Literal["tensorboard", "wandb", "trackio"]
 
 
 class Section(BaseModel):
-    """Base for every recipe section: unknown keys are errors, values are checked strictly."""
+    """Base for every recipe section: unknown keys are errors; values are type-checked (pydantic's default
+    coercion: "3" is accepted for an int, "abc" is not)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -27,6 +28,8 @@ class ModelSection(Section):
     path: str = Field(description="Hub id or local folder of the checkpoint.")
     revision: str | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Family-specific processor options, checked by the family (mississippi: max_tiles_per_image, use_msac, ...).
+    processor: dict[str, Any] = Field(default_factory=dict)
 
 
 class LoraSection(Section):

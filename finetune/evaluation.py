@@ -28,7 +28,18 @@ def parse_json(text: str) -> tuple[Any, bool]:
 
 
 def json_exact_match(prediction: Any, gold: Any) -> bool:
-    """Equal as JSON values: key order ignored, everything else exact (v0; normalised variants come later)."""
+    """Equal as JSON values: key order ignored; types must agree (true is not 1, "1" is not 1), though 1 and
+    1.0 are the same JSON number. (v0: normalised variants come with the full metrics.)"""
+    if isinstance(gold, bool) or isinstance(prediction, bool):
+        return type(prediction) is type(gold) and prediction == gold
+    if isinstance(gold, (int, float)) and isinstance(prediction, (int, float)):
+        return prediction == gold
+    if type(prediction) is not type(gold):
+        return False
+    if isinstance(gold, dict):
+        return prediction.keys() == gold.keys() and all(json_exact_match(prediction[k], gold[k]) for k in gold)
+    if isinstance(gold, list):
+        return len(prediction) == len(gold) and all(json_exact_match(p, g) for p, g in zip(prediction, gold))
     return prediction == gold
 
 
@@ -46,10 +57,24 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
                               with_answer=False)
     tokenizer = processor.tokenizer
     collate = Collator(family, tokenizer.pad_token_id, padding_side="left")
-    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
+    rows = []
+    # Padded so every rank runs the same number of batches (sharded engines need every rank in every forward);
+    # the duplicated samples are dropped after the gather.
+    with accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as indices:
+        rows = _generate(unwrapped, dataset, indices, collate, family, processor, accelerator, batch_size,
+                         max_new_tokens)
+    if was_training:
+        unwrapped.train()
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+    rows = sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"])
+    return score(samples, rows)
+
+
+def _generate(model, dataset, indices, collate, family, processor, accelerator, batch_size, max_new_tokens):
+    tokenizer = processor.tokenizer
     rows = []
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]])
@@ -57,18 +82,14 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
         batch.pop("labels")
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            output = unwrapped.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+            output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                         eos_token_id=family.stop_token_ids(processor),
                                         pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for i, text in zip(index.tolist(), texts):
             rows.append({"index": i, "text": text})
-    if was_training:
-        unwrapped.train()
-    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
-    rows = sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"])
-    return score(samples, rows)
+    return rows
 
 
 def score(samples: list[Sample], rows: list[dict[str, Any]]) -> EvalResult:

@@ -15,11 +15,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune.config import Recipe, data_paths
+from finetune.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be used; the message is one line naming the file and key path."""
 
 
@@ -50,13 +51,17 @@ def load_recipe(name: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override, path)
+        key = override.partition("=")[0]
+        lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")}
+        lines[key] = f"override {override}"  # errors about it point at the command line, not the file
     recipe = validate_recipe(raw, source=str(path), lines=lines)
+    check_family_groups(recipe, source=str(path), lines=lines)
     if check_files:
         check_recipe_files(recipe, source=str(path), lines=lines)
     return recipe
 
 
-def validate_recipe(raw: dict, *, source: str = "<recipe>", lines: dict[str, int] | None = None) -> Recipe:
+def validate_recipe(raw: dict, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> Recipe:
     """Validate a plain dict into a Recipe, turning the first pydantic error into a one-line RecipeError."""
     try:
         return Recipe.model_validate(raw)
@@ -64,7 +69,30 @@ def validate_recipe(raw: dict, *, source: str = "<recipe>", lines: dict[str, int
         raise RecipeError(_format_error(err.errors()[0], source, lines or {})) from None
 
 
-def check_recipe_files(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int] | None = None) -> None:
+def check_family_groups(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
+    """The model family exists and the recipe's group names are that family's (checked before any model loads)."""
+    from finetune.models import FAMILY_GROUPS
+
+    lines = lines or {}
+    family = recipe.model.family
+    if family not in FAMILY_GROUPS:
+        where = _where(source, lines, "model.family")
+        raise RecipeError(f"{where}: model.family: unknown family '{family}'{_suggest(family, sorted(FAMILY_GROUPS))}")
+    groups = FAMILY_GROUPS[family]
+    named = {f"tuning.groups.{g}": g for g in recipe.tuning.groups}
+    named.update({f"optim.lr.{g}": g for g in (recipe.optim.lr if isinstance(recipe.optim.lr, dict) else {})})
+    named.update({f"tuning.lora.targets.{g}": g for g in recipe.tuning.lora.targets})
+    for key, group in named.items():
+        if group not in groups:
+            raise RecipeError(f"{_where(source, lines, key)}: {key}: '{family}' has no group '{group}'"
+                              f"{_suggest(group, list(groups))}")
+    missing = [g for g in groups if g not in recipe.tuning.groups]
+    if missing:
+        raise RecipeError(f"{_where(source, lines, 'tuning.groups')}: tuning.groups: give a mode (frozen, full, "
+                          f"lora) for every group of '{family}': missing {', '.join(missing)}")
+
+
+def check_recipe_files(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
     """Local files the recipe names must exist (Hub ids, written `hf:org/name`, are not checked here)."""
     for key, path in data_paths(recipe).items():
         if str(path).startswith("hf:"):
@@ -108,15 +136,20 @@ def _apply_override(raw: dict, override: str, source: Path) -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if part not in node:
+            # Overriding one entry of a defaulted mapping (tuning.groups.llm=full) keeps the other defaults.
+            default = _default_at(parts[: i + 1])
+            node[part] = default if isinstance(default, dict) else {}
+        child = node[part]
         if not isinstance(child, dict):
             raise RecipeError(f"{source}: override {key}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
     node[parts[-1]] = parsed
 
 
-def _format_error(error: dict, source: str, lines: dict[str, int]) -> str:
-    loc = [str(part) for part in error["loc"]]
+def _format_error(error: dict, source: str, lines: dict[str, int | str]) -> str:
+    # pydantic names the member of a union it tried (`optim.lr.float`); the user only wrote `optim.lr`.
+    loc = [str(part) for part in error["loc"] if not _is_type_name(str(part))]
     key = ".".join(loc)
     where = _where(source, lines, key)
     if error["type"] == "extra_forbidden":
@@ -128,6 +161,24 @@ def _format_error(error: dict, source: str, lines: dict[str, int]) -> str:
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
     message = error["msg"].removeprefix("Value error, ")
     return f"{where}: {key or '<top>'}: {message}{got_text}"
+
+
+def _default_at(parts: list[str]):
+    """The schema's default value at a key path (as plain data), or None."""
+    model: type[BaseModel] | None = Recipe
+    value = None
+    for part in parts:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        value = field.get_default(call_default_factory=True)
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def _is_type_name(part: str) -> bool:
+    return part in ("float", "int", "str", "bool") or "[" in part
 
 
 def _known_fields(parent_loc: list[str]) -> list[str]:
@@ -147,13 +198,15 @@ def _suggest(word: str, known: list[str]) -> str:
     return f" (known: {', '.join(known)})" if known else ""
 
 
-def _where(source: str, lines: dict[str, int], key: str) -> str:
-    # Walk up to the nearest key with a known line (an override or a missing key has none of its own).
+def _where(source: str, lines: dict[str, int | str], key: str) -> str:
+    # Walk up to the nearest key with a known place: a YAML line, or the command-line override that set it.
     parts = key.split(".")
     while parts:
-        line = lines.get(".".join(parts))
-        if line:
-            return f"{source}:{line}"
+        place = lines.get(".".join(parts))
+        if isinstance(place, str):
+            return f"{source} ({place})"
+        if place:
+            return f"{source}:{place}"
         parts.pop()
     return source
 

@@ -16,7 +16,8 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from finetune.recipe import RecipeError, load_recipe, parse_cli  # noqa: E402
+from finetune.errors import UserError  # noqa: E402
+from finetune.recipe import load_recipe, parse_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,5 +34,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except RecipeError as err:
-        sys.exit(f"recipe error: {err}")
+    except (UserError, FileExistsError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")  # a problem with the recipe, the data or the run folder: one line, no traceback

@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-if [ ! -f data/quickstart/train.jsonl ]; then
-  .venv/bin/python scripts/make_invoices.py --out data/quickstart --preset digits --seed 0 \
-    --n-train 2000 --n-val 48 --n-test 48
+# Regenerate when the data on disk came from other settings (an older quickstart), never reuse it silently.
+data_args="--preset digits --seed 0 --n-train 2000 --n-val 48 --n-test 48"
+if [ "$(cat data/quickstart/.made-with 2>/dev/null)" != "$data_args" ]; then
+  .venv/bin/python scripts/make_invoices.py --out data/quickstart $data_args --overwrite
+  echo "$data_args" > data/quickstart/.made-with
 fi
 .venv/bin/python scripts/make_tiny_checkpoint.py --family llava_onevision --preset quickstart \
   --out checkpoints/tiny-llava-ov

@@ -59,7 +59,8 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def run_train(args: list[str], *, processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(args: list[str], *, processes: int = 1, timeout: int = 600, check: bool = True
+              ) -> subprocess.CompletedProcess:
     """`accelerate launch finetune/train.py ARGS` as a user runs it (2 processes: gloo on CPU)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
@@ -72,6 +73,6 @@ def run_train(args: list[str], *, processes: int = 1, timeout: int = 600) -> sub
         launch.append("--cpu")
     result = subprocess.run(launch + [str(REPO / "finetune" / "train.py"), *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -36,3 +36,17 @@ def test_canonical_json_orders_like_skeleton_then_sorted_and_is_compact():
 def test_canonical_json_is_stable_whatever_the_input_order():
     skeleton = {"a": "", "b": ""}
     assert canonical_json({"b": 1, "a": 2}, skeleton) == canonical_json({"a": 2, "b": 1}, skeleton)
+
+
+def test_exact_match_is_type_strict_but_ignores_key_order():
+    from finetune.evaluation import json_exact_match, parse_json
+
+    assert json_exact_match({"a": 1, "b": [1, {"c": "x"}]}, {"b": [1, {"c": "x"}], "a": 1})
+    assert json_exact_match({"n": 1.0}, {"n": 1})  # one JSON number
+    assert not json_exact_match({"n": True}, {"n": 1})
+    assert not json_exact_match({"n": "1"}, {"n": 1})
+    assert not json_exact_match({"a": None}, {"a": ""})
+    assert not json_exact_match({"a": [1, 2]}, {"a": [2, 1]})
+    assert not json_exact_match({"a": 1}, {"a": 1, "b": 2})
+    assert parse_json(' {"a": 1}\n') == ({"a": 1}, True)
+    assert parse_json('{"a": 1} trailing') == (None, False)

@@ -123,3 +123,29 @@ def test_every_shipped_recipe_validates_and_documents_its_launch(path):
     family = get_family(recipe.model.family)
     assert set(recipe.tuning.groups) == set(family.group_prefixes)
     assert yaml.safe_load(path.read_text())  # plain YAML a user can edit
+
+
+def test_override_errors_point_at_the_command_line(recipe_file):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe_file, ["train.epochs=abc"])
+    assert str(err.value).startswith(f"{recipe_file} (override train.epochs=abc): train.epochs: ")
+
+
+def test_union_valued_key_is_named_as_written(recipe_file):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe_file, ["optim.lr=abc"])
+    assert ": optim.lr: " in str(err.value) and "optim.lr.float" not in str(err.value)
+
+
+def test_unknown_group_name_is_caught_at_load_time_with_suggestion(recipe_file):
+    text = recipe_file.read_text().replace("tuning:\n", "tuning:\n  groups: {visoin: full, projector: frozen, llm: lora}\n")
+    recipe_file.write_text(text)
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: tuning\.groups\.visoin: 'llava_onevision' has no group "
+                                          r"'visoin' \(did you mean 'vision'\?\)"):
+        load_recipe(recipe_file)
+
+
+def test_unknown_family_is_caught_at_load_time(recipe_file):
+    with pytest.raises(RecipeError, match=r"model\.family: unknown family 'llava_onevison' \(did you mean "
+                                          r"'llava_onevision'\?\)"):
+        load_recipe(recipe_file, ["model.family=llava_onevison"])

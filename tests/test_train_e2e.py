@@ -69,18 +69,25 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_pa
     accumulation and epoch boundaries inside an optimizer step all depend on restored RNG and data position."""
     full = tmp_path / "full"
     overrides = {"tuning.groups": "{vision: frozen, projector: frozen, llm: lora}", "tuning.lora.dropout": 0.1, "tuning.lora.r": 4, "optim.lr": 1e-2, "train.max_steps": 6,
-                 "train.batch_size": 3, "train.grad_accum": 2, "train.checkpoint_every": 3,
+                 "train.batch_size": 3, "train.grad_accum": 2, "train.checkpoint_every": 2,
                  "train.keep_checkpoints": 5, "eval.before_training": False, "eval.after_training": False}
     run_train(base_args(tiny_llava, simple_docs, full, **overrides))
 
     resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "step_000006", "train_log.jsonl"))
+    # Step 2 = 4 micro-batches of 3 batches per epoch: the resume lands mid-epoch (epoch 1, batch 1).
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "step_000004", "step_000006",
+                                                                   "train_log.jsonl"))
+    assert json.loads((resumed / "checkpoints" / "step_000002" / "trainer_state.json").read_text()) == {
+        "global_step": 2, "epoch": 1, "batches_in_epoch": 1}
+    changed = run_train(base_args(tiny_llava, simple_docs, resumed, **{**overrides, "optim.lr": 1e-3,
+                                                                       "output.if_exists": "resume"}), check=False)
+    assert changed.returncode != 0 and "cannot resume with a different recipe; changed: optim.lr" in changed.stderr
     result = run_train(base_args(tiny_llava, simple_docs, resumed, **overrides, **{"output.if_exists": "resume"}))
-    assert "resumed from" in result.stdout and "at step 3" in result.stdout
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
 
     a = load_file(full / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
-    start = load_file(full / "checkpoints" / "step_000003" / "model.safetensors")
+    start = load_file(full / "checkpoints" / "step_000002" / "model.safetensors")
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
@@ -88,7 +95,7 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_pa
     assert any(not torch.equal(a[k], start[k.replace(".weight", ".default.weight")])
                for k in a if "lora_B" in k)
     logged = [json.loads(line)["step"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
-    assert logged == [4, 5, 6]
+    assert logged == [3, 4, 5, 6]
 
 
 def test_two_processes_end_with_identical_weights(tiny_llava, simple_docs, tmp_path):
@@ -149,3 +156,23 @@ def test_existing_run_folder_is_never_reused_silently(tiny_llava, simple_docs, t
     with pytest.raises(FileExistsError, match="output.if_exists=resume"):
         FineTuneRecipe(load_recipe("quickstart", args[1:])).setup()
     assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_loss_is_normalised_over_all_tokens_of_a_step_whatever_the_split(tiny_llava, simple_docs, tmp_path):
+    """One process × 4 samples, one process × 2 samples × 2 accumulation steps, and two processes × 2 samples
+    see the same 4 samples per step: same logged loss, same weights (mean over all label tokens of the step)."""
+    common = {"tuning.groups": "{vision: frozen, projector: frozen, llm: lora}", "tuning.lora.dropout": 0.0,
+              "train.group_by_length": False, "optim.lr": 1e-2, "train.max_steps": 2,
+              "eval.before_training": False, "eval.after_training": False, "optim.max_grad_norm": "null"}
+    layouts = {"single": ({"train.batch_size": 4}, 1), "accumulated": ({"train.batch_size": 2,
+               "train.grad_accum": 2}, 1), "two_processes": ({"train.batch_size": 2}, 2)}
+    losses, weights = {}, {}
+    for name, (extra, processes) in layouts.items():
+        out = tmp_path / name
+        run_train(base_args(tiny_llava, simple_docs, out, **{**common, **extra}), processes=processes)
+        losses[name] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        weights[name] = load_file(out / "final" / "adapter_model.safetensors")
+    for name in ("accumulated", "two_processes"):
+        assert losses[name] == pytest.approx(losses["single"], rel=1e-5), name
+        for key, value in weights["single"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-4, atol=1e-5)

@@ -146,7 +146,7 @@ def test_gradient_checkpointing_with_frozen_vision_gives_the_same_gradients(fami
         torch.manual_seed(0)
         model = family.load_model(str(tiny_llava))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model, _ = apply_tuning(model, family, TuningSection(
             groups={"vision": "frozen", "projector": "frozen", "llm": "lora"}, lora={"dropout": 0.0}))
         model.train()
@@ -156,3 +156,31 @@ def test_gradient_checkpointing_with_frozen_vision_gives_the_same_gradients(fami
     assert all(g.abs().sum() > 0 for n, g in grads[1].items() if "lora_B" in n)  # lora_A: 0 while B is 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_full_llm_inside_a_lora_run_trains_the_whole_llm(family, tiny_llava):
+    model = family.load_model(str(tiny_llava))
+    llm_size = sum(p.numel() for n, p in model.named_parameters() if family.group_of(n) == "llm")
+    model, plan = apply_tuning(model, family, TuningSection(
+        groups={"vision": "lora", "projector": "frozen", "llm": "full"}))
+    assert plan.trainable["llm"] == llm_size  # every LLM weight, as a PEFT modules_to_save copy
+    assert plan.trainable["vision"] > 0
+
+
+def test_lora_on_modules_directly_under_a_group_prefix(family, tiny_llava):
+    model = family.load_model(str(tiny_llava))
+    model, plan = apply_tuning(model, family, TuningSection(
+        groups={"vision": "frozen", "projector": "lora", "llm": "lora"},
+        lora={"targets": {"projector": ["linear_1", "linear_2"]}}))
+    wrapped = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert "base_model.model.model.multi_modal_projector.linear_1" in wrapped
+    assert plan.trainable["projector"] > 0
+
+
+def test_a_group_that_would_train_nothing_is_an_error(family, tiny_llava):
+    from finetune.errors import UserError
+
+    model = family.load_model(str(tiny_llava))
+    with pytest.raises(UserError, match=r"vision \(lora\) would train no parameter"):
+        apply_tuning(model, family, TuningSection(groups={"vision": "lora", "projector": "frozen", "llm": "lora"},
+                                                  lora={"targets": {"vision": ["no_such_layer"]}}))

@@ -19,11 +19,12 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.data.prompt import canonical_json
+from finetune.errors import UserError
 from finetune.data.sources import RawRecord, read_records
 from finetune.models.base import IGNORE_INDEX, ModelFamily
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad sample in strict mode; the message names the file and line (or row) and the reason."""
 
 
@@ -77,7 +78,6 @@ def prepare_samples(source, *, split: str, family: ModelFamily, processor, instr
     report = DataReport(split=split)
     tokenizer = processor.tokenizer
     eot_id = tokenizer.convert_tokens_to_ids(family.end_of_turn_token(processor))
-    prompt_lengths: dict[int, int] = {}
     samples: list[Sample] = []
 
     def skip(record: RawRecord, reason: str, detail: str) -> None:
@@ -106,12 +106,9 @@ def prepare_samples(source, *, split: str, family: ModelFamily, processor, instr
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for unreadable / corrupt files
             skip(record, "unreadable image", f"field '{image_column}': unreadable image: {err}")
             continue
-        n_images = len(sizes)
-        if n_images not in prompt_lengths:
-            text = family.render_prompt(processor, instruction_text, n_images)
-            prompt_lengths[n_images] = len(tokenizer(text)["input_ids"]) - n_images  # placeholders get expanded
+        prompt_text = family.render_prompt(processor, instruction_text, len(sizes))
         answer_ids = tokenizer(canonical_json(record.target, skeleton), add_special_tokens=False)["input_ids"]
-        length = prompt_lengths[n_images] + family.count_image_tokens(processor, sizes) + len(answer_ids) + 1
+        length = family.count_prompt_tokens(processor, prompt_text, sizes) + len(answer_ids) + 1
         if length > max_length:
             # Always skipped (never an error, never truncated): the recipe's max_length is a budget, not a bug.
             report.skipped[f"longer than max_length={max_length}"] += 1
@@ -151,7 +148,7 @@ class DocumentDataset(torch.utils.data.Dataset):
             labels = labels + sample.answer_ids
             if len(input_ids) != sample.length:
                 raise RuntimeError(f"{sample.origin}: {len(input_ids)} tokens but {sample.length} were counted; "
-                                   f"{self.family.name}.count_image_tokens disagrees with its processor")
+                                   f"{self.family.name}.count_prompt_tokens disagrees with its processor")
         return {"input_ids": input_ids, "labels": labels, "index": index, **encoded.image_inputs}
 
 

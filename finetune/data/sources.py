@@ -64,6 +64,7 @@ def _from_jsonl(path: Path, image_column: str, target_column: str) -> Iterator[R
 
 
 def _from_rows(rows: Iterable, label: str, image_column: str, target_column: str) -> Iterator[RawRecord]:
+    rows = _undecoded_images(rows, image_column)
     for index, row in enumerate(rows):
         origin = f"{label} row {index}" if label != "item" else f"item {index}"
         if not isinstance(row, dict):
@@ -91,6 +92,18 @@ def _record(row: dict, origin: str, image_column: str, target_column: str) -> Ra
         except json.JSONDecodeError as err:
             return RawRecord(images, None, origin, f"field '{target_column}' is a string but not JSON ({err.msg})")
     return RawRecord(images, target, origin)
+
+
+def _undecoded_images(rows, image_column: str):
+    """A `datasets.Dataset` whose image column yields encoded bytes, decoded only when a batch needs them:
+    decoding here would keep every page of the dataset in memory on every rank."""
+    try:
+        import datasets
+    except ImportError:
+        return rows
+    if isinstance(rows, datasets.Dataset) and isinstance(rows.features.get(image_column), datasets.Image):
+        return rows.cast_column(image_column, datasets.Image(decode=False))
+    return rows
 
 
 def _load_dataset_folder(path: Path):

@@ -39,13 +39,16 @@ class ModelFamily(ABC):
     group_prefixes: dict[str, tuple[str, ...]]
     # Default LoRA leaf-module targets per group.
     default_lora_targets: dict[str, tuple[str, ...]]
+    # Per group: modules PEFT saves beside the adapter when the group is `full` in a LoRA run.
+    modules_to_save: dict[str, tuple[str, ...]] = {}
     # Parameters the forward pass never uses (so DDP need not search for unused parameters every step).
     never_used_parameters: tuple[str, ...] = ()
 
     # --- loading ---------------------------------------------------------------------------------------
     @abstractmethod
-    def load_processor(self, path: str, revision: str | None = None):
-        """The family's processor (tokenizer + image processor + chat template) for a checkpoint."""
+    def load_processor(self, path: str, revision: str | None = None, **options):
+        """The family's processor (tokenizer + image processor + chat template) for a checkpoint; `options` are
+        the recipe's `model.processor` settings (unknown ones are errors)."""
 
     @abstractmethod
     def load_model(self, path: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -73,9 +76,9 @@ class ModelFamily(ABC):
         """Tokenise the prompt with the images' placeholder tokens expanded; labels all IGNORE_INDEX."""
 
     @abstractmethod
-    def count_image_tokens(self, processor, image_sizes: list[tuple[int, int]]) -> int:
-        """Image tokens the processor will insert for images of these (width, height) sizes, without
-        processing pixels (used to drop over-length samples before training starts)."""
+    def count_prompt_tokens(self, processor, prompt_text: str, image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode_prompt`'s ids for images of these (width, height) sizes, without processing pixels
+        (used to drop over-length samples before training starts; the dataset checks it per sample)."""
 
     @abstractmethod
     def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -117,7 +120,7 @@ class ModelFamily(ABC):
                 continue
             prefixes = "|".join(re.escape(p.rstrip(".")) for p in self.group_prefixes[group])
             names = "|".join(re.escape(leaf) for leaf in leaves)
-            alternatives.append(rf"(?:{prefixes})\..*\.(?:{names})")
+            alternatives.append(rf"(?:{prefixes})\.(?:.*\.)?(?:{names})")
         if not alternatives:
             raise ValueError("LoRA requested but no target modules given")
         return rf"^(?:{'|'.join(alternatives)})$"

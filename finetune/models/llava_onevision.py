@@ -102,13 +102,20 @@ class LlavaOnevisionFamily(ModelFamily):
         "projector": ("model.multi_modal_projector.", "model.image_newline"),
         "llm": ("model.language_model.", "lm_head."),
     }
-    default_lora_targets = {"llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    default_lora_targets = {
+        "vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # SigLIP attention + MLP
+        "projector": ("linear_1", "linear_2"),
+        "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    }
     never_used_parameters = ("model.vision_tower.post_layernorm.",)
     # Modules PEFT saves beside the adapter when their group is `full` in a LoRA run.
-    modules_to_save = {"projector": ("multi_modal_projector",), "vision": ("vision_tower",), "llm": ("lm_head",)}
+    modules_to_save = {"projector": ("multi_modal_projector",), "vision": ("vision_tower",),
+                       "llm": ("language_model", "lm_head")}
 
     # --- loading ---------------------------------------------------------------------------------------
-    def load_processor(self, path: str, revision: str | None = None) -> ImageOnlyProcessor:
+    def load_processor(self, path: str, revision: str | None = None, **options) -> ImageOnlyProcessor:
+        if options:
+            raise ValueError(f"model.processor: llava_onevision takes no processor options, got {sorted(options)}")
         image_processor = AutoImageProcessor.from_pretrained(path, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         processor_kwargs = ImageOnlyProcessor.get_processor_dict(path, revision=revision)[0]
@@ -160,7 +167,12 @@ class LlavaOnevisionFamily(ModelFamily):
         }
         return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), image_inputs=image_inputs)
 
-    def count_image_tokens(self, processor, image_sizes: list[tuple[int, int]]) -> int:
+    def count_prompt_tokens(self, processor, prompt_text: str, image_sizes: list[tuple[int, int]]) -> int:
+        # Each `<image>` is one token in the text; the processor repeats it once per image feature.
+        text_tokens = len(processor.tokenizer(prompt_text)["input_ids"]) - len(image_sizes)
+        return text_tokens + self._image_tokens(processor, image_sizes)
+
+    def _image_tokens(self, processor, image_sizes: list[tuple[int, int]]) -> int:
         if len(image_sizes) > 1:
             # Multi-image prompts use only the base crop of each image, plus its newline token.
             per_image = processor.num_image_tokens + 1

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from finetune.config import Recipe
 from finetune.data.dataset import Collator, DataReport, DocumentDataset, prepare_samples
 from finetune.data.prompt import derive_skeleton, render_instruction
 from finetune.data.sources import read_records
+from finetune.errors import UserError
 from finetune.evaluation import evaluate, write_eval
 from finetune.models import get_family
 from finetune.recipe import dump_recipe
@@ -41,6 +43,9 @@ from finetune.training.tuning import apply_tuning, optimizer_groups
 log = logging.getLogger("finetune")
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Recipe keys a resumed run may change (prefixes of the flattened key paths).
+RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.log_every", "train.num_workers", "eval.", "tracking.", "output.")
 
 
 class FineTuneRecipe:
@@ -67,8 +72,9 @@ class FineTuneRecipe:
         set_seed(r.train.seed)
         resume_from = self._prepare_run_dir()
 
-        self.processor = self.family.load_processor(r.model.path, r.model.revision)
+        self.processor = self.family.load_processor(r.model.path, r.model.revision, **r.model.processor)
         self._prepare_data()
+        self._record_recipe(resumed=resume_from is not None)
 
         model = self.family.load_model(r.model.path, revision=r.model.revision,
                                        attn_implementation=r.model.attn_implementation)
@@ -76,7 +82,7 @@ class FineTuneRecipe:
         if r.tuning.gradient_checkpointing:
             # Non-reentrant checkpointing: works when the inputs of a checkpointed block need no grad (frozen
             # vision tower under LoRA), where the reentrant variant silently drops the gradient.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model, self.plan = apply_tuning(model, self.family, r.tuning)
         self._info(f"tuning: {self.plan.summary()}")
 
@@ -93,6 +99,10 @@ class FineTuneRecipe:
         scheduler = get_scheduler(r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
                                   self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
         self.scheduler = self.accelerator.prepare(scheduler)
+        micro_batches = self.total_steps * r.train.grad_accum
+        self._info(f"{self.total_steps} optimizer steps of {r.train.grad_accum} × {r.train.batch_size} samples × "
+                   f"{self.accelerator.num_processes} processes = {micro_batches / self.batches_per_epoch:.2f} "
+                   f"epochs of {len(self.train_samples)} samples (the data stream runs on across epoch ends)")
         self.accelerator.register_save_state_pre_hook(self._keep_trainable_weights_only)
 
         if r.tracking.report_to:
@@ -119,9 +129,24 @@ class FineTuneRecipe:
             if exists and policy == "overwrite":
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_recipe(self.recipe, self.run_dir / "recipe.yaml")
         self.accelerator.wait_for_everyone()
         return resume_from
+
+    def _record_recipe(self, resumed: bool) -> None:
+        """Save the resolved recipe (derived prompt skeleton included). A resumed run must be the same run:
+        only budgets, checkpoint cadence, evaluation and tracking may change; the original record is kept."""
+        path = self.run_dir / "recipe.yaml"
+        if resumed:
+            saved = _flatten(yaml.safe_load(path.read_text()))
+            current = _flatten(self.recipe.model_dump(mode="json"))
+            changed = sorted(k for k in saved.keys() | current.keys()
+                             if saved.get(k) != current.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+            if changed:
+                raise UserError(f"{path}: cannot resume with a different recipe; changed: {', '.join(changed)} "
+                                f"(only {', '.join(RESUME_MAY_CHANGE)} may change)")
+            return
+        if self.accelerator.is_main_process:
+            dump_recipe(self.recipe, path)
 
     def _prepare_data(self) -> None:
         d = self.recipe.data
@@ -130,7 +155,7 @@ class FineTuneRecipe:
             skeleton = derive_skeleton(rec.target for rec in read_records(
                 d.train, image_column=d.image_column, target_column=d.target_column)
                 if isinstance(rec.target, dict))
-        self.skeleton = skeleton
+        d.prompt.skeleton = skeleton  # recorded in recipe.yaml: the exact prompt a trained model expects
         self.instruction_text = render_instruction(d.prompt.instruction, skeleton)
         common = dict(family=self.family, processor=self.processor, instruction_text=self.instruction_text,
                       skeleton=skeleton, max_length=d.max_length, on_bad_sample=d.on_bad_sample,
@@ -289,6 +314,7 @@ class FineTuneRecipe:
         """A resumable checkpoint: trainable weights, optimizer, scheduler, RNG and data position."""
         path = self.run_dir / "checkpoints" / f"step_{self.state.global_step:06d}"
         self.accelerator.save_state(str(path))
+        self.accelerator.wait_for_everyone()  # every rank's files are written before the completeness marker
         if self.accelerator.is_main_process:
             self.state.save(path)
             prune_checkpoints(self.run_dir, keep=self.recipe.train.keep_checkpoints)
@@ -336,6 +362,10 @@ class FineTuneRecipe:
             else:
                 self.family.save_pretrained(unwrapped, self.processor, out, source_path=self.recipe.model.path,
                                             state_dict=state_dict)
+            # The instruction the model was trained with: prompting it any other way loses accuracy.
+            (out / "prompt.json").write_text(json.dumps(
+                {"instruction": self.instruction_text, "skeleton": self.recipe.data.prompt.skeleton},
+                indent=2, ensure_ascii=False) + "\n")
             self._info(f"saved {'adapter' if self.plan.uses_lora else 'model'} to {out}")
         self.accelerator.wait_for_everyone()
         return out

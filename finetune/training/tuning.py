@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from finetune.config import TuningSection
+from finetune.errors import UserError
 from finetune.models.base import ModelFamily
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSect
     modes = dict(tuning.groups)
     missing, unknown = set(family.group_prefixes) - set(modes), set(modes) - set(family.group_prefixes)
     if missing or unknown:
-        raise ValueError(f"tuning.groups must name exactly the groups of family '{family.name}' "
+        raise UserError(f"tuning.groups must name exactly the groups of family '{family.name}' "
                          f"({sorted(family.group_prefixes)}); missing {sorted(missing)}, unknown {sorted(unknown)}")
     family.assign_groups(model)  # fails loudly on a parameter that belongs to no group
 
@@ -49,7 +50,7 @@ def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSect
         targets = {g: list(tuning.lora.targets.get(g) or family.default_lora_targets.get(g, ())) for g in lora_groups}
         empty = [g for g, leaves in targets.items() if not leaves]
         if empty:
-            raise ValueError(f"tuning.lora.targets: group(s) {empty} are in lora mode but have no target modules")
+            raise UserError(f"tuning.lora.targets: group(s) {empty} are in lora mode but have no target modules")
         full_groups = [g for g, m in modes.items() if m == "full"]
         modules_to_save = [name for g in full_groups for name in family.modules_to_save.get(g, ())]
         config = LoraConfig(
@@ -65,7 +66,12 @@ def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSect
         counts = plan.trainable if param.requires_grad else plan.frozen
         counts[group] = counts.get(group, 0) + param.numel()
     if not plan.trainable:
-        raise ValueError("tuning.groups leaves no parameter trainable")
+        raise UserError("tuning.groups leaves no parameter trainable")
+    # A group asked to train that trains nothing (LoRA targets that match no module in it, a `full` group
+    # PEFT cannot save) must fail here, not show up as an unchanged model after hours of training.
+    idle = [f"{g} ({m})" for g, m in modes.items() if m != "frozen" and not plan.trainable.get(g)]
+    if idle:
+        raise UserError(f"tuning.groups: {', '.join(idle)} would train no parameter; check tuning.lora.targets")
     return model, plan
 
 
