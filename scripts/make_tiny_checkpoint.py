@@ -1,6 +1,6 @@
 """Write a tiny randomly initialised checkpoint in the exact Hub file layout, offline.
 
-    python scripts/make_tiny_checkpoint.py --family llava_onevision --preset quickstart --out checkpoints/tiny-llava-ov
+    python scripts/make_tiny_checkpoint.py --family mississippi --preset quickstart --out checkpoints/tiny-mississippi
 
 Used by the quickstart and the tests: the real loading code runs on it exactly as on a Hub checkpoint.
 """
@@ -18,7 +18,7 @@ from finetune.models import FAMILIES, get_family  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="llava_onevision", choices=sorted(FAMILIES))
+    parser.add_argument("--family", default="mississippi", choices=sorted(FAMILIES))
     parser.add_argument("--preset", default="quickstart", help="size preset of the family (test, quickstart)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)

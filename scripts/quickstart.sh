@@ -13,7 +13,7 @@ if [ "$(cat data/quickstart/.made-with 2>/dev/null)" != "$data_args" ]; then
   .venv/bin/python scripts/make_invoices.py --out data/quickstart $data_args --overwrite
   echo "$data_args" > data/quickstart/.made-with
 fi
-.venv/bin/python scripts/make_tiny_checkpoint.py --family llava_onevision --preset quickstart \
-  --out checkpoints/tiny-llava-ov
+.venv/bin/python scripts/make_tiny_checkpoint.py --family mississippi --preset quickstart \
+  --out checkpoints/tiny-mississippi
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   finetune/train.py recipe=quickstart "$@"

@@ -9,6 +9,14 @@ from finetune.models.base import ModelFamily
 # family name → "module:class"; modules are imported on demand so a family's dependencies stay optional.
 FAMILIES = {
     "llava_onevision": "finetune.models.llava_onevision:LlavaOnevisionFamily",
+    "mississippi": "finetune.models.mississippi:MississippiFamily",
+}
+
+
+# family name → its module groups, known without importing the family (recipes are checked before loading).
+FAMILY_GROUPS = {
+    "llava_onevision": ("vision", "projector", "llm"),
+    "mississippi": ("vision", "projector", "llm"),
 }
 
 

@@ -1,0 +1,476 @@
+"""H2OVL-Mississippi checkpoints in their original (InternVL-chat) layout, loaded natively into transformers'
+`InternVLForConditionalGeneration` and saved back into that layout.
+
+The Hub remote code (`H2OVLChatModel`, model_type `h2ovl_chat`) does not run on transformers 5, but the network is
+InternVL's: InternViT → pixel shuffle (`ps_version` v2) → `mlp1` (LayerNorm, Linear, GELU, Linear) → a Llama
+(mississippi-800m) or Mistral (mississippi-2b) LLM, which the native class implements with other weight names:
+
+    original (config.json model_type h2ovl_chat)       native (InternVLForConditionalGeneration)
+    vision_model.embeddings.class_embedding            model.vision_tower.embeddings.cls_token
+    vision_model.embeddings.position_embedding         model.vision_tower.embeddings.position_embeddings
+    vision_model.embeddings.patch_embedding.*          model.vision_tower.embeddings.patch_embeddings.projection.*
+    vision_model.encoder.layers.N.attn.qkv.*           model.vision_tower.encoder.layer.N.attention.{q,k,v}_proj.*
+                                                         (rows split in thirds: q, k, v; fused again on saving)
+    vision_model.encoder.layers.N.attn.proj.*          ....layer.N.attention.projection_layer.*
+    vision_model.encoder.layers.N.mlp.fc{1,2}.*        ....layer.N.mlp.fc{1,2}.*
+    vision_model.encoder.layers.N.norm1 / norm2 .*     ....layer.N.layernorm_before / layernorm_after .*
+    vision_model.encoder.layers.N.ls1 / ls2            ....layer.N.lambda_1 / lambda_2
+    mlp1.0 / mlp1.1 / mlp1.3 .*                        model.multi_modal_projector.layer_norm / linear_1 / linear_2 .*
+    language_model.model.*                             model.language_model.*
+    language_model.lm_head.weight                      lm_head.weight
+
+InternViT has no final norm, so the native vision config uses `use_mean_pooling=True` (an Identity there). Its
+`hidden_states` count the embeddings first, as InternViT's do, so `select_layer` maps to `vision_feature_layer`
+unchanged; the CLS token is dropped (`vision_feature_select_strategy="default"`). Training-only settings without a
+native counterpart are ignored: InternViT's `drop_path_rate` (stochastic depth: no effect at inference, but a
+fine-tune here runs without it) and `use_flash_attn` (the attention implementation is chosen at load time).
+
+API:
+    read_original_config(path) -> dict                    config.json, refused unless H2OVL
+    native_config(original, image_token_id) -> InternVLConfig
+    original_to_native(state) / native_to_original(state) key mapping (+ q/k/v split and fusion), exact inverses
+    load_h2ovl(path, revision=, dtype=, attn_implementation=) -> InternVLForConditionalGeneration
+    save_original(model, out_dir, original_config, state_dict=, dtype=)   config.json + model.safetensors
+    copy_tokenizer_files(src, dst)
+    (tiny random checkpoints in this layout: finetune.models.h2ovl_tiny.build_tiny_h2ovl)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    LlamaConfig,
+    MistralConfig,
+)
+
+from finetune.errors import UserError
+
+MODEL_TYPE = "h2ovl_chat"
+ARCHITECTURE = "H2OVLChatModel"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+TEXT_CONFIGS = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralConfig}
+_TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+# Files a checkpoint needs besides its code: configs, weights, tokenizer.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+# --- key mapping ---------------------------------------------------------------------------------------------------
+_V, _NV = r"vision_model\.", "model.vision_tower."
+_L, _NL = r"vision_model\.encoder\.layers\.(\d+)\.", r"model.vision_tower.encoder.layer.\1."
+_WB = r"(weight|bias)"
+
+# (original regex, native replacement): one-to-one renames.
+_TO_NATIVE = [
+    (_V + r"embeddings\.class_embedding", _NV + "embeddings.cls_token"),
+    (_V + r"embeddings\.position_embedding", _NV + "embeddings.position_embeddings"),
+    (_V + r"embeddings\.patch_embedding\." + _WB, _NV + r"embeddings.patch_embeddings.projection.\1"),
+    (_L + r"attn\.proj\." + _WB, _NL + r"attention.projection_layer.\2"),
+    (_L + r"mlp\.(fc1|fc2)\." + _WB, _NL + r"mlp.\2.\3"),
+    (_L + r"norm1\." + _WB, _NL + r"layernorm_before.\2"),
+    (_L + r"norm2\." + _WB, _NL + r"layernorm_after.\2"),
+    (_L + r"ls1", _NL + "lambda_1"),
+    (_L + r"ls2", _NL + "lambda_2"),
+    (r"mlp1\.0\." + _WB, r"model.multi_modal_projector.layer_norm.\1"),
+    (r"mlp1\.1\." + _WB, r"model.multi_modal_projector.linear_1.\1"),
+    (r"mlp1\.3\." + _WB, r"model.multi_modal_projector.linear_2.\1"),
+    (r"language_model\.model\.(.+)", r"model.language_model.\1"),
+    (r"language_model\.lm_head\.weight", "lm_head.weight"),
+]
+_NV_RE, _NL_RE = r"model\.vision_tower\.", r"model\.vision_tower\.encoder\.layer\.(\d+)\."
+_OL = r"vision_model.encoder.layers.\1."
+# (native regex, original replacement): the exact inverse of _TO_NATIVE.
+_TO_ORIGINAL = [
+    (_NV_RE + r"embeddings\.cls_token", "vision_model.embeddings.class_embedding"),
+    (_NV_RE + r"embeddings\.position_embeddings", "vision_model.embeddings.position_embedding"),
+    (_NV_RE + r"embeddings\.patch_embeddings\.projection\." + _WB, r"vision_model.embeddings.patch_embedding.\1"),
+    (_NL_RE + r"attention\.projection_layer\." + _WB, _OL + r"attn.proj.\2"),
+    (_NL_RE + r"mlp\.(fc1|fc2)\." + _WB, _OL + r"mlp.\2.\3"),
+    (_NL_RE + r"layernorm_before\." + _WB, _OL + r"norm1.\2"),
+    (_NL_RE + r"layernorm_after\." + _WB, _OL + r"norm2.\2"),
+    (_NL_RE + r"lambda_1", _OL + "ls1"),
+    (_NL_RE + r"lambda_2", _OL + "ls2"),
+    (r"model\.multi_modal_projector\.layer_norm\." + _WB, r"mlp1.0.\1"),
+    (r"model\.multi_modal_projector\.linear_1\." + _WB, r"mlp1.1.\1"),
+    (r"model\.multi_modal_projector\.linear_2\." + _WB, r"mlp1.3.\1"),
+    (r"model\.language_model\.(.+)", r"language_model.model.\1"),
+    (r"lm_head\.weight", "language_model.lm_head.weight"),
+]
+_QKV_RE = re.compile(_L + r"attn\.qkv\." + _WB)
+_QKV_NATIVE_RE = re.compile(_NL_RE + r"attention\.(q|k|v)_proj\." + _WB)
+_TO_NATIVE_C = [(re.compile(p), r) for p, r in _TO_NATIVE]
+_TO_ORIGINAL_C = [(re.compile(p), r) for p, r in _TO_ORIGINAL]
+
+
+def _names(keys: Iterable[str], limit: int = 6) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _rename(key: str, rules) -> str | None:
+    for pattern, replacement in rules:
+        if pattern.fullmatch(key):
+            return pattern.sub(replacement, key)
+    return None
+
+
+def original_to_native(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original H2OVL weight names → native InternVL names; `attn.qkv` is split by rows into q / k / v.
+
+    Works on meta tensors too. Any key with no native counterpart raises, naming it. (No head count is needed:
+    InternViT's qkv rows are [q; k; v], each `hidden_size` rows, so the split is in thirds.)
+    """
+    native: dict[str, torch.Tensor] = {}
+    unmapped = []
+    for key, tensor in state.items():
+        qkv = _QKV_RE.fullmatch(key)
+        if qkv:
+            if tensor.shape[0] % 3:
+                raise UserError(f"tensor {key} has shape {tuple(tensor.shape)}: its first dimension is not 3 × hidden")
+            layer, kind = qkv.groups()
+            # clone: three views of one storage would make tied-looking parameters
+            for name, part in zip("qkv", torch.chunk(tensor, 3, dim=0)):
+                native[f"model.vision_tower.encoder.layer.{layer}.attention.{name}_proj.{kind}"] = part.clone()
+            continue
+        new = _rename(key, _TO_NATIVE_C)
+        if new is None:
+            unmapped.append(key)
+        else:
+            native[new] = tensor
+    if unmapped:
+        raise UserError(f"{len(unmapped)} tensor(s) have no place in the native InternVL model: {_names(unmapped)}")
+    return native
+
+
+def native_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Native InternVL names → original H2OVL names; q / k / v are fused back into `attn.qkv`. Exact inverse of
+    `original_to_native`; a key with no original counterpart, or an incomplete q/k/v triple, raises naming it."""
+    original: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unmapped = []
+    for key, tensor in state.items():
+        qkv = _QKV_NATIVE_RE.fullmatch(key)
+        if qkv:
+            layer, name, kind = qkv.groups()
+            parts.setdefault((layer, kind), {})[name] = tensor
+            continue
+        new = _rename(key, _TO_ORIGINAL_C)
+        if new is None:
+            unmapped.append(key)
+        else:
+            original[new] = tensor
+    if unmapped:
+        raise UserError(f"{len(unmapped)} tensor(s) have no place in the original H2OVL layout: {_names(unmapped)}")
+    for (layer, kind), qkv in sorted(parts.items()):
+        absent = [f"model.vision_tower.encoder.layer.{layer}.attention.{n}_proj.{kind}" for n in "qkv" if n not in qkv]
+        if absent:
+            raise UserError(f"cannot fuse attn.qkv of vision layer {layer}: missing {_names(absent)}")
+        original[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat([qkv[n] for n in "qkv"], dim=0)
+    return original
+
+
+# --- configs -------------------------------------------------------------------------------------------------------
+def read_original_config(path: str | Path, revision: str | None = None) -> dict:
+    """The original layout's config.json (from a folder, the file itself, or a Hub id); refused unless H2OVL."""
+    path_ = Path(path)
+    if path_.is_dir():
+        file = path_ / "config.json"
+    elif path_.is_file():
+        file = path_
+    else:
+        from huggingface_hub import hf_hub_download
+
+        file = Path(hf_hub_download(str(path), "config.json", revision=revision))
+    if not file.is_file():
+        raise UserError(f"{file}: not found (an H2OVL checkpoint folder needs its config.json)")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    if model_type != MODEL_TYPE or (architectures and ARCHITECTURE not in architectures):
+        raise UserError(f"{file}: not an H2OVL-Mississippi checkpoint (model_type {model_type!r}, architectures "
+                        f"{architectures}); expected model_type '{MODEL_TYPE}' / {ARCHITECTURE}")
+    for key in ("llm_config", "vision_config"):
+        if not isinstance(config.get(key), dict):
+            raise UserError(f"{file}: '{key}' is missing or not an object")
+    return config
+
+
+def _tile_size(original: dict) -> int:
+    return int(original.get("force_image_size") or original["vision_config"]["image_size"])
+
+
+def tokens_per_tile(original: dict) -> int:
+    """Image tokens per tile: (tile / patch)² · downsample_ratio² (448 px, patch 14, 0.5 → 256; 56, 14 → 4)."""
+    patch = original["vision_config"]["patch_size"]
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return int((_tile_size(original) // int(patch)) ** 2 * float(original.get("downsample_ratio", 0.5)) ** 2)
+
+
+def _text_config(llm: dict):
+    arch = (llm.get("architectures") or [None])[0] or _TEXT_MODEL_TYPES.get(llm.get("model_type"))
+    if arch not in TEXT_CONFIGS:
+        raise UserError(f"llm_config.architectures: {arch!r} is not supported (known: {', '.join(TEXT_CONFIGS)})")
+    if llm.get("tie_word_embeddings"):
+        raise UserError("llm_config.tie_word_embeddings: true is not supported (H2OVL's LLMs have untied lm_head)")
+    kwargs = {k: v for k, v in llm.items() if k not in ("transformers_version", "auto_map", "_name_or_path")}
+    kwargs["tie_word_embeddings"] = False
+    return TEXT_CONFIGS[arch](**kwargs)
+
+
+def native_config(original: dict, image_token_id: int) -> InternVLConfig:
+    """The native `InternVLConfig` equivalent to an original H2OVL config.json (a dict).
+
+    Settings the native class cannot reproduce raise a one-line error naming the field.
+    """
+    vision = original["vision_config"]
+
+    def bad(field: str, why: str):
+        raise UserError(f"{field}: {why}")
+
+    if original.get("ps_version", "v1") != "v2":
+        bad("ps_version", f"{original.get('ps_version', 'v1')!r} is not supported (the native pixel shuffle is v2)")
+    for lora in ("use_backbone_lora", "use_llm_lora"):
+        if original.get(lora):
+            bad(lora, f"{original[lora]} is not supported (LoRA-wrapped original checkpoints); merge it first")
+    if vision.get("qk_normalization"):
+        bad("vision_config.qk_normalization", "true is not supported")
+    norm_type = vision.get("norm_type", "rms_norm")
+    if norm_type not in ("layer_norm", "rms_norm"):
+        bad("vision_config.norm_type", f"{norm_type!r} is not supported")
+    ratio = float(original.get("downsample_ratio", 0.5))
+    if ratio <= 0 or abs(1 / ratio - round(1 / ratio)) > 1e-6:
+        bad("downsample_ratio", f"{ratio} is not 1/n for an integer n")
+    layers = int(vision["num_hidden_layers"])
+    select_layer = int(original.get("select_layer", -1))
+    if not -(layers + 1) <= select_layer <= layers:
+        bad("select_layer", f"{select_layer} is outside the vision model's {layers} layers")
+    if image_token_id is None or image_token_id < 0:
+        bad("image_token_id", f"{image_token_id!r} is not a token id")
+
+    text = _text_config(original["llm_config"])
+    if image_token_id >= text.vocab_size:
+        bad("image_token_id", f"{image_token_id} is outside llm_config.vocab_size {text.vocab_size}")
+    vision_config = InternVLVisionConfig(
+        hidden_size=int(vision["hidden_size"]),
+        num_hidden_layers=layers,
+        num_attention_heads=int(vision["num_attention_heads"]),
+        intermediate_size=int(vision["intermediate_size"]),
+        hidden_act=vision.get("hidden_act", "gelu"),
+        attention_bias=bool(vision.get("qkv_bias", False)),
+        use_qk_norm=False,
+        norm_type=norm_type,
+        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+        layer_scale_init_value=float(vision.get("initializer_factor", 0.1)),
+        initializer_range=float(vision.get("initializer_range", 0.02)),
+        image_size=int(vision["image_size"]),
+        patch_size=int(vision["patch_size"]),
+        num_channels=int(vision.get("num_channels", 3)),
+        attention_dropout=float(vision.get("attention_dropout", 0.0)),
+        projection_dropout=float(vision.get("dropout", 0.0)),
+        hidden_dropout_prob=0.0,
+        use_absolute_position_embeddings=True,
+        use_mask_token=False,
+        use_mean_pooling=True,  # InternViT has no final layer norm
+    )
+    return InternVLConfig(
+        vision_config=vision_config,
+        text_config=text,
+        image_token_id=int(image_token_id),
+        image_seq_length=tokens_per_tile(original),
+        downsample_ratio=ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=select_layer,
+        vision_feature_select_strategy="default",  # drop the CLS token
+        tie_word_embeddings=False,
+    )
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+def _local_folder(path: str | Path, revision: str | None) -> Path:
+    if Path(path).is_dir():
+        return Path(path)
+    if Path(path).exists() or str(path).startswith((".", "/", "~")):
+        raise UserError(f"{path}: not a checkpoint folder")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), revision=revision, allow_patterns=HUB_PATTERNS))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise UserError(f"{index}: shard(s) not found: {_names(missing)}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors weights (H2OVL checkpoints are loaded from safetensors)")
+    return files
+
+
+def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in shapes:
+                    raise UserError(f"{file}: tensor {key} is stored twice")
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _expected_original_shapes(config: InternVLConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        reference = InternVLForConditionalGeneration(config)
+    return {k: tuple(v.shape) for k, v in native_to_original(reference.state_dict()).items()}
+
+
+def check_layout(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """One-line error naming missing, unexpected and mis-shaped tensors (original names), if any."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    mismatched = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if mismatched:
+        shown = [f"{k} {tuple(found[k])} (expected {tuple(expected[k])})" for k in mismatched[:6]]
+        more = f" (and {len(mismatched) - 6} more)" if len(mismatched) > 6 else ""
+        problems.append(f"wrong shape {', '.join(shown)}{more}")
+    if problems:
+        raise UserError(f"{where}: weights do not match the H2OVL model its config.json describes: "
+                        + "; ".join(problems))
+
+
+def load_h2ovl(path: str | Path, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
+    """An original-layout H2OVL checkpoint (local folder or Hub id) as a native `InternVLForConditionalGeneration`.
+
+    Every native weight must come from the files: a missing, unexpected (e.g. renamed) or mis-shaped tensor fails
+    with one line naming it. A folder already in the native layout (config.json model_type `internvl`, e.g. our own
+    `save_pretrained` output) is loaded with `from_pretrained` instead.
+    """
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, GenerationConfig, PreTrainedConfig
+
+    folder = _local_folder(path, revision)
+    config_file = folder / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "internvl":
+        return InternVLForConditionalGeneration.from_pretrained(folder, dtype=dtype,
+                                                                attn_implementation=attn_implementation)
+    original = read_original_config(folder)
+    # An empty config: otherwise AutoTokenizer reads config.json, whose auto_map asks whether to run remote code.
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=PreTrainedConfig(), trust_remote_code=False)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise UserError(f"{folder}: the tokenizer has no {IMG_CONTEXT} token")
+    config = native_config(original, image_token_id)
+
+    files = _safetensors_files(folder)
+    check_layout(_read_shapes(files), _expected_original_shapes(config), str(path))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    native = original_to_native(state)
+    del state
+    model = InternVLForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict=native, dtype=dtype, attn_implementation=attn_implementation)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.config._name_or_path = str(path)
+    return model.eval()
+
+
+# --- saving --------------------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _updated_original_config(original: dict, model, state: Mapping[str, torch.Tensor],
+                             dtype: torch.dtype | None) -> dict:
+    config = copy.deepcopy(original)
+    llm, vision = config["llm_config"], config["vision_config"]
+    text_cfg, vision_cfg = model.config.text_config, model.config.vision_config
+    current = [(llm, "vocab_size", int(state["language_model.model.embed_tokens.weight"].shape[0]))]
+    current += [(llm, k, getattr(text_cfg, k)) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                         "num_attention_heads", "num_key_value_heads")]
+    current += [(vision, k, getattr(vision_cfg, k)) for k in ("hidden_size", "intermediate_size",
+                                                              "num_hidden_layers", "num_attention_heads")]
+    for section, key, value in current:
+        if key in section and section[key] != value:  # an absent key keeps its implied default
+            section[key] = value
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        for section in (config, llm, vision):
+            if "torch_dtype" in section:
+                section["torch_dtype"] = name
+    return config
+
+
+def save_original(model, out_dir: str | Path, original_config: dict, *, state_dict: Mapping | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Write `config.json` and `model.safetensors` in the original H2OVL layout (qkv fused), which H2OVL's remote
+    code (`model.chat`) and vLLM's `H2OVLChatModel` read.
+
+    `state_dict` (native names) replaces `model.state_dict()`, e.g. one gathered by Accelerate. Tensors are written
+    in `dtype`, by default the original config's `torch_dtype` (the Hub checkpoints are bfloat16), else as held;
+    config.json is `original_config` with sizes updated from the model where they differ (normally none) and its
+    `torch_dtype` set to what was written. Tokenizer files are not written here: see `copy_tokenizer_files`.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    native = dict(state_dict if state_dict is not None else model.state_dict())
+    original = native_to_original(native)
+    if dtype is None:
+        dtype = _DTYPES.get(str(original_config.get("torch_dtype", "")).removeprefix("torch."))
+    tensors = {}
+    for key, tensor in original.items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[key] = tensor.contiguous().clone()
+    config = _updated_original_config(original_config, model, tensors, dtype)
+    # A stale sharded copy next to the new single file would shadow it.
+    index = out_dir / "model.safetensors.index.json"
+    if index.exists():
+        for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
+            (out_dir / shard).unlink(missing_ok=True)
+        index.unlink()
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer and generation files present in `src` to `dst`, plus the remote-code `*.py` files
+    (`configuration_h2ovl_chat.py`, `modeling_h2ovl_chat.py`, `conversation.py`, ...) that config.json's `auto_map`
+    needs for `trust_remote_code` loading. Returns the names copied."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()] + sorted(p.name for p in src.glob("*.py"))
+    for name in names:
+        shutil.copyfile(src / name, dst / name)
+    return names

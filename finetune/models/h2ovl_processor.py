@@ -1,0 +1,147 @@
+"""A processor for H2OVL-Mississippi: its tokenizer plus its tiling, usable like a transformers processor.
+
+    processor = H2OVLProcessor.from_pretrained("h2oai/h2ovl-mississippi-800m")   # or a local folder
+    batch = processor(images=[[page]], text=["<|prompt|><image>\\nRead it<|end|><|answer|>"])
+
+Each `<image>` in a text is replaced by `<img>` + `<IMG_CONTEXT>` × (tokens per tile · tiles) + `</img>`, the
+way the original `model.chat` does; `pixel_values` holds every tile of the batch in one flat tensor.
+
+Settings come from `h2ovl_processor_config.json` when present (our saves), else from the original checkpoint's
+`config.json` (`force_image_size`, `downsample_ratio`, `min/max_dynamic_patch`, `use_msac`, vision patch size).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
+
+from finetune.models import h2ovl_image
+
+CONFIG_NAME = "h2ovl_processor_config.json"
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class H2OVLImageSettings:
+    tile_size: int = 448
+    tokens_per_tile: int = 256
+    min_tiles: int = 1
+    max_tiles: int = 6
+    use_msac: bool = False
+    max_tiles_per_image: int | None = None  # memory cap from the recipe (lowers max_tiles)
+
+    @classmethod
+    def from_original_config(cls, config: dict) -> H2OVLImageSettings:
+        tile = int(config.get("force_image_size") or config["vision_config"]["image_size"])
+        patch = int(config["vision_config"]["patch_size"])
+        tokens = int((tile // patch) ** 2 * float(config.get("downsample_ratio", 0.5)) ** 2)
+        return cls(tile_size=tile, tokens_per_tile=tokens, min_tiles=int(config.get("min_dynamic_patch", 1)),
+                   max_tiles=int(config.get("max_dynamic_patch", 6)), use_msac=bool(config.get("use_msac", False)))
+
+
+class H2OVLProcessor:
+    """Tokenizer + H2OVL image preprocessing (dynamic tiles, MSAC, ImageNet normalisation)."""
+
+    image_token = h2ovl_image.IMG_CONTEXT
+
+    def __init__(self, tokenizer, settings: H2OVLImageSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        missing = [t for t in (h2ovl_image.IMG_START, h2ovl_image.IMG_END, self.image_token)
+                   if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise ValueError(f"tokenizer lacks the image tokens {missing}")
+
+    @classmethod
+    def from_pretrained(cls, path: str, revision: str | None = None, **overrides) -> H2OVLProcessor:
+        """Load from a folder or Hub id; `overrides` set image settings (e.g. max_tiles_per_image=4)."""
+        # An empty config: AutoTokenizer would otherwise read config.json, whose auto_map points at remote code.
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, config=PretrainedConfig(),
+                                                  trust_remote_code=False)
+        settings = cls._read_settings(path, revision)
+        unknown = set(overrides) - set(asdict(settings))
+        if unknown:
+            raise ValueError(f"unknown H2OVL processor option(s) {sorted(unknown)}; known: {sorted(asdict(settings))}")
+        for key, value in overrides.items():
+            setattr(settings, key, value)
+        return cls(tokenizer, settings)
+
+    @staticmethod
+    def _read_settings(path: str, revision: str | None) -> H2OVLImageSettings:
+        from huggingface_hub import hf_hub_download
+
+        def read(name: str) -> dict | None:
+            local = Path(path) / name
+            if Path(path).is_dir():
+                return json.loads(local.read_text()) if local.exists() else None
+            try:
+                return json.loads(Path(hf_hub_download(path, name, revision=revision)).read_text())
+            except Exception:  # noqa: BLE001 - a missing optional file on the Hub
+                return None
+
+        ours = read(CONFIG_NAME)
+        if ours is not None:
+            return H2OVLImageSettings(**ours)
+        original = read("config.json")
+        if original is None or "vision_config" not in original:
+            raise ValueError(f"{path}: neither {CONFIG_NAME} nor an original H2OVL config.json")
+        return H2OVLImageSettings.from_original_config(original)
+
+    def save_pretrained(self, out_dir) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / CONFIG_NAME).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+
+    # --- processing --------------------------------------------------------------------------------------
+    def tiles_for(self, image_sizes: list[tuple[int, int]]) -> list[int]:
+        """Tiles per image for (width, height) sizes of one prompt, without touching pixels."""
+        s = self.settings
+        return [h2ovl_image.count_tiles(w, h, min_tiles=s.min_tiles, max_tiles=s.max_tiles, use_msac=s.use_msac,
+                                        num_images=len(image_sizes), tile_size=s.tile_size,
+                                        max_tiles_per_image=s.max_tiles_per_image) for w, h in image_sizes]
+
+    def expand(self, text: str, tiles: list[int]) -> str:
+        """Replace each `<image>` with its image tokens (as many placeholders as images, or an error)."""
+        if text.count(IMAGE_PLACEHOLDER) != len(tiles):
+            raise ValueError(f"text has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders for "
+                             f"{len(tiles)} images")
+        for n in tiles:
+            text = text.replace(IMAGE_PLACEHOLDER,
+                                h2ovl_image.expand_image_placeholder(n, self.settings.tokens_per_tile), 1)
+        return text
+
+    def __call__(self, images: list[list[Image.Image]] | list[Image.Image] | None = None,
+                 text: str | list[str] | None = None, return_tensors: str | None = "pt", **tokenizer_kwargs):
+        texts = [text] if isinstance(text, str) else list(text or [])
+        if images and isinstance(images[0], Image.Image):
+            images = [images] if len(texts) == 1 else [[image] for image in images]
+        images = images or [[] for _ in texts]
+        if len(images) != len(texts):
+            raise ValueError(f"{len(texts)} texts but images for {len(images)}")
+        s = self.settings
+        pixel_values, expanded = [], []
+        for sample_images, sample_text in zip(images, texts):
+            tiles: list[int] = []
+            if sample_images:
+                pixels, tiles = h2ovl_image.preprocess(sample_images, tile_size=s.tile_size, min_tiles=s.min_tiles,
+                                                       max_tiles=s.max_tiles, use_msac=s.use_msac,
+                                                       max_tiles_per_image=s.max_tiles_per_image)
+                pixel_values.append(pixels)
+            expanded.append(self.expand(sample_text, tiles))
+        data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **tokenizer_kwargs))
+        if pixel_values:
+            data["pixel_values"] = torch.cat(pixel_values)
+        return BatchFeature(data)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)

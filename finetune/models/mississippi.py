@@ -1,0 +1,97 @@
+"""H2OVL-Mississippi 0.8B (InternViT-300M + Danube3-500M, Llama) and 2B (InternViT-300M + Danube2-1.8B, Mistral).
+
+Its Hub remote code only runs on transformers ≤ 4.48, so checkpoints in the original layout are loaded natively
+into transformers' `InternVLForConditionalGeneration` (`h2ovl_checkpoint`), images are tiled the original way
+(`h2ovl_image`, `h2ovl_processor`), and full fine-tunes are saved both natively and back in the original layout
+(`original/` inside the output folder), which the original `model.chat` code and vLLM's `H2OVLChatModel` read.
+
+Chat format `h2ogpt2`: `<|prompt|>{user}<|end|><|answer|>{assistant}<|end|>`; each image is an `<image>` line
+in the user turn, expanded by the processor. The template is written here rather than taken from the tokenizer:
+the original code keeps it in `conversation.py`, not in tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from finetune.models import h2ovl_checkpoint
+from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
+from finetune.models.h2ovl_processor import IMAGE_PLACEHOLDER, H2OVLProcessor
+from finetune.models.h2ovl_tiny import build_tiny_h2ovl
+
+PROMPT, ANSWER, END = "<|prompt|>", "<|answer|>", "<|end|>"
+
+
+class MississippiFamily(ModelFamily):
+    name = "mississippi"
+    group_prefixes = {
+        "vision": ("model.vision_tower.",),
+        "projector": ("model.multi_modal_projector.",),
+        "llm": ("model.language_model.", "lm_head."),
+    }
+    default_lora_targets = {
+        "vision": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),  # InternViT attention + MLP
+        "projector": ("linear_1", "linear_2"),
+        "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    }
+    modules_to_save = {"projector": ("multi_modal_projector",), "vision": ("vision_tower",),
+                       "llm": ("language_model", "lm_head")}
+    # Mississippi-0.8B: Llama LLM, no MSAC; Mississippi-2B: Mistral LLM, MSAC (both shapes, tiny).
+    # Tokens per tile = (tile / patch)² / 4 after the pixel shuffle: 16 for the test shapes, 64 for the quickstart
+    # (with 16 the quickstart model had not started to read after 400 steps; with 64 it reads all held-out forms).
+    _test_sizes = {"image_size": 56, "patch_size": 7, "vision_hidden": 64, "text_hidden": 128}
+    tiny_presets = {
+        "test": {"llm": "llama", "use_msac": False, **_test_sizes},
+        "test-2b": {"llm": "mistral", "use_msac": True, **_test_sizes},
+        "quickstart": {"llm": "llama", "use_msac": False, "image_size": 64, "patch_size": 4, "vision_hidden": 128,
+                       "vision_layers": 3, "text_hidden": 192, "text_layers": 3},
+    }
+
+    # --- loading ---------------------------------------------------------------------------------------
+    def load_processor(self, path: str, revision: str | None = None, **options) -> H2OVLProcessor:
+        return H2OVLProcessor.from_pretrained(path, revision=revision, **options)
+
+    def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa"):
+        return h2ovl_checkpoint.load_h2ovl(path, revision=revision, dtype=dtype,
+                                           attn_implementation=attn_implementation)
+
+    def save_pretrained(self, model, processor, out_dir: Path, source_path: str | None = None,
+                        state_dict: dict | None = None) -> None:
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir, state_dict=state_dict)
+        processor.save_pretrained(out_dir)
+        if source_path and Path(source_path).is_dir():
+            original_dir = out_dir / "original"
+            h2ovl_checkpoint.save_original(model, original_dir, h2ovl_checkpoint.read_original_config(source_path),
+                                           state_dict=state_dict)
+            h2ovl_checkpoint.copy_tokenizer_files(source_path, original_dir)
+
+    # --- text and images -----------------------------------------------------------------------------------
+    def render_prompt(self, processor, instruction: str, num_images: int) -> str:
+        return f"{PROMPT}{(IMAGE_PLACEHOLDER + chr(10)) * num_images}{instruction}{END}{ANSWER}"
+
+    def end_of_turn_token(self, processor) -> str:
+        return END
+
+    def encode_prompt(self, processor, images: list[Image.Image], prompt_text: str) -> Encoded:
+        out = processor(images=[images], text=[prompt_text], return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * len(ids),
+                       image_inputs={"pixel_values": out["pixel_values"], "num_images": len(images)})
+
+    def count_prompt_tokens(self, processor, prompt_text: str, image_sizes: list[tuple[int, int]]) -> int:
+        expanded = processor.expand(prompt_text, processor.tiles_for(image_sizes))
+        return len(processor.tokenizer(expanded)["input_ids"])
+
+    def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        # InternVL takes every tile of the batch as one flat tensor, in the order the image tokens appear.
+        pixels = [s["pixel_values"] for s in samples if s["num_images"]]
+        return {"pixel_values": torch.cat(pixels)} if pixels else {}
+
+    # --- tiny checkpoints ----------------------------------------------------------------------------------
+    def build_tiny_checkpoint(self, out_dir: Path, *, seed: int = 0, **sizes) -> Path:
+        return build_tiny_h2ovl(Path(out_dir), seed=seed, **sizes)
