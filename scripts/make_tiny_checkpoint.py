@@ -8,6 +8,7 @@ Used by the quickstart and the tests: the real loading code runs on it exactly a
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def main() -> None:
     if (args.out / "config.json").exists() and not args.overwrite:
         print(f"{args.out}: checkpoint exists, kept (pass --overwrite to rebuild)")
         return
+    if args.out.exists():
+        shutil.rmtree(args.out)  # --overwrite: no file of an older build may survive beside the new one
     family.build_tiny_checkpoint(args.out, seed=args.seed, **family.tiny_presets[args.preset])
     print(f"{args.family} tiny checkpoint ({args.preset}) -> {args.out}")
 

@@ -13,7 +13,9 @@ if [ "$(cat data/quickstart/.made-with 2>/dev/null)" != "$data_args" ]; then
   .venv/bin/python scripts/make_invoices.py --out data/quickstart $data_args --overwrite
   echo "$data_args" > data/quickstart/.made-with
 fi
+# Rebuilt every time (about a second, deterministic by seed), so an older quickstart's model is never reused.
 .venv/bin/python scripts/make_tiny_checkpoint.py --family mississippi --preset quickstart \
-  --out checkpoints/tiny-mississippi
+  --out checkpoints/tiny-mississippi --overwrite
+# One process using every core (accelerate launch would otherwise default to one thread per physical core).
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  finetune/train.py recipe=quickstart "$@"
+  --num_cpu_threads_per_process "$(nproc)" finetune/train.py recipe=quickstart "$@"

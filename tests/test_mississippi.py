@@ -149,3 +149,38 @@ def test_full_model_saves_natively_and_in_the_original_layout(family, tiny, simp
     with torch.no_grad():
         torch.testing.assert_close(native(**batch).logits, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(original(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_original_layout_records_the_trained_tiling_and_survives_a_second_round(family, tiny, tmp_path):
+    """final/original/config.json tiles pages as training did (recipe cap included), and a model loaded from a
+    native save of ours can again be saved in the original layout (from the original/ beside it)."""
+    from finetune.models.h2ovl_processor import H2OVLProcessor
+
+    processor = family.load_processor(str(tiny), max_tiles_per_image=2)
+    model = family.load_model(str(tiny))
+    family.save_pretrained(model, processor, tmp_path / "first", source_path=str(tiny))
+    original = H2OVLProcessor.from_pretrained(str(tmp_path / "first" / "original"))
+    for size in [(3000, 800), (600, 4000), (500, 500)]:
+        assert original.tiles_for([size]) == processor.tiles_for([size])
+
+    again = family.load_model(str(tmp_path / "first"))
+    family.save_pretrained(again, family.load_processor(str(tmp_path / "first")), tmp_path / "second",
+                           source_path=str(tmp_path / "first"))
+    assert (tmp_path / "second" / "original" / "model.safetensors").exists()
+
+
+def test_a_tokenizer_without_chat_template_gets_h2ogpt2(family, tiny, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=PretrainedConfig())
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder, config=PretrainedConfig()).chat_template is None
+    processor = family.load_processor(str(folder))
+    text = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|prompt|>hi<|end|><|answer|>"

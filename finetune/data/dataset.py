@@ -19,8 +19,8 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.data.prompt import canonical_json
-from finetune.errors import UserError
 from finetune.data.sources import RawRecord, read_records
+from finetune.errors import UserError
 from finetune.models.base import IGNORE_INDEX, ModelFamily
 
 

@@ -62,7 +62,7 @@ TEXT_CONFIGS = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralCo
 _TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 # Files a checkpoint needs besides its code: configs, weights, tokenizer.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.py"]  # .py: remote code, for original/
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
@@ -300,7 +300,8 @@ def native_config(original: dict, image_token_id: int) -> InternVLConfig:
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
-def _local_folder(path: str | Path, revision: str | None) -> Path:
+def local_folder(path: str | Path, revision: str | None) -> Path:
+    """A local folder as is; a Hub id downloaded (or found in the cache) with the files a checkpoint needs."""
     if Path(path).is_dir():
         return Path(path)
     if Path(path).exists() or str(path).startswith((".", "/", "~")):
@@ -373,7 +374,7 @@ def load_h2ovl(path: str | Path, *, revision: str | None = None, dtype: torch.dt
     from safetensors import safe_open
     from transformers import AutoTokenizer, GenerationConfig, PreTrainedConfig
 
-    folder = _local_folder(path, revision)
+    folder = local_folder(path, revision)
     config_file = folder / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "internvl":
         return InternVLForConditionalGeneration.from_pretrained(folder, dtype=dtype,

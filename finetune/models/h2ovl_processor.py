@@ -17,10 +17,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
 
 from finetune.models import h2ovl_image
+
+# `h2ogpt2` (H2OVL's conversation.py: roles <|prompt|> / <|answer|>, separator <|end|>, system message prepended
+# as is, no separator after it). Whether the Hub tokenizer adds BOS is unconfirmed; this one does not. Content may be
+# a string or a list of parts; an image part becomes "<image>\n", which the processor expands.
+H2OGPT2_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '<image>\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ content }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<|prompt|>' + content + '<|end|>' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|answer|>' + content + '<|end|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|answer|>' }}{%- endif -%}"
+)
 
 CONFIG_NAME = "h2ovl_processor_config.json"
 IMAGE_PLACEHOLDER = "<image>"
@@ -50,6 +70,8 @@ class H2OVLProcessor:
     image_token = h2ovl_image.IMG_CONTEXT
 
     def __init__(self, tokenizer, settings: H2OVLImageSettings):
+        if tokenizer.chat_template is None:  # the original keeps its template in conversation.py, not the tokenizer
+            tokenizer.chat_template = H2OGPT2_CHAT_TEMPLATE
         self.tokenizer = tokenizer
         self.settings = settings
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -82,7 +104,7 @@ class H2OVLProcessor:
                 return json.loads(local.read_text()) if local.exists() else None
             try:
                 return json.loads(Path(hf_hub_download(path, name, revision=revision)).read_text())
-            except Exception:  # noqa: BLE001 - a missing optional file on the Hub
+            except EntryNotFoundError:  # an optional file this repo does not have; other errors propagate
                 return None
 
         ours = read(CONFIG_NAME)

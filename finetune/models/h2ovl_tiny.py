@@ -14,28 +14,11 @@ from safetensors.torch import save_file
 from transformers import InternVLForConditionalGeneration
 
 from finetune.models.h2ovl_checkpoint import ARCHITECTURE, IMG_CONTEXT, MODEL_TYPE, native_config, native_to_original
+from finetune.models.h2ovl_processor import H2OGPT2_CHAT_TEMPLATE
 from finetune.models.tiny_tokenizer import train_tiny_tokenizer
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|prompt|>", "<|answer|>", "<|end|>", "<img>", "</img>", IMG_CONTEXT]
 
-# `h2ogpt2` (H2OVL's conversation.py: roles <|prompt|> / <|answer|>, separator <|end|>, system message prepended
-# as is, no separator after it). Whether the Hub tokenizer adds BOS is unconfirmed; this one does not. Content may be
-# a string or a list of parts; an image part becomes "<image>\n", which the processor expands.
-H2OGPT2_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- else -%}{%- set content = namespace(text='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '<image>\\n' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
-    "{%- if message['role'] == 'system' -%}{{ content }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<|prompt|>' + content + '<|end|>' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<|answer|>' + content + '<|end|>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|answer|>' }}{%- endif -%}"
-)
 
 
 def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool = False, image_size: int = 56,

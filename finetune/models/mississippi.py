@@ -12,6 +12,8 @@ the original code keeps it in `conversation.py`, not in tokenizer_config.json.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,18 @@ from finetune.models.h2ovl_processor import IMAGE_PLACEHOLDER, H2OVLProcessor
 from finetune.models.h2ovl_tiny import build_tiny_h2ovl
 
 PROMPT, ANSWER, END = "<|prompt|>", "<|answer|>", "<|end|>"
+log = logging.getLogger(__name__)
+
+
+def _original_layout_source(source_path: str) -> Path | None:
+    """The folder in H2OVL's original layout behind a checkpoint: itself (a Hub id or original folder), or the
+    `original/` beside a native save of ours; None when there is none."""
+    folder = h2ovl_checkpoint.local_folder(source_path, None)
+    for candidate in (folder, folder / "original"):
+        config = candidate / "config.json"
+        if config.exists() and json.loads(config.read_text()).get("model_type") == h2ovl_checkpoint.MODEL_TYPE:
+            return candidate
+    return None
 
 
 class MississippiFamily(ModelFamily):
@@ -42,7 +56,8 @@ class MississippiFamily(ModelFamily):
                        "llm": ("language_model", "lm_head")}
     # Mississippi-0.8B: Llama LLM, no MSAC; Mississippi-2B: Mistral LLM, MSAC (both shapes, tiny).
     # Tokens per tile = (tile / patch)² / 4 after the pixel shuffle: 16 for the test shapes, 64 for the quickstart
-    # (with 16 the quickstart model had not started to read after 400 steps; with 64 it reads all held-out forms).
+    # (with 16 the quickstart model had not started to read after 400 steps; with 64 it reads all 48 held-out forms
+    # after the quickstart's 800 steps — at 400 it was 40-100% from run to run, so the budget keeps a margin).
     _test_sizes = {"image_size": 56, "patch_size": 7, "vision_hidden": 64, "text_hidden": 128}
     tiny_presets = {
         "test": {"llm": "llama", "use_msac": False, **_test_sizes},
@@ -64,11 +79,19 @@ class MississippiFamily(ModelFamily):
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir, state_dict=state_dict)
         processor.save_pretrained(out_dir)
-        if source_path and Path(source_path).is_dir():
-            original_dir = out_dir / "original"
-            h2ovl_checkpoint.save_original(model, original_dir, h2ovl_checkpoint.read_original_config(source_path),
-                                           state_dict=state_dict)
-            h2ovl_checkpoint.copy_tokenizer_files(source_path, original_dir)
+        original_source = _original_layout_source(source_path) if source_path else None
+        if original_source is None:
+            log.warning("%s: no original-layout H2OVL checkpoint to take config and tokenizer from; "
+                        "only the native layout was saved", source_path)
+            return
+        config = h2ovl_checkpoint.read_original_config(original_source)
+        # The tiling the model was trained with, so model.chat and vLLM tile pages the same way.
+        s = processor.settings
+        max_tiles = min(s.max_tiles, s.max_tiles_per_image or s.max_tiles)
+        config.update(min_dynamic_patch=min(s.min_tiles, max_tiles), max_dynamic_patch=max_tiles,
+                      use_msac=s.use_msac, force_image_size=s.tile_size)
+        h2ovl_checkpoint.save_original(model, out_dir / "original", config, state_dict=state_dict)
+        h2ovl_checkpoint.copy_tokenizer_files(original_source, out_dir / "original")
 
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:

@@ -27,8 +27,21 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.synthetic.render import (
-    CENT, SYMBOLS, FontSpec, Page, PrintStyle, Typeset, body_fonts, bold_of, degrade, format_date,
-    ink_color, load_font, monospace_fonts, paper_color, random_style,
+    CENT,
+    SYMBOLS,
+    FontSpec,
+    Page,
+    PrintStyle,
+    Typeset,
+    body_fonts,
+    bold_of,
+    degrade,
+    format_date,
+    ink_color,
+    load_font,
+    monospace_fonts,
+    paper_color,
+    random_style,
 )
 
 PRESETS = ("invoices", "form", "simple", "digits")

@@ -7,8 +7,8 @@ changes what a given seed renders on a given machine).
 
 from __future__ import annotations
 
-import functools
 import datetime as dt
+import functools
 import random
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
