@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.errors import UserError
 from finetune.models import h2ovl_checkpoint as h2
+from finetune.models import h2ovl_config as h2c
 from finetune.models.h2ovl_tiny import build_tiny_h2ovl
 
 SHAPES = {"llama": {"llm": "llama", "use_msac": False}, "mistral": {"llm": "mistral", "use_msac": True}}
@@ -67,7 +68,7 @@ def test_tiny_checkpoint_has_the_hub_layout(tiny):
     assert (cfg["template"], cfg["force_image_size"], cfg["downsample_ratio"], cfg["ps_version"],
             cfg["select_layer"], cfg["use_thumbnail"], cfg["min_dynamic_patch"], cfg["max_dynamic_patch"]) == \
         ("h2ogpt2", 56, 0.5, "v2", -1, True, 1, 6)
-    assert h2.tokens_per_tile(cfg) == TOKENS_PER_TILE
+    assert h2c.tokens_per_tile(cfg) == TOKENS_PER_TILE
     keys = set(load_file(tiny / "model.safetensors"))
     assert all(k.startswith(("vision_model.", "mlp1.", "language_model.model.", "language_model.lm_head."))
                for k in keys)
@@ -77,7 +78,7 @@ def test_tiny_checkpoint_has_the_hub_layout(tiny):
 
 
 def test_load_accounts_for_every_weight_and_runs(tiny):
-    cfg = h2.read_original_config(tiny)
+    cfg = h2c.read_original_config(tiny)
     model = h2.load_h2ovl(tiny)
     file_state = load_file(tiny / "model.safetensors")
     layers_v, layers_t = cfg["vision_config"]["num_hidden_layers"], cfg["llm_config"]["num_hidden_layers"]
@@ -168,7 +169,7 @@ def test_native_forward_matches_internvl_definition(tiny, tmp_path):
             state[key] = (torch.randn(tensor.shape, generator=generator) * 0.2).to(tensor.dtype)
 
     _edit_weights(folder, randomise)
-    cfg = h2.read_original_config(folder)
+    cfg = h2c.read_original_config(folder)
     model = h2.load_h2ovl(folder, attn_implementation="eager")
     ids, pixels = _prompt_ids(folder, 2), torch.randn(2, 3, 56, 56, generator=generator)
     with torch.no_grad():
@@ -181,7 +182,7 @@ def test_native_forward_matches_internvl_definition(tiny, tmp_path):
 # --- round trip ----------------------------------------------------------------------------------------------------
 def test_round_trip_is_bit_identical(tiny, tmp_path):
     model = h2.load_h2ovl(tiny)  # bfloat16 file → float32 model → bfloat16 file
-    out = h2.save_original(model, tmp_path / "original", h2.read_original_config(tiny))
+    out = h2.save_original(model, tmp_path / "original", h2c.read_original_config(tiny))
     before, after = load_file(tiny / "model.safetensors"), load_file(out / "model.safetensors")
     assert list(before) == sorted(before) and set(after) == set(before)
     for key, tensor in before.items():
@@ -208,7 +209,7 @@ def test_mapping_functions_are_exact_inverses(tiny):
 def test_save_original_with_a_given_state_dict_and_dtype(tiny, tmp_path):
     model = h2.load_h2ovl(tiny)
     state = {k: v * 2 for k, v in model.state_dict().items()}
-    out = h2.save_original(model, tmp_path / "o", h2.read_original_config(tiny), state_dict=state,
+    out = h2.save_original(model, tmp_path / "o", h2c.read_original_config(tiny), state_dict=state,
                            dtype=torch.float32)
     saved = load_file(out / "model.safetensors")
     assert saved["mlp1.1.weight"].dtype == torch.float32
@@ -283,7 +284,7 @@ def test_non_h2ovl_config_is_refused(tiny, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(model_type="internvl_chat", architectures=["InternVLChatModel"])
     (folder / "config.json").write_text(json.dumps(cfg))
-    for call in (h2.read_original_config, h2.load_h2ovl):
+    for call in (h2c.read_original_config, h2.load_h2ovl):
         with pytest.raises(UserError) as e:
             call(folder)
         message = _one_line_error(e)
@@ -299,17 +300,17 @@ def test_non_h2ovl_config_is_refused(tiny, tmp_path):
     (lambda c: c.update(use_llm_lora=16), "use_llm_lora"),
 ])
 def test_unsupported_settings_name_the_field(tiny, edit, field):
-    cfg = h2.read_original_config(tiny)
+    cfg = h2c.read_original_config(tiny)
     edit(cfg)
     with pytest.raises(UserError) as e:
-        h2.native_config(cfg, image_token_id=8)
+        h2c.native_config(cfg, image_token_id=8)
     assert _one_line_error(e).startswith(field + ":")
 
 
 def test_select_layer_maps_to_vision_feature_layer(tiny):
-    cfg = h2.read_original_config(tiny)
+    cfg = h2c.read_original_config(tiny)
     cfg["select_layer"] = -2
-    assert h2.native_config(cfg, image_token_id=8).vision_feature_layer == -2
+    assert h2c.native_config(cfg, image_token_id=8).vision_feature_layer == -2
 
 
 def test_chat_template_is_h2ogpt2(tiny):

@@ -21,7 +21,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
 
-from finetune.models import h2ovl_image
+from finetune.models import h2ovl_config, h2ovl_image
 
 # `h2ogpt2` (H2OVL's conversation.py: roles <|prompt|> / <|answer|>, separator <|end|>, system message prepended
 # as is, no separator after it). Whether the Hub tokenizer adds BOS is unconfirmed; this one does not. Content may be
@@ -57,10 +57,8 @@ class H2OVLImageSettings:
 
     @classmethod
     def from_original_config(cls, config: dict) -> H2OVLImageSettings:
-        tile = int(config.get("force_image_size") or config["vision_config"]["image_size"])
-        patch = int(config["vision_config"]["patch_size"])
-        tokens = int((tile // patch) ** 2 * float(config.get("downsample_ratio", 0.5)) ** 2)
-        return cls(tile_size=tile, tokens_per_tile=tokens, min_tiles=int(config.get("min_dynamic_patch", 1)),
+        return cls(tile_size=h2ovl_config.tile_size(config), tokens_per_tile=h2ovl_config.tokens_per_tile(config),
+                   min_tiles=int(config.get("min_dynamic_patch", 1)),
                    max_tiles=int(config.get("max_dynamic_patch", 6)), use_msac=bool(config.get("use_msac", False)))
 
 

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import InternVLForConditionalGeneration
 
-from finetune.models.h2ovl_checkpoint import ARCHITECTURE, IMG_CONTEXT, MODEL_TYPE, native_config, native_to_original
+from finetune.models.h2ovl_checkpoint import native_to_original
+from finetune.models.h2ovl_config import ARCHITECTURE, MODEL_TYPE, native_config
+from finetune.models.h2ovl_image import IMG_CONTEXT
 from finetune.models.h2ovl_processor import H2OGPT2_CHAT_TEMPLATE
 from finetune.models.tiny_tokenizer import train_tiny_tokenizer
 

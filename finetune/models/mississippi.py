@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from finetune.models import h2ovl_checkpoint
+from finetune.models import h2ovl_checkpoint, h2ovl_config
 from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
 from finetune.models.h2ovl_processor import IMAGE_PLACEHOLDER, H2OVLProcessor
 from finetune.models.h2ovl_tiny import build_tiny_h2ovl
@@ -35,7 +35,7 @@ def _original_layout_source(source_path: str) -> Path | None:
     folder = h2ovl_checkpoint.local_folder(source_path, None)
     for candidate in (folder, folder / "original"):
         config = candidate / "config.json"
-        if config.exists() and json.loads(config.read_text()).get("model_type") == h2ovl_checkpoint.MODEL_TYPE:
+        if config.exists() and json.loads(config.read_text()).get("model_type") == h2ovl_config.MODEL_TYPE:
             return candidate
     return None
 
@@ -84,7 +84,7 @@ class MississippiFamily(ModelFamily):
             log.warning("%s: no original-layout H2OVL checkpoint to take config and tokenizer from; "
                         "only the native layout was saved", source_path)
             return
-        config = h2ovl_checkpoint.read_original_config(original_source)
+        config = h2ovl_config.read_original_config(original_source)
         # The tiling the model was trained with, so model.chat and vLLM tile pages the same way.
         s = processor.settings
         max_tiles = min(s.max_tiles, s.max_tiles_per_image or s.max_tiles)
