@@ -52,7 +52,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFamily, processor,
              instruction_text: str, accelerator: Accelerator, batch_size: int, max_new_tokens: int) -> EvalResult:
-    """Generate for every sample (sharded across processes), gather, and score on the main process."""
+    """Generate for every sample (sharded across processes), gather on every process, and score."""
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction_text,
                               with_answer=False)
     tokenizer = processor.tokenizer
@@ -60,7 +60,6 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
-    rows = []
     # Padded so every rank runs the same number of batches (sharded engines need every rank in every forward);
     # the duplicated samples are dropped after the gather.
     with accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as indices:
