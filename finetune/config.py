@@ -42,10 +42,14 @@ class LoraSection(Section):
     targets: dict[str, list[str]] = Field(default_factory=dict)
 
 
+DEFAULT_GROUPS = {"vision": "frozen", "projector": "frozen", "llm": "lora"}
+
+
 class TuningSection(Section):
-    # Mode per module group. Groups a family has but the recipe omits are an error (nothing implicit).
-    groups: dict[str, GroupMode] = Field(default_factory=lambda: {"vision": "frozen", "projector": "frozen",
-                                                                   "llm": "lora"})
+    # Mode per module group for a one-stage recipe. Groups a family has but the recipe omits are an error
+    # (nothing implicit). None: {vision: frozen, projector: frozen, llm: lora}, unless `stages` / `schedule`
+    # give the modes (then setting it too is an error).
+    groups: dict[str, GroupMode] | None = Field(None, json_schema_extra={"override_seed": DEFAULT_GROUPS})
     lora: LoraSection = Field(default_factory=LoraSection)
     gradient_checkpointing: bool = False
 
@@ -124,6 +128,62 @@ class TrackingSection(Section):
     run_name: str | None = None
 
 
+class MixSource(Section):
+    source: str = Field(description="Like data.train: JSONL, dataset folder, imagefolder or hf:org/name:split.")
+    weight: float = Field(gt=0, description="Relative probability that a drawn sample comes from this source.")
+
+
+class StageDataSection(Section):
+    """A stage's own training data: one source, or a weighted mix (drawn with probability ∝ weight)."""
+
+    train: str | None = None
+    mix: list[MixSource] | None = None
+    # Samples drawn per epoch from a mix (default: the mix's total size).
+    samples_per_epoch: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.train is None) == (self.mix is None):
+            raise ValueError("give exactly one of train (a source) or mix (weighted sources)")
+        if self.samples_per_epoch is not None and self.mix is None:
+            raise ValueError("samples_per_epoch applies to a mix only")
+        return self
+
+
+class StageSection(Section):
+    """One training stage: which groups train and how, at which learning rates, for how long, on what data."""
+
+    name: str
+    groups: dict[str, GroupMode]
+    # One learning rate for the stage's trainable groups or one per group; None: optim.lr.
+    lr: float | dict[str, float] | None = None
+    # Budget: at most one of these; none given = the train section's epochs / max_steps. `fraction` is a share
+    # of the train section's budget (how the `schedule:` presets split it).
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    fraction: float | None = Field(None, gt=0, le=1)
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    data: StageDataSection | None = None  # None: data.train
+    # Generate-and-score on the eval split when the stage ends (the last stage's is eval.after_training).
+    eval_at_end: bool = True
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value):
+        values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(v <= 0 for v in values):
+            raise ValueError("learning rates must be > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("epochs", "max_steps", "fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of epochs, max_steps, fraction (got {', '.join(given)})")
+        return self
+
+
 class Recipe(Section):
     """A whole training recipe."""
 
@@ -135,25 +195,11 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
-
-    @model_validator(mode="after")
-    def _lr_groups_are_known(self):
-        if isinstance(self.optim.lr, dict):
-            unknown = set(self.optim.lr) - set(self.tuning.groups)
-            if unknown:
-                raise ValueError(f"optim.lr names groups not in tuning.groups: {sorted(unknown)}")
-        unknown = set(self.tuning.lora.targets) - set(self.tuning.groups)
-        if unknown:
-            raise ValueError(f"tuning.lora.targets names groups not in tuning.groups: {sorted(unknown)}")
-        return self
-
-    def lr_for(self, group: str) -> float:
-        """Learning rate of one module group."""
-        if isinstance(self.optim.lr, dict):
-            if group not in self.optim.lr:
-                raise ValueError(f"optim.lr has no learning rate for trainable group '{group}'")
-            return self.optim.lr[group]
-        return self.optim.lr
+    # Training stages, run in order in one job (finetune/training/stages.py). Or a shorthand: `paper` (the
+    # family's published schedule adapted to fine-tuning), `lora` (LLM LoRA, rest frozen), `full` (all full).
+    # Neither: one stage from tuning.groups, optim.lr and the train budget.
+    stages: list[StageSection] | None = Field(None, min_length=1)
+    schedule: Literal["paper", "lora", "full"] | None = None
 
 
 def data_paths(recipe: Recipe) -> dict[str, Path]:

@@ -51,8 +51,10 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFamily, processor,
-             instruction_text: str, accelerator: Accelerator, batch_size: int, max_new_tokens: int) -> EvalResult:
-    """Generate for every sample (sharded across processes), gather on every process, and score."""
+             instruction_text: str, accelerator: Accelerator, batch_size: int, max_new_tokens: int,
+             synced_ranks: bool = False) -> EvalResult:
+    """Generate for every sample (sharded across processes), gather on every process, and score. `synced_ranks`:
+    every rank keeps running forwards until all are done (needed when weights are sharded, ZeRO-3)."""
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction_text,
                               with_answer=False)
     tokenizer = processor.tokenizer
@@ -64,7 +66,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
     # the duplicated samples are dropped after the gather.
     with accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as indices:
         rows = _generate(unwrapped, dataset, indices, collate, family, processor, accelerator, batch_size,
-                         max_new_tokens)
+                         max_new_tokens, synced_ranks)
     if was_training:
         unwrapped.train()
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
@@ -72,7 +74,8 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
     return score(samples, rows)
 
 
-def _generate(model, dataset, indices, collate, family, processor, accelerator, batch_size, max_new_tokens):
+def _generate(model, dataset, indices, collate, family, processor, accelerator, batch_size, max_new_tokens,
+              synced_ranks):
     tokenizer = processor.tokenizer
     rows = []
     for start in range(0, len(indices), batch_size):
@@ -83,7 +86,7 @@ def _generate(model, dataset, indices, collate, family, processor, accelerator, 
         with accelerator.autocast():
             output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                         eos_token_id=family.stop_token_ids(processor),
-                                        pad_token_id=tokenizer.pad_token_id)
+                                        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_ranks)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for i, text in zip(index.tolist(), texts):

@@ -7,6 +7,7 @@ Every problem is one line naming the file, the YAML line where it can be known, 
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
@@ -70,26 +71,51 @@ def validate_recipe(raw: dict, *, source: str = "<recipe>", lines: dict[str, int
 
 
 def check_family_groups(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
-    """The model family exists and the recipe's group names are that family's (checked before any model loads)."""
+    """The model family exists and every group name the recipe uses is that family's, in tuning.groups, optim.lr,
+    tuning.lora.targets and each stage (checked before any model loads)."""
+    from finetune.config import DEFAULT_GROUPS
     from finetune.models import FAMILY_GROUPS
+    from finetune.training.stages import stage_problems
 
     lines = lines or {}
     family = recipe.model.family
     if family not in FAMILY_GROUPS:
         where = _where(source, lines, "model.family")
         raise RecipeError(f"{where}: model.family: unknown family '{family}'{_suggest(family, sorted(FAMILY_GROUPS))}")
+    given = [k for k, v in (("stages", recipe.stages), ("schedule", recipe.schedule),
+                            ("tuning.groups", recipe.tuning.groups)) if v is not None]
+    if len(given) > 1:
+        raise RecipeError(f"{_where(source, lines, given[-1])}: {' and '.join(given)} both give the training "
+                          f"modes; keep one (set the other to null)")
+    names = [stage.name for stage in recipe.stages or []]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise RecipeError(f"{_where(source, lines, f'stages.{i}.name')}: stages.{i}.name: '{name}' is used by "
+                              f"an earlier stage; stage names must be unique")
     groups = FAMILY_GROUPS[family]
-    named = {f"tuning.groups.{g}": g for g in recipe.tuning.groups}
+    named = {f"tuning.groups.{g}": g for g in recipe.tuning.groups or {}}
     named.update({f"optim.lr.{g}": g for g in (recipe.optim.lr if isinstance(recipe.optim.lr, dict) else {})})
     named.update({f"tuning.lora.targets.{g}": g for g in recipe.tuning.lora.targets})
     for key, group in named.items():
         if group not in groups:
             raise RecipeError(f"{_where(source, lines, key)}: {key}: '{family}' has no group '{group}'"
                               f"{_suggest(group, list(groups))}")
-    missing = [g for g in groups if g not in recipe.tuning.groups]
-    if missing:
-        raise RecipeError(f"{_where(source, lines, 'tuning.groups')}: tuning.groups: give a mode (frozen, full, "
-                          f"lora) for every group of '{family}': missing {', '.join(missing)}")
+    if recipe.stages is None and recipe.schedule is None:
+        modes = recipe.tuning.groups or DEFAULT_GROUPS
+        missing = [g for g in groups if g not in modes]
+        if missing:
+            raise RecipeError(f"{_where(source, lines, 'tuning.groups')}: tuning.groups: give a mode (frozen, full, "
+                              f"lora) for every group of '{family}': missing {', '.join(missing)}")
+        if isinstance(recipe.optim.lr, dict):
+            without = [g for g, m in modes.items() if m != "frozen" and g not in recipe.optim.lr]
+            if without:
+                raise RecipeError(f"{_where(source, lines, 'optim.lr')}: optim.lr: no learning rate for trainable "
+                                  f"group(s) {', '.join(without)}")
+    for i, stage in enumerate(recipe.stages or []):
+        for key, message in stage_problems(stage, groups, recipe.optim.lr):
+            full_key = f"stages.{i}.{key}" if not key.startswith("(") else f"stages.{i}.lr"
+            shown = full_key if not key.startswith("(") else f"stages.{i} {key}"
+            raise RecipeError(f"{_where(source, lines, full_key)}: {shown}: {message}")
 
 
 def check_recipe_files(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
@@ -136,15 +162,27 @@ def _apply_override(raw: dict, override: str, source: Path) -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        if part not in node:
+        if isinstance(node, list):  # an entry of a list, by index: stages.1.lr=1e-4
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"{source}: override {key}: '{'.'.join(parts[:i])}' has no entry {part} "
+                                  f"(entries 0-{len(node) - 1})")
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
             # Overriding one entry of a defaulted mapping (tuning.groups.llm=full) keeps the other defaults.
             default = _default_at(parts[: i + 1])
             node[part] = default if isinstance(default, dict) else {}
         child = node[part]
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise RecipeError(f"{source}: override {key}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
-    node[parts[-1]] = parsed
+    if isinstance(node, list):
+        last = parts[-1]
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"{source}: override {key}: no entry {last} (entries 0-{len(node) - 1})")
+        node[int(last)] = parsed
+    else:
+        node[parts[-1]] = parsed
 
 
 def _format_error(error: dict, source: str, lines: dict[str, int | str]) -> str:
@@ -172,9 +210,11 @@ def _default_at(parts: list[str]):
         if field is None:
             return None
         value = field.get_default(call_default_factory=True)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        value = extra.get("override_seed", value)  # a None default that stands for a known mapping
         annotation = field.annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return value.model_dump() if isinstance(value, BaseModel) else value
+    return value.model_dump() if isinstance(value, BaseModel) else copy.deepcopy(value)
 
 
 def _is_type_name(part: str) -> bool:
@@ -219,4 +259,9 @@ def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
             path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
             lines[path] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):  # list entries by index: stages.1.groups
+            path = f"{prefix}.{index}"
+            lines[path] = item.start_mark.line + 1
+            lines.update(_key_lines(item, path))
     return lines

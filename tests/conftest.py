@@ -59,20 +59,35 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def run_train(args: list[str], *, processes: int = 1, timeout: int = 600, check: bool = True
+def run_train(args: list[str], *, processes: int = 1, timeout: int = 600, check: bool = True,
+              accelerate_config: str | None = None, extra_launch_args: tuple[str, ...] = ()
               ) -> subprocess.CompletedProcess:
-    """`accelerate launch finetune/train.py ARGS` as a user runs it (2 processes: gloo on CPU)."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
+    """`accelerate launch finetune/train.py ARGS` as a user runs it (2 processes: gloo on CPU). With
+    `accelerate_config` (a file under recipes/accelerate/), the launch uses that checked-in config."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
-    if processes > 1:
-        # `--cpu --num_processes 2` silently runs one process; --multi_gpu with ACCELERATE_USE_CPU runs two (gloo).
-        launch.append("--multi_gpu")
-        env["ACCELERATE_USE_CPU"] = "true"
+    if accelerate_config:
+        launch += ["--config_file", str(REPO / "recipes" / "accelerate" / accelerate_config)]
     else:
-        launch.append("--cpu")
+        launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if processes > 1:
+            # `--cpu --num_processes 2` silently runs one process; --multi_gpu with ACCELERATE_USE_CPU runs two.
+            launch.append("--multi_gpu")
+            env["ACCELERATE_USE_CPU"] = "true"
+        else:
+            launch.append("--cpu")
+    launch += list(extra_launch_args)
     result = subprocess.run(launch + [str(REPO / "finetune" / "train.py"), *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_mississippi(tmp_path_factory) -> Path:
+    """The 'test' size H2OVL-Mississippi checkpoint (Llama LLM, original Hub layout)."""
+    from finetune.models import get_family
+
+    family = get_family("mississippi")
+    return family.build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-miss"), **family.tiny_presets["test"])

@@ -78,7 +78,7 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_pa
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "step_000004", "step_000006",
                                                                    "train_log.jsonl"))
     assert json.loads((resumed / "checkpoints" / "step_000002" / "trainer_state.json").read_text()) == {
-        "global_step": 2, "epoch": 1, "batches_in_epoch": 1}
+        "global_step": 2, "stage": 0, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}
     changed = run_train(base_args(tiny_llava, simple_docs, resumed, **{**overrides, "optim.lr": 1e-3,
                                                                        "output.if_exists": "resume"}), check=False)
     assert changed.returncode != 0 and "cannot resume with a different recipe; changed: optim.lr" in changed.stderr

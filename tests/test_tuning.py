@@ -9,7 +9,7 @@ from PIL import Image
 from finetune.config import TuningSection
 from finetune.data.dataset import Collator, DocumentDataset, prepare_samples
 from finetune.models import get_family
-from finetune.training.tuning import apply_tuning, optimizer_groups
+from finetune.training.tuning import apply_tuning, enable_gradient_checkpointing, optimizer_groups
 
 INSTRUCTION = 'Extract into JSON format: {"number": "", "total": ""}'
 
@@ -146,7 +146,7 @@ def test_gradient_checkpointing_with_frozen_vision_gives_the_same_gradients(fami
         torch.manual_seed(0)
         model = family.load_model(str(tiny_llava))
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         model, _ = apply_tuning(model, family, TuningSection(
             groups={"vision": "frozen", "projector": "frozen", "llm": "lora"}, lora={"dropout": 0.0}))
         model.train()

@@ -125,6 +125,27 @@ class ModelFamily(ABC):
             raise ValueError("LoRA requested but no target modules given")
         return rf"^(?:{'|'.join(alternatives)})$"
 
+    def check_engine(self, zero_stage: int | None) -> None:
+        """Refuse, with the reason, a distributed engine this family's model cannot run under."""
+
+    # --- training schedules ----------------------------------------------------------------------------------
+    def schedule(self, name: str, path: str, revision: str | None = None) -> list[dict[str, Any]]:
+        """Stages (as recipe `stages:` entries) for a `schedule:` shorthand. `lora`: LoRA on the LLM, the rest
+        frozen; `full`: every group fully; both at optim.lr over the whole budget. `paper`: the family's own."""
+        if name == "lora":
+            return [{"name": "lora", "groups": {g: "lora" if g == "llm" else "frozen" for g in self.group_prefixes}}]
+        if name == "full":
+            return [{"name": "full", "groups": {g: "full" for g in self.group_prefixes}}]
+        if name == "paper":
+            return self.paper_schedule(path, revision)
+        raise ValueError(f"unknown schedule '{name}'")
+
+    def paper_schedule(self, path: str, revision: str | None = None) -> list[dict[str, Any]]:
+        """The published training schedule adapted to fine-tuning; `path` tells model sizes apart."""
+        from finetune.errors import UserError
+
+        raise UserError(f"schedule: paper: family '{self.name}' has no published schedule; give stages instead")
+
     # --- tiny checkpoints ----------------------------------------------------------------------------------
     tiny_presets: dict[str, dict[str, Any]] = {}  # named size presets for build_tiny_checkpoint
 

@@ -213,8 +213,17 @@ def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def _expected_original_shapes(config: InternVLConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        reference = InternVLForConditionalGeneration(config)
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # A shape-only reference on the meta device. Under DeepSpeed ZeRO-3, transformers would build it partitioned
+    # and initialise its (absent) weights; hide the ZeRO-3 config from it for this one construction.
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        with torch.device("meta"):
+            reference = InternVLForConditionalGeneration(config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
     return {k: tuple(v.shape) for k, v in native_to_original(reference.state_dict()).items()}
 
 

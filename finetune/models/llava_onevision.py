@@ -31,6 +31,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from finetune.errors import UserError
 from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
 
 # ChatML as used by llava-hf's OneVision checkpoints: images first in the user turn, then the text.
@@ -113,6 +114,26 @@ class LlavaOnevisionFamily(ModelFamily):
                        "llm": ("language_model", "lm_head")}
 
     # --- loading ---------------------------------------------------------------------------------------
+    def check_engine(self, zero_stage: int | None) -> None:
+        if zero_stage == 3:
+            # `image_newline` is a bare parameter read in pack_image_features, outside any submodule's forward, so
+            # ZeRO-3's hooks never gather it (generation then fails on an empty tensor).
+            raise UserError("llava_onevision cannot run under DeepSpeed ZeRO-3 (its image_newline parameter is "
+                            "never gathered); use recipes/accelerate/zero2.yaml or fsdp.yaml")
+
+    def paper_schedule(self, path: str, revision: str | None = None) -> list[dict[str, Any]]:
+        # LLaVA-OneVision (arXiv 2408.03326, training-strategy table): stage 1 (language-image alignment) trains
+        # the projector alone at 1e-3; stages 1.5 and 2 train everything with the vision tower at 2e-6 and the
+        # projector and LLM at 1e-5; each stage one epoch, cosine, warmup 0.03, no weight decay. Adapted to
+        # fine-tuning: both stages run on the user's data, and the alignment stage is short (10% of the budget)
+        # because a released checkpoint's projector is already aligned — it only re-fits to the new documents.
+        return [
+            {"name": "align", "groups": {"vision": "frozen", "projector": "full", "llm": "frozen"}, "lr": 1e-3,
+             "fraction": 0.1, "warmup_ratio": 0.03},
+            {"name": "full", "groups": {"vision": "full", "projector": "full", "llm": "full"},
+             "lr": {"vision": 2e-6, "projector": 1e-5, "llm": 1e-5}, "fraction": 0.9, "warmup_ratio": 0.03},
+        ]
+
     def load_processor(self, path: str, revision: str | None = None, **options) -> ImageOnlyProcessor:
         if options:
             raise ValueError(f"model.processor: llava_onevision takes no processor options, got {sorted(options)}")

@@ -66,6 +66,44 @@ class MississippiFamily(ModelFamily):
                        "vision_layers": 3, "text_hidden": 192, "text_layers": 3},
     }
 
+    # --- training schedules --------------------------------------------------------------------------------
+    def paper_schedule(self, path: str, revision: str | None = None) -> list[dict[str, Any]]:
+        # H2OVL-Mississippi (arXiv 2410.13611, section on training). The paper's per-stage learning rates are in
+        # a table published as an image; where a number is needed we use InternVL's (the code base H2OVL builds
+        # on): MLP warm-up at 2e-4 (InternVL2.5 stage 1), MLP + LLM at 4e-5 with warmup 0.03 and cosine
+        # (InternVL's fine-tune). Budgets are shares of the recipe's train budget, all on the user's data.
+        if self._llm_type(path, revision) == "mistral":
+            # 2B: pre-training trains the vision tower and the MLP with the LLM frozen (4 epochs in the paper);
+            # fine-tuning then trains MLP + LLM (InternVL's fine-tune; the paper's ViT setting is unconfirmed).
+            return [
+                {"name": "vision+projector", "groups": {"vision": "full", "projector": "full", "llm": "frozen"},
+                 "lr": {"vision": 4e-5, "projector": 2e-4}, "fraction": 0.3, "warmup_ratio": 0.03},
+                {"name": "task", "groups": {"vision": "frozen", "projector": "full", "llm": "full"}, "lr": 4e-5,
+                 "fraction": 0.7, "warmup_ratio": 0.03},
+            ]
+        # 0.8B: pre-training step 1 trains the MLP alone on ~3% of the data, step 2 the MLP and the LLM jointly,
+        # then the OCR / structured-extraction fine-tune (ViT frozen as in InternVL's fine-tune; unconfirmed in
+        # the paper). Steps 2 and 3 train the same groups, each with a fresh optimizer and warmup + cosine;
+        # step 2 is where general data can be mixed in (`stages[1].data.mix`) to limit forgetting.
+        return [
+            {"name": "projector", "groups": {"vision": "frozen", "projector": "full", "llm": "frozen"}, "lr": 2e-4,
+             "fraction": 0.1, "warmup_ratio": 0.03},
+            {"name": "projector+llm", "groups": {"vision": "frozen", "projector": "full", "llm": "full"},
+             "lr": 4e-5, "fraction": 0.3, "warmup_ratio": 0.03},
+            {"name": "task", "groups": {"vision": "frozen", "projector": "full", "llm": "full"}, "lr": 4e-5,
+             "fraction": 0.6, "warmup_ratio": 0.03},
+        ]
+
+    @staticmethod
+    def _llm_type(path: str, revision: str | None) -> str:
+        """`llama` (0.8B) or `mistral` (2B), from the checkpoint's config in either layout."""
+        folder = h2ovl_checkpoint.local_folder(path, revision)
+        original = _original_layout_source(path)
+        if original is not None:
+            llm = h2ovl_config.read_original_config(original).get("llm_config", {})
+            return llm.get("model_type") or llm.get("architectures", ["llama"])[0].removesuffix("ForCausalLM").lower()
+        return json.loads((folder / "config.json").read_text())["text_config"]["model_type"]
+
     # --- loading ---------------------------------------------------------------------------------------
     def load_processor(self, path: str, revision: str | None = None, **options) -> H2OVLProcessor:
         return H2OVLProcessor.from_pretrained(path, revision=revision, **options)

@@ -12,9 +12,12 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class TrainerState:
-    """Where training is: optimizer steps done, and the data position (epoch, micro-batches into it)."""
+    """Where training is: optimizer steps done in all and in the current stage, and the stage's data position
+    (epoch of the stage's data, micro-batches into it)."""
 
     global_step: int = 0
+    stage: int = 0
+    stage_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
 

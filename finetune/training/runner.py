@@ -1,9 +1,15 @@
-"""The fine-tuning recipe: setup → evaluate base → train → evaluate → save, on Accelerate.
+"""The fine-tuning recipe: setup → evaluate base → train stage by stage → evaluate → save, on Accelerate.
 
 Engine: our own loop on `accelerate.Accelerator` (device placement, DDP / DeepSpeed / FSDP, mixed precision,
 no_sync, checkpoint state and trackers all come from Accelerate). Not transformers' Trainer, because a recipe
-runs generated-JSON evaluation mid-training and (next) several freezing stages with a fresh optimizer each in
-one job — both fight Trainer's single optimizer / single eval-loss lifecycle.
+runs generated-JSON evaluation mid-training and several freezing stages with a fresh optimizer each in one
+job — both fight Trainer's single optimizer / single eval-loss lifecycle.
+
+Stages (finetune/training/stages.py): each stage sets which groups train, builds a new optimizer (one parameter
+group per module group, at the stage's learning rates) and a new warmup + decay schedule, and re-prepares the
+model with Accelerate, so DDP registers hooks only for what trains and DeepSpeed builds its engine for the new
+trainable set. Frozen groups hold no optimizer state and, with no input needing a gradient, build no autograd
+graph (nothing of theirs is kept for a backward pass, with or without gradient checkpointing).
 
 Loss normalisation follows Accelerate's documented pattern for token-level losses: each optimizer step sums
 the cross-entropy over all label tokens of its G micro-batches on all processes and divides by that global
@@ -13,39 +19,35 @@ count, so long and short answers weigh the same whatever the batching.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import yaml
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import set_seed
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from finetune.config import Recipe
-from finetune.data.dataset import Collator, DataReport, DocumentDataset, prepare_samples
-from finetune.data.prompt import derive_skeleton, render_instruction
-from finetune.data.sources import read_records
-from finetune.errors import UserError
 from finetune.evaluation import evaluate, write_eval
 from finetune.models import get_family
-from finetune.recipe import dump_recipe
-from finetune.training.checkpoint import TrainerState, latest_checkpoint, prune_checkpoints
-from finetune.training.sampler import EpochLengthGroupedSampler
-from finetune.training.tuning import apply_tuning, optimizer_groups
+from finetune.training import stages as staging
+from finetune.training.checkpoint import TrainerState, prune_checkpoints
+from finetune.training.engine import is_sharded, make_accelerator, replica_digests, zero_stage
+from finetune.training.run_folder import flatten, load_metrics, prepare_run_dir, record_recipe, save_metrics
+from finetune.training.train_data import TrainData
+from finetune.training.tuning import (
+    TuningPlan,
+    enable_gradient_checkpointing,
+    inject_lora,
+    optimizer_groups,
+    set_trainable,
+)
 
 log = logging.getLogger("finetune")
-
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-# Recipe keys a resumed run may change (prefixes of the flattened key paths).
-RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.log_every", "train.num_workers", "eval.", "tracking.", "output.")
 
 
 class FineTuneRecipe:
@@ -55,157 +57,104 @@ class FineTuneRecipe:
         self.recipe = recipe
         self.run_dir = Path(recipe.output.dir)
         self.state = TrainerState()
+        self.entered_stage: int | None = None  # the stage the prepared model / optimizer belong to
+        self.uses_lora = False
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        """Build everything: accelerator, run folder, data (validated, reported), model, optimizer."""
+        """Build everything: accelerator, run folder, stages, data (validated, reported), model, first stage."""
         r = self.recipe
         self.family = get_family(r.model.family)
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=r.train.grad_accum,
-            mixed_precision=MIXED_PRECISION[r.train.precision],
-            log_with=r.tracking.report_to or None,
-            project_dir=str(self.run_dir),
-            step_scheduler_with_optimizer=False,  # we step the schedule once per optimizer step, not per process
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-        )
+        self.accelerator = make_accelerator(r, str(self.run_dir))
+        self.family.check_engine(zero_stage(self.accelerator))
         set_seed(r.train.seed)
-        resume_from = self._prepare_run_dir()
+        resume_from = prepare_run_dir(self.run_dir, r.output.if_exists, self.accelerator)
 
         self.processor = self.family.load_processor(r.model.path, r.model.revision, **r.model.processor)
-        self._prepare_data()
-        self._record_recipe(resumed=resume_from is not None)
+        self.stages = staging.resolve_stages(r, self.family)
+        # The run folder records the stages that run, whichever way the recipe gave them.
+        r.schedule, r.tuning.groups = None, None
+        r.stages = self.stages
+        self.data = TrainData(r, self.family, self.processor, self.stages)
+        self.instruction_text = self.data.instruction_text
+        self.train_samples, self.eval_samples = self.data.train_samples, self.data.eval_samples
+        for report in self.data.reports:
+            self._info(f"data {report.summary()}")
+        if self.accelerator.is_main_process:
+            self.data.write_report(self.run_dir)
+        record_recipe(r, self.run_dir, resumed=resume_from is not None,
+                      is_main_process=self.accelerator.is_main_process)
 
         model = self.family.load_model(r.model.path, revision=r.model.revision,
                                        attn_implementation=r.model.attn_implementation)
         model.config.use_cache = False
         if r.tuning.gradient_checkpointing:
-            # Non-reentrant checkpointing: works when the inputs of a checkpointed block need no grad (frozen
-            # vision tower under LoRA), where the reentrant variant silently drops the gradient.
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model, self.plan = apply_tuning(model, self.family, r.tuning)
-        self._info(f"tuning: {self.plan.summary()}")
-
-        optimizer = torch.optim.AdamW(
-            optimizer_groups(model, self.family, r.lr_for, r.optim.weight_decay),
-            betas=r.optim.betas, eps=r.optim.eps,
-        )
-        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer,
-                                                                                 self._train_loader())
-        self.batches_per_epoch = len(self.train_loader)  # per process, after Accelerate sharded the batches
-        self.total_steps = self._total_steps()
-        warmup = r.optim.warmup_steps if r.optim.warmup_steps is not None else round(r.optim.warmup_ratio *
-                                                                                     self.total_steps)
-        scheduler = get_scheduler(r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
-                                  self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
-        self.scheduler = self.accelerator.prepare(scheduler)
-        micro_batches = self.total_steps * r.train.grad_accum
-        self._info(f"{self.total_steps} optimizer steps of {r.train.grad_accum} × {r.train.batch_size} samples × "
-                   f"{self.accelerator.num_processes} processes = {micro_batches / self.batches_per_epoch:.2f} "
-                   f"epochs of {len(self.train_samples)} samples (the data stream runs on across epoch ends)")
-        self.accelerator.register_save_state_pre_hook(self._keep_trainable_weights_only)
-
+            enable_gradient_checkpointing(model)
+        self.model = model
+        self.accelerator.register_save_state_pre_hook(self._keep_trained_weights_only)
         if r.tracking.report_to:
-            self.accelerator.init_trackers(r.tracking.project, config=_flatten(r.model_dump(mode="json")),
+            self.accelerator.init_trackers(r.tracking.project, config=flatten(r.model_dump(mode="json")),
                                            init_kwargs=_tracker_kwargs(r))
         if resume_from:
             self._resume(resume_from)
+        else:
+            self._enter_stage(0)
 
-    def _prepare_run_dir(self) -> Path | None:
-        """Refuse to reuse a run folder unless the recipe says resume or overwrite. Returns a checkpoint to
-        resume from, if any."""
-        policy = self.recipe.output.if_exists
-        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
-        resume_from = None
-        if exists and policy == "error":
-            raise FileExistsError(f"{self.run_dir}: run folder exists; set output.if_exists=resume to continue it "
-                                  f"or output.if_exists=overwrite to replace it")
-        if exists and policy == "resume":
-            resume_from = latest_checkpoint(self.run_dir)
-            if resume_from is None:
-                raise FileNotFoundError(f"{self.run_dir}: output.if_exists=resume but the run has no checkpoint")
-        self.accelerator.wait_for_everyone()  # every rank has looked before rank 0 changes anything
-        if self.accelerator.is_main_process:
-            if exists and policy == "overwrite":
-                shutil.rmtree(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-        return resume_from
+    # ------------------------------------------------------------------------------------------------ stages
+    def _enter_stage(self, index: int) -> None:
+        """Make stage `index` current: LoRA adapters if it is the first to ask, trainable flags, a new optimizer
+        and schedule, and the model, optimizer and loader (re-)prepared by Accelerate."""
+        r, acc, stage = self.recipe, self.accelerator, self.stages[index]
+        model = self.model
+        if self.entered_stage is not None:
+            model = acc.unwrap_model(self.model)
+            # Drops DDP's wrapper / DeepSpeed's engine and the old optimizer, scheduler and loader, so the next
+            # prepare builds them for the new trainable set (a stale engine would keep stepping old parameters).
+            self.model = self.optimizer = self.scheduler = self.train_loader = None
+            acc.free_memory()
+        first_lora = staging.first_lora_stage(self.stages)
+        # Adapters are created by the first stage that asks for them; under ZeRO-3 before the first stage
+        # instead, because PEFT cannot wrap weights an earlier engine has partitioned (B = 0 keeps them inert).
+        create_at = 0 if first_lora is not None and zero_stage(acc) == 3 else first_lora
+        if not self.uses_lora and create_at is not None and index >= create_at:
+            model = inject_lora(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, first_lora),
+                                staging.full_groups(self.stages))
+            self.uses_lora = True
+        self.plan: TuningPlan = set_trainable(model, self.family, stage.groups, uses_lora=self.uses_lora,
+                                              lora_later=first_lora is not None)
 
-    def _record_recipe(self, resumed: bool) -> None:
-        """Save the resolved recipe (derived prompt skeleton included). A resumed run must be the same run:
-        only budgets, checkpoint cadence, evaluation and tracking may change; the original record is kept."""
-        path = self.run_dir / "recipe.yaml"
-        if resumed:
-            saved = _flatten(yaml.safe_load(path.read_text()))
-            current = _flatten(self.recipe.model_dump(mode="json"))
-            changed = sorted(k for k in saved.keys() | current.keys()
-                             if saved.get(k) != current.get(k) and not k.startswith(RESUME_MAY_CHANGE))
-            if changed:
-                raise UserError(f"{path}: cannot resume with a different recipe; changed: {', '.join(changed)} "
-                                f"(only {', '.join(RESUME_MAY_CHANGE)} may change)")
-            return
-        if self.accelerator.is_main_process:
-            dump_recipe(self.recipe, path)
+        optimizer = torch.optim.AdamW(
+            optimizer_groups(model, self.family, lambda group: stage.lr[group], r.optim.weight_decay),
+            betas=r.optim.betas, eps=r.optim.eps)
+        self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, self.data.loader(index))
+        self.batches_per_epoch = len(self.train_loader)  # per process, after Accelerate sharded the batches
+        # data.train's batches per process and epoch (what `fraction` and budget-less stages count in), as
+        # Accelerate shards them: every process gets ceil(batches / processes).
+        main_batches = math.ceil(math.ceil(len(self.train_samples) / r.train.batch_size) / acc.num_processes)
+        self.stage_total = staging.stage_steps(stage, r.train, stage_batches_per_epoch=self.batches_per_epoch,
+                                               main_batches_per_epoch=main_batches)
+        warmup = staging.warmup_steps(stage, r.optim.warmup_ratio, r.optim.warmup_steps, self.stage_total)
+        scheduler = get_scheduler(r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
+                                  self.optimizer, num_warmup_steps=warmup, num_training_steps=self.stage_total)
+        self.scheduler = acc.prepare(scheduler)
+        self.entered_stage = index
 
-    def _prepare_data(self) -> None:
-        d = self.recipe.data
-        skeleton = d.prompt.skeleton
-        if skeleton is None:
-            skeleton = derive_skeleton(rec.target for rec in read_records(
-                d.train, image_column=d.image_column, target_column=d.target_column)
-                if isinstance(rec.target, dict))
-        d.prompt.skeleton = skeleton  # recorded in recipe.yaml: the exact prompt a trained model expects
-        self.instruction_text = render_instruction(d.prompt.instruction, skeleton)
-        common = dict(family=self.family, processor=self.processor, instruction_text=self.instruction_text,
-                      skeleton=skeleton, max_length=d.max_length, on_bad_sample=d.on_bad_sample,
-                      image_column=d.image_column, target_column=d.target_column)
-        self.train_samples, train_report = prepare_samples(d.train, split="train", limit=d.max_train_samples,
-                                                           **common)
-        reports = [train_report]
-        eval_source = getattr(d, self.recipe.eval.split)
-        self.eval_samples = []
-        if eval_source is not None:
-            self.eval_samples, eval_report = prepare_samples(eval_source, split=self.recipe.eval.split,
-                                                             limit=self.recipe.eval.max_samples, **common)
-            reports.append(eval_report)
-        for report in reports:
-            self._info(f"data {report.summary()}")
-        if self.accelerator.is_main_process:
-            (self.run_dir / "data_report.json").write_text(json.dumps(
-                {rep.split: {"read": rep.read, "kept": rep.kept, "skipped": dict(rep.skipped),
-                             "first_skipped_at": rep.examples} for rep in reports}, indent=2) + "\n")
-        if not self.train_samples:
-            raise ValueError(f"data.train: no usable samples ({train_report.summary()})")
-        self.reports: list[DataReport] = reports
-
-    def _train_loader(self) -> torch.utils.data.DataLoader:
-        t = self.recipe.train
-        dataset = DocumentDataset(self.train_samples, family=self.family, processor=self.processor,
-                                  instruction_text=self.instruction_text)
-        sampler = EpochLengthGroupedSampler(dataset.lengths, batch_size=t.batch_size, seed=t.seed,
-                                            group_by_length=t.group_by_length)
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-            # Its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
-            # instead would shift dropout masks between a resumed and an uninterrupted run.
-            generator=torch.Generator().manual_seed(t.seed),
-            collate_fn=Collator(self.family, self.processor.tokenizer.pad_token_id, padding_side="right"))
-
-    def _total_steps(self) -> int:
-        t = self.recipe.train
-        if t.max_steps:
-            return t.max_steps
-        return max(1, math.ceil(t.epochs * self.batches_per_epoch / t.grad_accum))
+        epochs = self.stage_total * r.train.grad_accum / self.batches_per_epoch
+        lrs = ", ".join(f"{g} {lr:g}" for g, lr in stage.lr.items())
+        self._info(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {self.stage_total} optimizer steps of "
+                   f"{r.train.grad_accum} × {r.train.batch_size} samples × {acc.num_processes} processes = "
+                   f"{epochs:.2f} epochs of its {len(self.data.stage_samples[index].samples)} samples; "
+                   f"lr {lrs}; warmup {warmup}")
+        self._info(f"stage '{stage.name}' parameters: {self.plan.summary()}")
 
     # ------------------------------------------------------------------------------------------------- train
     def run(self) -> dict:
-        """Evaluate the base model, train, evaluate again, save; returns the before/after metrics."""
-        metrics = self._load_metrics()
+        """Evaluate the base model, train every stage, evaluate again, save; returns the metrics."""
+        metrics = load_metrics(self.run_dir)
         if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples:
             metrics["before"] = self.evaluate("before")
             self._save_metrics(metrics)
-        self.train()
+        self.train(metrics)
         self.save_final()
         if self.recipe.eval.after_training and self.eval_samples:
             metrics["after"] = self.evaluate("after")
@@ -218,20 +167,43 @@ class FineTuneRecipe:
         def em(tag: str) -> str:
             return f"{metrics[tag]['json_exact_match']:.1%}" if tag in metrics else "n/a"
 
-        what = "adapter" if self.plan.uses_lora else "model"
+        what = "adapter" if self.uses_lora else "model"
         return (f"done: JSON exact match on {self.recipe.eval.split} {em('before')} before -> {em('after')} after; "
                 f"{what} in {self.run_dir / 'final'}, metrics and predictions in {self.run_dir}")
 
-    def train(self) -> None:
-        """Optimizer steps until the step budget; the data stream runs across epoch boundaries."""
+    def train(self, metrics: dict | None = None, on_stage_end=None) -> None:
+        """Every stage in order from where the state says. A stage's end may evaluate (not the last stage's,
+        which is the run's `after` evaluation); `on_stage_end(job, stage_index)` is called after each stage
+        (tests use it to look at the weights between stages)."""
+        metrics = {} if metrics is None else metrics
+        while True:
+            index = self.state.stage
+            if self.entered_stage != index:
+                self._enter_stage(index)
+            self._train_stage()
+            if on_stage_end is not None:
+                on_stage_end(self, index)
+            stage = self.stages[index]
+            if index == len(self.stages) - 1:
+                break
+            tag = f"stage{index + 1}-{stage.name}"
+            if stage.eval_at_end and self.eval_samples and tag not in metrics.get("stages", {}):
+                metrics.setdefault("stages", {})[tag] = self.evaluate(tag)
+                self._save_metrics(metrics)
+            self.state.stage, self.state.stage_step, self.state.epoch, self.state.batches_in_epoch = index + 1, 0, 0, 0
+        self._check_replicas_agree()
+
+    def _train_stage(self) -> None:
+        """Optimizer steps until the stage's budget; its data stream runs across epoch boundaries."""
         r, acc = self.recipe, self.accelerator
         G = r.train.grad_accum
+        stage = self.stages[self.state.stage]
         batches = self._batch_stream()
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_main_process,
-                   desc="train", dynamic_ncols=True)
+        bar = tqdm(total=self.stage_total, initial=self.state.stage_step, disable=not acc.is_main_process,
+                   desc=f"stage {self.state.stage + 1}/{len(self.stages)} {stage.name}", dynamic_ncols=True)
         tokens_since, time_since = 0, time.perf_counter()
-        while self.state.global_step < self.total_steps:
+        while self.state.stage_step < self.stage_total:
             micro = [next(batches) for _ in range(G)]
             label_tokens = sum((b["labels"] != -100).sum() for b in micro)
             global_label_tokens = acc.gather(label_tokens.reshape(1).to(acc.device)).sum()
@@ -241,38 +213,34 @@ class FineTuneRecipe:
                 sync = i == len(micro) - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                     out = self.model(**batch, num_items_in_batch=global_label_tokens)
-                    # ×G cancels Accelerate's division by the accumulation steps; ×processes cancels DDP's
-                    # gradient averaging: together the gradient is that of sum(CE) / all label tokens.
+                    # ×G cancels Accelerate's (or DeepSpeed's) division by the accumulation steps; ×processes
+                    # cancels the gradient averaging across ranks: together the gradient is that of
+                    # sum(CE) / all label tokens of the step.
                     acc.backward(out.loss * G * acc.num_processes)
                 step_loss += out.loss.detach()
                 tokens_since += int(batch["attention_mask"].sum())
             if r.optim.max_grad_norm:
-                acc.clip_grad_norm_(self.model.parameters(), r.optim.max_grad_norm)
+                acc.clip_grad_norm_(self.model.parameters(), r.optim.max_grad_norm)  # DeepSpeed: its own config
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.global_step += 1
+            self.state.stage_step += 1
 
             loss = acc.reduce(step_loss, reduction="sum").item()  # per-rank partial sums → the global mean
             self._log_step(bar, loss, tokens_since * acc.num_processes / (time.perf_counter() - time_since))
             tokens_since, time_since = 0, time.perf_counter()
             every = r.train.checkpoint_every
-            if every and (self.state.global_step % every == 0 or self.state.global_step == self.total_steps):
+            if every and (self.state.global_step % every == 0 or self.state.stage_step == self.stage_total):
                 self.save_checkpoint()
         bar.close()
-        self._check_replicas_agree()
 
     def _check_replicas_agree(self) -> None:
         """Data-parallel replicas must end bit-identical; a silent divergence would make the saved model depend
-        on which rank wrote it. One hash per rank over the trainable weights, compared on every rank."""
-        if self.accelerator.num_processes == 1 or self.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        on which rank wrote it."""
+        if self.accelerator.num_processes == 1 or is_sharded(self.accelerator):
             return  # sharded engines hold different shards by design
-        digest = hashlib.sha256()
-        for name, param in self.accelerator.unwrap_model(self.model).named_parameters():
-            if param.requires_grad:
-                digest.update(name.encode())
-                digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        digests = gather_object([digest.hexdigest()])
+        digests = replica_digests(self.accelerator, self.model)
         if len(set(digests)) != 1:
             raise RuntimeError(f"data-parallel replicas diverged: weight hashes per rank {digests}")
         self._info(f"trainable weights identical on all {len(digests)} processes (sha256 {digests[0][:12]})")
@@ -296,22 +264,23 @@ class FineTuneRecipe:
                                    f"expected {self.batches_per_epoch}")
 
     def _log_step(self, bar, loss: float, tokens_per_s: float) -> None:
-        step = self.state.global_step
+        step, stage = self.state.global_step, self.stages[self.state.stage]
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        lr = max(lrs.values())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", epoch=self.state.epoch)
-        if step % self.recipe.train.log_every == 0 or step == self.total_steps:
-            record = {"step": step, "epoch": self.state.epoch, "loss": loss, "tokens_per_s": tokens_per_s,
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                        epoch=self.state.epoch)
+        if step % self.recipe.train.log_every == 0 or self.state.stage_step == self.stage_total:
+            record = {"step": step, "stage": stage.name, "stage_step": self.state.stage_step,
+                      "epoch": self.state.epoch, "loss": loss, "tokens_per_s": tokens_per_s,
                       **{f"lr/{k}": v for k, v in lrs.items()}}
-            self.accelerator.log(record, step=step)
+            self.accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=step)
             if self.accelerator.is_main_process:
                 with (self.run_dir / "train_log.jsonl").open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """A resumable checkpoint: trainable weights, optimizer, scheduler, RNG and data position."""
+        """A resumable checkpoint: trained weights, optimizer, scheduler, RNG, stage and data position."""
         path = self.run_dir / "checkpoints" / f"step_{self.state.global_step:06d}"
         self.accelerator.save_state(str(path))
         self.accelerator.wait_for_everyone()  # every rank's files are written before the completeness marker
@@ -321,31 +290,60 @@ class FineTuneRecipe:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _keep_trainable_weights_only(self, models, weights, output_dir) -> None:
-        # Frozen weights come back from the base checkpoint on resume; saving them would make every LoRA
+    def _trained_so_far(self, name: str) -> bool:
+        """Whether a weight may differ from the base checkpoint: LoRA weights, and every weight of a group
+        trained fully in this or an earlier stage (it is frozen now, but no longer the base checkpoint's)."""
+        if ".lora_" in name:
+            return True
+        group = self.family.group_of(name)
+        return any(s.groups.get(group) == "full" for s in self.stages[:self.state.stage + 1])
+
+    def _keep_trained_weights_only(self, models, weights, output_dir) -> None:
+        # Untouched weights come back from the base checkpoint on resume; saving them would make every LoRA
         # checkpoint as large as the model.
-        trainable = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
         for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
+            weights[i] = {k: v for k, v in state.items() if self._trained_so_far(k.removeprefix("module."))}
 
     def _resume(self, checkpoint: Path) -> None:
-        self.accelerator.load_state(str(checkpoint), strict=False)
+        """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
         self.state = TrainerState.load(checkpoint)
-        self._info(f"resumed from {checkpoint} at step {self.state.global_step} "
+        self._enter_stage(self.state.stage)
+        self.accelerator.load_state(str(checkpoint), strict=False)
+        self._check_checkpoint_weights(checkpoint)
+        stage = self.stages[self.state.stage]
+        self._info(f"resumed from {checkpoint} at step {self.state.global_step}: stage {self.state.stage + 1} "
+                   f"'{stage.name}' step {self.state.stage_step}/{self.stage_total} "
                    f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch})")
+
+    def _check_checkpoint_weights(self, checkpoint: Path) -> None:
+        """A non-strict load skips names it does not know: a mismatch would silently restart some weights from
+        the base checkpoint, so every trained weight must be in the file and every name in the file known."""
+        file = checkpoint / "model.safetensors"
+        if is_sharded(self.accelerator) or not file.exists():
+            return
+        with safe_open(str(file), framework="pt") as handle:
+            saved = {k.removeprefix("module.") for k in handle.keys()}  # noqa: SIM118 (not a dict)  # noqa: SIM118 (safe_open is not a dict)
+        model = self.accelerator.unwrap_model(self.model)
+        names = set(model.state_dict())
+        expected = {n for n, p in model.named_parameters() if self._trained_so_far(n)}
+        if saved - names or expected - saved:
+            raise RuntimeError(f"{file}: checkpoint does not match the model: unknown {sorted(saved - names)[:3]}, "
+                               f"missing {sorted(expected - saved)[:3]}")
 
     # ------------------------------------------------------------------------------------------ eval / save
     def evaluate(self, tag: str) -> dict:
-        """Generate on the eval split and score; writes `{tag}_predictions.jsonl` / `{tag}_metrics.json`."""
-        e = self.recipe.eval
+        """Generate on the eval split and score; writes `eval/{tag}_predictions.jsonl` / `_metrics.json`."""
+        e, acc = self.recipe.eval, self.accelerator
         result = evaluate(self.model, self.eval_samples, family=self.family, processor=self.processor,
-                          instruction_text=self.instruction_text, accelerator=self.accelerator,
-                          batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
-        if self.accelerator.is_main_process:
+                          instruction_text=self.instruction_text, accelerator=acc, batch_size=e.batch_size,
+                          max_new_tokens=e.max_new_tokens,
+                          # ZeRO-3 shards every weight: all ranks must run every forward until the last finishes.
+                          synced_ranks=zero_stage(acc) == 3 and acc.num_processes > 1)
+        if acc.is_main_process:
             write_eval(result, self.run_dir / "eval", prefix=f"{tag}_")
             if tag == "after":
                 write_eval(result, self.run_dir)  # the run folder's predictions.jsonl
-        self.accelerator.log({f"eval/{tag}/{k}": v for k, v in result.metrics.items()}, step=self.state.global_step)
+        acc.log({f"eval/{tag}/{k}": v for k, v in result.metrics.items()}, step=self.state.global_step)
         self._info(f"eval {tag}: JSON exact match {result.metrics['json_exact_match']:.1%} "
                    f"(valid JSON {result.metrics['valid_json_rate']:.1%}, n={result.metrics['num_samples']})")
         return result.metrics
@@ -356,7 +354,7 @@ class FineTuneRecipe:
         state_dict = self.accelerator.get_state_dict(self.model)  # gathers sharded (ZeRO-3 / FSDP) weights
         if self.accelerator.is_main_process:
             unwrapped = self.accelerator.unwrap_model(self.model)
-            if self.plan.uses_lora:
+            if self.uses_lora:
                 unwrapped.save_pretrained(out, state_dict=state_dict)
                 self.processor.save_pretrained(out)
             else:
@@ -366,33 +364,18 @@ class FineTuneRecipe:
             (out / "prompt.json").write_text(json.dumps(
                 {"instruction": self.instruction_text, "skeleton": self.recipe.data.prompt.skeleton},
                 indent=2, ensure_ascii=False) + "\n")
-            self._info(f"saved {'adapter' if self.plan.uses_lora else 'model'} to {out}")
+            self._info(f"saved {'adapter' if self.uses_lora else 'model'} to {out}")
         self.accelerator.wait_for_everyone()
         return out
 
-    def _load_metrics(self) -> dict:
-        path = self.run_dir / "metrics.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
     def _save_metrics(self, metrics: dict) -> None:
         if self.accelerator.is_main_process:
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            save_metrics(self.run_dir, metrics)
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(f"[finetune] {message}")
             log.info(message)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-    return flat
 
 
 def _tracker_kwargs(recipe: Recipe) -> dict:

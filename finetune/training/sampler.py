@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 
 class EpochLengthGroupedSampler(torch.utils.data.Sampler[int]):
@@ -32,3 +32,46 @@ class EpochLengthGroupedSampler(torch.utils.data.Sampler[int]):
         if not self.group_by_length:
             return iter(torch.randperm(len(self.lengths), generator=generator).tolist())
         return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=generator))
+
+
+class MixtureSampler(torch.utils.data.Sampler[int]):
+    """Weighted draws from several sources concatenated into one dataset (a stage's `data.mix`).
+
+    Each of the epoch's draws picks a source with probability ∝ its weight, then the next sample of that source's
+    own shuffled order (cycling when a small source is drawn more often than it has samples), so a source is
+    repeated only once it is exhausted. Seeded with `seed + epoch` like the plain sampler; with `group_by_length`
+    the drawn samples are ordered in length-sorted mega-batches the way transformers' sampler does.
+    """
+
+    def __init__(self, lengths: list[int], source_sizes: list[int], weights: list[float], *, samples_per_epoch: int,
+                 batch_size: int, seed: int, group_by_length: bool = True):
+        if len(source_sizes) != len(weights) or sum(source_sizes) != len(lengths):
+            raise ValueError("one weight per source, and source sizes that add up to the dataset")
+        self.lengths, self.source_sizes, self.weights = lengths, source_sizes, weights
+        self.samples_per_epoch, self.batch_size, self.seed = samples_per_epoch, batch_size, seed
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        picks = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), self.samples_per_epoch,
+                                  replacement=True, generator=generator).tolist()
+        offsets = [sum(self.source_sizes[:i]) for i in range(len(self.source_sizes))]
+        orders = [torch.randperm(size, generator=generator).tolist() for size in self.source_sizes]
+        drawn_so_far = [0] * len(self.source_sizes)
+        indices = []
+        for source in picks:
+            order = orders[source]
+            indices.append(offsets[source] + order[drawn_so_far[source] % len(order)])
+            drawn_so_far[source] += 1
+        if self.group_by_length:
+            grouped = get_length_grouped_indices([self.lengths[i] for i in indices], self.batch_size,
+                                                 generator=generator)
+            indices = [indices[i] for i in grouped]
+        return iter(indices)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig, get_peft_model
 
-from finetune.config import TuningSection
+from finetune.config import DEFAULT_GROUPS, LoraSection, TuningSection
 from finetune.errors import UserError
 from finetune.models.base import ModelFamily
 
@@ -35,36 +35,74 @@ class TuningPlan:
         return "; ".join(rows)
 
 
-def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSection) -> tuple[torch.nn.Module,
-                                                                                                 TuningPlan]:
-    """Freeze / unfreeze / wrap with LoRA according to `tuning.groups`; returns the (maybe PEFT) model."""
-    modes = dict(tuning.groups)
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing: it works when the inputs of a checkpointed block need no grad
+    (a frozen vision tower under LoRA), where the reentrant variant silently drops the gradient — so the input
+    hooks transformers adds for the reentrant variant are removed at once (see `set_trainable`)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+
+
+def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSection,
+                 groups: dict[str, str] | None = None) -> tuple[torch.nn.Module, TuningPlan]:
+    """Freeze / unfreeze / wrap with LoRA for one set of modes (`groups`, default `tuning.groups`); returns the
+    (maybe PEFT) model. A staged run calls `inject_lora` and `set_trainable` itself, stage by stage."""
+    modes = dict(groups or tuning.groups or DEFAULT_GROUPS)
+    check_groups(family, modes)
+    lora_groups = [g for g, m in modes.items() if m == "lora"]
+    if lora_groups:
+        model = inject_lora(model, family, tuning.lora, lora_groups, [g for g, m in modes.items() if m == "full"])
+    return model, set_trainable(model, family, modes, uses_lora=bool(lora_groups))
+
+
+def check_groups(family: ModelFamily, modes: dict[str, str]) -> None:
     missing, unknown = set(family.group_prefixes) - set(modes), set(modes) - set(family.group_prefixes)
     if missing or unknown:
         raise UserError(f"tuning.groups must name exactly the groups of family '{family.name}' "
-                         f"({sorted(family.group_prefixes)}); missing {sorted(missing)}, unknown {sorted(unknown)}")
+                        f"({sorted(family.group_prefixes)}); missing {sorted(missing)}, unknown {sorted(unknown)}")
+
+
+def inject_lora(model: torch.nn.Module, family: ModelFamily, lora: LoraSection, lora_groups: list[str],
+                full_groups: list[str]) -> torch.nn.Module:
+    """Wrap the model with one PEFT LoRA adapter on `lora_groups` (targets scoped to each group); `full_groups`
+    become `modules_to_save`, PEFT's trainable copies saved beside the adapter (copied now, so weights trained
+    fully before this point are the copies' starting values)."""
     family.assign_groups(model)  # fails loudly on a parameter that belongs to no group
+    targets = {g: list(lora.targets.get(g) or family.default_lora_targets.get(g, ())) for g in lora_groups}
+    empty = [g for g, leaves in targets.items() if not leaves]
+    if empty:
+        raise UserError(f"tuning.lora.targets: group(s) {empty} are in lora mode but have no target modules")
+    modules_to_save = [name for g in full_groups for name in family.modules_to_save.get(g, ())]
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=family.lora_target_regex(targets), modules_to_save=modules_to_save or None,
+    )
+    return get_peft_model(model, config)
 
-    lora_groups = [g for g, m in modes.items() if m == "lora"]
-    if lora_groups:
-        targets = {g: list(tuning.lora.targets.get(g) or family.default_lora_targets.get(g, ())) for g in lora_groups}
-        empty = [g for g, leaves in targets.items() if not leaves]
-        if empty:
-            raise UserError(f"tuning.lora.targets: group(s) {empty} are in lora mode but have no target modules")
-        full_groups = [g for g, m in modes.items() if m == "full"]
-        modules_to_save = [name for g in full_groups for name in family.modules_to_save.get(g, ())]
-        config = LoraConfig(
-            r=tuning.lora.r, lora_alpha=tuning.lora.alpha, lora_dropout=tuning.lora.dropout,
-            target_modules=family.lora_target_regex(targets), modules_to_save=modules_to_save or None,
-        )
-        model = get_peft_model(model, config)
 
-    plan = TuningPlan(modes=modes, uses_lora=bool(lora_groups))
+def set_trainable(model: torch.nn.Module, family: ModelFamily, modes: dict[str, str], uses_lora: bool,
+                  lora_later: bool = False) -> TuningPlan:
+    """Set `requires_grad` of every parameter from its group's mode; count what trains and what is frozen.
+    `lora_later`: a later stage adds LoRA, so `full` already trains only what PEFT can save with the adapter
+    (`modules_to_save`); anything else trained now would be lost from the saved adapter."""
+    plan = TuningPlan(modes=dict(modes), uses_lora=uses_lora)
+    # transformers (when checkpointing is enabled) and PEFT (when wrapping a checkpointed model) hook every input
+    # embedding, the vision tower's patch embedding included, to make its output require grad — needed only by
+    # reentrant checkpointing, and it makes a frozen tower record its whole graph (activations kept, or recomputed
+    # under checkpointing) for nothing. Our checkpointing is non-reentrant, so the hooks go. (Each call replaces
+    # the model's list of hooks, so they are removed after every call that adds them.)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
     for name, param in model.named_parameters():
         group = family.group_of(name)
-        param.requires_grad_(_is_trainable(name, modes[group], plan.uses_lora, family))
+        if group is None:
+            raise ValueError(f"{family.name}: parameter '{name}' belongs to no module group")
+        trainable = _is_trainable(name, modes[group], uses_lora, family)
+        if trainable and lora_later and not uses_lora:
+            trainable = _saved_with_adapter(name, group, family)
+        param.requires_grad_(trainable)
         counts = plan.trainable if param.requires_grad else plan.frozen
-        counts[group] = counts.get(group, 0) + param.numel()
+        counts[group] = counts.get(group, 0) + full_numel(param)
     if not plan.trainable:
         raise UserError("tuning.groups leaves no parameter trainable")
     # A group asked to train that trains nothing (LoRA targets that match no module in it, a `full` group
@@ -72,7 +110,7 @@ def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSect
     idle = [f"{g} ({m})" for g, m in modes.items() if m != "frozen" and not plan.trainable.get(g)]
     if idle:
         raise UserError(f"tuning.groups: {', '.join(idle)} would train no parameter; check tuning.lora.targets")
-    return model, plan
+    return plan
 
 
 def _is_trainable(name: str, mode: str, uses_lora: bool, family: ModelFamily) -> bool:
@@ -92,13 +130,29 @@ def _is_trainable(name: str, mode: str, uses_lora: bool, family: ModelFamily) ->
     return ".modules_to_save." in name
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away (then its local tensor is empty)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def _full_ndim(param: torch.Tensor) -> int:
+    shape = getattr(param, "ds_shape", None)
+    return len(shape) if shape is not None else param.ndim
+
+
+def _saved_with_adapter(name: str, group: str, family: ModelFamily) -> bool:
+    # PEFT matches modules_to_save names against the end of module paths; a bare parameter of a parent module
+    # (LLaVA's image_newline) is under none of them and cannot be saved beside an adapter.
+    return any(f".{module}." in f".{name}" for module in family.modules_to_save.get(group, ()))
+
+
 def optimizer_groups(model: torch.nn.Module, family: ModelFamily, lr_for, weight_decay: float) -> list[dict]:
     """AdamW parameter groups: one per (module group, decay or not), each with its group's learning rate.
     Biases, norms and other 1-D parameters get no weight decay (the usual transformer recipe)."""
     buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            buckets.setdefault((family.group_of(name), param.ndim >= 2), []).append(param)
+            buckets.setdefault((family.group_of(name), _full_ndim(param) >= 2), []).append(param)
     return [
         {"params": params, "lr": lr_for(group), "weight_decay": weight_decay if decays else 0.0,
          "name": f"{group}{'' if decays else '.no_decay'}"}

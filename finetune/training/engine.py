@@ -1,0 +1,71 @@
+"""The Accelerate side of a run: building the Accelerator (DDP, DeepSpeed, FSDP as launched) and checks that
+only make sense across processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, gather_object
+
+from finetune.config import Recipe
+from finetune.errors import UserError
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def make_accelerator(recipe: Recipe, project_dir: str) -> Accelerator:
+    """An Accelerator for however the job was launched (`accelerate launch --config_file recipes/accelerate/...`).
+
+    Under DeepSpeed the recipe stays the one source of truth: gradient accumulation and clipping come from it
+    (the checked-in DeepSpeed configs say "auto" for both)."""
+    deepspeed_plugin = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if not torch.cuda.is_available():
+            # Without a GPU, Accelerate drops DeepSpeed (or its gathers fail) unless the process state is
+            # created for CPU before the Accelerator (gloo backend).
+            PartialState(cpu=True)
+        deepspeed_plugin = DeepSpeedPlugin(gradient_accumulation_steps=recipe.train.grad_accum,
+                                           gradient_clipping=recipe.optim.max_grad_norm or 0.0)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        mixed_precision=MIXED_PRECISION[recipe.train.precision],
+        log_with=recipe.tracking.report_to or None,
+        project_dir=project_dir,
+        step_scheduler_with_optimizer=False,  # we step the schedule once per optimizer step, not per process
+        # Never-used parameters are always frozen (ModelFamily.never_used_parameters), so DDP need not search
+        # the graph for unused ones every step.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        deepspeed_plugin=deepspeed_plugin,
+    )
+    # Accelerate falls back to plain data parallel without a word when an engine cannot run (FSDP on CPUs):
+    # a run launched with an engine's config must run under that engine or stop.
+    for engine in ("DEEPSPEED", "FSDP"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and \
+                accelerator.distributed_type.name != engine:
+            raise UserError(f"launched with {engine} but Accelerate runs {accelerator.distributed_type.name} "
+                            f"(Accelerate runs FSDP on GPUs / accelerators only; on CPUs use a DeepSpeed config)")
+    return accelerator
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """DeepSpeed's ZeRO stage, or None when DeepSpeed is not in use."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.name == "DEEPSPEED" else None
+    return plugin.zero_stage if plugin else None
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+
+
+def replica_digests(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
+    """One sha256 per rank over the trainable weights (data-parallel replicas must end bit-identical)."""
+    digest = hashlib.sha256()
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return gather_object([digest.hexdigest()])
