@@ -203,10 +203,15 @@ class Recipe(Section):
 
 
 def data_paths(recipe: Recipe) -> dict[str, Path]:
-    """The local data files a recipe names (the ones that can be checked for existence)."""
+    """The data sources a recipe names, by key path (splits, and each stage's own data)."""
     paths = {}
     for split in ("train", "val", "test"):
         value = getattr(recipe.data, split)
         if value is not None:
             paths[f"data.{split}"] = Path(value)
+    for i, stage in enumerate(recipe.stages or []):
+        if stage.data is not None and stage.data.train is not None:
+            paths[f"stages.{i}.data.train"] = Path(stage.data.train)
+        for j, part in enumerate(stage.data.mix or [] if stage.data else []):
+            paths[f"stages.{i}.data.mix.{j}.source"] = Path(part.source)
     return paths

@@ -113,9 +113,14 @@ def check_family_groups(recipe: Recipe, *, source: str = "<recipe>", lines: dict
                                   f"group(s) {', '.join(without)}")
     for i, stage in enumerate(recipe.stages or []):
         for key, message in stage_problems(stage, groups, recipe.optim.lr):
-            full_key = f"stages.{i}.{key}" if not key.startswith("(") else f"stages.{i}.lr"
-            shown = full_key if not key.startswith("(") else f"stages.{i} {key}"
-            raise RecipeError(f"{_where(source, lines, full_key)}: {shown}: {message}")
+            if key == "(optim.lr)":  # the stage has no lr of its own: the gap is in optim.lr
+                raise RecipeError(f"{_where(source, lines, 'optim.lr')}: optim.lr (used by stages.{i}, which has no "
+                                  f"lr): {message}")
+            raise RecipeError(f"{_where(source, lines, f'stages.{i}.{key}')}: stages.{i}.{key}: {message}")
+    shares = sum(stage.fraction or 0 for stage in recipe.stages or [])
+    if shares > 1 + 1e-9:
+        raise RecipeError(f"{_where(source, lines, 'stages')}: stages: the fractions of the train budget add up to "
+                          f"{shares:g} (> 1)")
 
 
 def check_recipe_files(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
@@ -168,6 +173,10 @@ def _apply_override(raw: dict, override: str, source: Path) -> None:
                                   f"(entries 0-{len(node) - 1})")
             node = node[int(part)]
             continue
+        if node.get(part) is None and parts[i + 1].isdigit():
+            raise RecipeError(f"{source}: override {key}: '{'.'.join(parts[: i + 1])}' is not set in the recipe, so "
+                              f"it has no entry {parts[i + 1]} (a `schedule:` preset expands when the run starts: "
+                              f"copy the expanded stages from a run's recipe.yaml to change them)")
         if part not in node or node[part] is None:
             # Overriding one entry of a defaulted mapping (tuning.groups.llm=full) keeps the other defaults.
             default = _default_at(parts[: i + 1])

@@ -139,16 +139,67 @@ def test_paper_schedule_mississippi_follows_the_checkpoint_size(tmp_path, preset
 
 def test_stage_budgets():
     train = TrainSection(max_steps=100, grad_accum=2)
-    def steps(**budget):
-        return stage_steps(StageSection(name="s", groups={"llm": "full"}, **budget), train,
-                           stage_batches_per_epoch=30, main_batches_per_epoch=50)
-    assert steps(max_steps=7) == 7
-    assert steps(epochs=2) == 30  # 2 × 30 micro-batches / 2 accumulation
-    assert steps(fraction=0.25) == 25
-    assert steps() == 100
+
+    def steps(*budgets, index=0, train=train):
+        stages = [StageSection(name=f"s{i}", groups={"llm": "full"}, **b) for i, b in enumerate(budgets)]
+        return stage_steps(stages, index, train, stage_batches_per_epoch=30, main_batches_per_epoch=50)
+
+    assert steps({"max_steps": 7}) == 7
+    assert steps({"epochs": 2}) == 30  # 2 × 30 micro-batches / 2 accumulation
+    assert steps({"fraction": 0.25}) == 25
+    assert steps({}) == 100
     by_epochs = TrainSection(epochs=1.5, grad_accum=2)
-    assert stage_steps(StageSection(name="s", groups={"llm": "full"}, fraction=0.5), by_epochs,
-                       stage_batches_per_epoch=30, main_batches_per_epoch=50) == 19  # round(0.5 × ceil(37.5))
+    assert steps({"fraction": 0.5}, train=by_epochs) == 19  # 0.5 × ceil(1.5 × 50 / 2) = 0.5 × 38
+    # Consecutive shares add up to exactly the budget (independent rounding would give 1 + 2 + 3 = 6 of 5).
+    paper = [{"fraction": 0.1}, {"fraction": 0.3}, {"fraction": 0.6}]
+    for total, expected in ((5, [1, 1, 3]), (10, [1, 3, 6]), (800, [80, 240, 480])):
+        got = [steps(*paper, index=i, train=TrainSection(max_steps=total)) for i in range(3)]
+        assert got == expected and sum(got) == total
+
+
+def test_fractions_above_the_budget_are_an_error(staged_file):
+    with pytest.raises(RecipeError, match=r"stages: the fractions of the train budget add up to 1\.2 \(> 1\)"):
+        load_recipe(staged_file, ["stages.1.fraction=1.0"])
+
+
+def test_optim_lr_may_name_groups_a_stage_keeps_frozen(staged_file):
+    """One per-group optim.lr for every stage: a stage takes the rates of the groups it trains."""
+    rates = "optim.lr={vision: 2.0e-5, projector: 1.0e-4, llm: 3.0e-4}"
+    recipe = load_recipe(staged_file, [rates, "stages.0.lr=null", "stages.1.lr=null"])
+    align, tune = resolve_stages(recipe, get_family("mississippi"))
+    assert align.lr == {"projector": 1e-4} and tune.lr == {"vision": 2e-5, "projector": 1e-4, "llm": 3e-4}
+    plain = load_recipe(staged_file, [rates, "stages=null", "tuning.groups={vision: frozen, projector: full, llm: lora}"])
+    assert resolve_stages(plain, get_family("mississippi"))[0].lr == {"projector": 1e-4, "llm": 3e-4}
+    with pytest.raises(RecipeError, match=r"staged\.yaml \(override optim\.lr=.*\): optim\.lr \(used by stages\.1, "
+                                          r"which has no lr\): no learning rate for trainable group\(s\) vision"):
+        load_recipe(staged_file, ["optim.lr={projector: 1.0e-4, llm: 3.0e-4}", "stages.1.lr=null"])
+
+
+def test_stage_data_files_are_checked_at_load_time(staged_file, tmp_path):
+    with pytest.raises(RecipeError, match=r"stages\.1\.data\.mix\.1\.source: file not found: .*nope\.jsonl"):
+        load_recipe(staged_file, [f"stages.1.data={{mix: [{{source: {staged_file.parent / 'train.jsonl'}, weight: 1}},"
+                                  f" {{source: {tmp_path / 'nope.jsonl'}, weight: 1}}]}}"])
+
+
+def test_preset_stages_cannot_be_overridden_by_index(staged_file):
+    with pytest.raises(RecipeError, match=r"override stages\.1\.max_steps: 'stages' is not set in the recipe"):
+        load_recipe(staged_file, ["stages=null", "schedule=paper", "stages.1.max_steps=5"])
+
+
+def test_lora_targets_of_a_later_stage_are_checked_before_the_first(tiny_mississippi, simple_docs, tmp_path,
+                                                                   fresh_accelerate_state):
+    from finetune.errors import UserError
+    from finetune.training.runner import FineTuneRecipe
+
+    stages = ("[{name: a, groups: {vision: frozen, projector: full, llm: frozen}, max_steps: 1},"
+              " {name: b, groups: {vision: lora, projector: frozen, llm: frozen}, max_steps: 1}]")
+    recipe = load_recipe("quickstart", [f"model.path={tiny_mississippi}", f"data.train={simple_docs['train']}",
+                                        f"data.val={simple_docs['val']}", "data.test=null", "tuning.groups=null",
+                                        f"stages={stages}", "tuning.lora.targets={vision: [qkv]}",
+                                        f"output.dir={tmp_path / 'run'}"])
+    job = FineTuneRecipe(recipe)
+    with pytest.raises(UserError, match=r"tuning\.lora\.targets\.vision: \['qkv'\] match no module of group 'vision'"):
+        job.setup()
 
 
 def test_mixture_sampler_draws_by_weight_without_early_repeats():

@@ -110,36 +110,74 @@ TWO_STAGES = ("[{name: align, groups: {vision: frozen, projector: full, llm: fro
               " {name: tune, groups: {vision: lora, projector: full, llm: lora}, lr: 1.0e-2, max_steps: 4}]")
 
 
-def test_resume_in_the_middle_of_stage_two_equals_an_uninterrupted_run(tiny_mississippi, simple_docs, tmp_path):
+@pytest.mark.parametrize("resume_at, state", [
+    ("step_000004", {"global_step": 4, "stage": 1, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}),
+    # The end of stage 1: the adapters do not exist yet in this checkpoint; the resumed run creates them.
+    ("step_000002", {"global_step": 2, "stage": 0, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}),
+])
+def test_resume_in_stage_two_equals_an_uninterrupted_run(tiny_mississippi, simple_docs, tmp_path, resume_at, state):
     """Stage 2 adds LoRA (with dropout) on the vision tower and the LLM: the resumed run must rebuild the adapters,
     the stage's optimizer and schedule, and the data position, and end bit-identical."""
     overrides = {"stages": TWO_STAGES, "tuning.lora.dropout": 0.1, "train.checkpoint_every": 2,
-                 "train.keep_checkpoints": 5, "train.batch_size": 3, "train.grad_accum": 2}
+                 "train.keep_checkpoints": 5, "train.batch_size": 3, "train.grad_accum": 2,
+                 "optim.scheduler": "cosine", "optim.warmup_steps": 1}
     full = tmp_path / "full"
     run_train(base_args(tiny_mississippi, simple_docs, full, **overrides))
-    state = json.loads((full / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
-    assert state == {"global_step": 4, "stage": 1, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}
+    assert json.loads((full / "checkpoints" / resume_at / "trainer_state.json").read_text()) == state
 
     resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "step_000006", "train_log.jsonl"))
+    later = [p.name for p in (full / "checkpoints").iterdir() if p.name > resume_at]
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "train_log.jsonl", *later))
     result = run_train(base_args(tiny_mississippi, simple_docs, resumed, **overrides,
                                  **{"output.if_exists": "resume"}))
-    assert "at step 4: stage 2 'tune' step 2/4" in result.stdout
+    stage, step = state["stage"] + 1, state["stage_step"]
+    assert f"at step {state['global_step']}: stage {stage} '{['align', 'tune'][stage - 1]}' step {step}/" in result.stdout
     a = load_file(full / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(".vision_tower." in k and "lora_B" in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # The projector trained fully in stage 1 (before the adapters existed) is saved beside the adapter.
-    assert any("multi_modal_projector" in k for k in a)
+
+
+def test_weights_trained_before_the_adapters_exist_are_saved_with_them(tiny_mississippi, simple_docs, tmp_path,
+                                                                      fresh_accelerate_state):
+    """Stage 1 trains the projector fully (no PEFT yet); stage 2 adds LLM LoRA and freezes the projector: the
+    saved adapter must carry stage 1's projector, not the base checkpoint's."""
+    from finetune.recipe import load_recipe
+    from finetune.training.runner import FineTuneRecipe
+
+    stages = ("[{name: projector, groups: {vision: frozen, projector: full, llm: frozen}, lr: 1.0e-2, max_steps: 3},"
+              " {name: lora, groups: {vision: frozen, projector: frozen, llm: lora}, lr: 1.0e-2, max_steps: 2}]")
+    job = FineTuneRecipe(load_recipe("quickstart", base_args(tiny_mississippi, simple_docs, tmp_path / "run",
+                                                             stages=stages)[1:]))
+    job.setup()
+    after_stage_1 = {}
+
+    def keep_projector(job, index):
+        if index == 0:
+            model = job.accelerator.unwrap_model(job.model)
+            after_stage_1.update({n.removeprefix("model.multi_modal_projector."): p.detach().clone()
+                                  for n, p in model.named_parameters() if "multi_modal_projector" in n})
+
+    job.train(on_stage_end=keep_projector)
+    saved = load_file(job.save_final() / "adapter_model.safetensors")
+    base = job.family.load_model(str(tiny_mississippi)).state_dict()
+    projector = {k.split("multi_modal_projector.")[1]: v for k, v in saved.items() if "multi_modal_projector" in k}
+    assert projector.keys() == after_stage_1.keys()
+    for name, value in projector.items():
+        assert torch.equal(value, after_stage_1[name]), name
+        assert not torch.equal(value, base[f"model.multi_modal_projector.{name}"]), name
 
 
 def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_docs, tmp_path):
-    """The same 2-stage recipe on 2 processes: DDP, ZeRO-2 and ZeRO-3 (weights really partitioned: persistence
-    threshold 0) log the same losses and end with the same adapter."""
+    """The same 2-stage recipe on 2 processes with gradient accumulation and warmup + cosine: DDP, ZeRO-2 and ZeRO-3
+    (weights really partitioned: persistence threshold 0) log the same losses and learning rates and end with the
+    same adapter; under ZeRO a run resumed in the middle of stage 2 ends where the uninterrupted one did."""
     overrides = {"stages": TWO_STAGES.replace("lora, projector: full, llm: lora}, lr: 1.0e-2",
                                               "frozen, projector: full, llm: lora}, lr: 1.0e-2"),
-                 "tuning.lora.dropout": 0.0, "eval.after_training": True}
+                 "tuning.lora.dropout": 0.0, "eval.after_training": True, "train.grad_accum": 2,
+                 "train.batch_size": 1, "optim.scheduler": "cosine", "optim.warmup_steps": 1,
+                 "train.checkpoint_every": 2, "train.keep_checkpoints": 5}
     zero3_json = json.loads((REPO / "recipes" / "accelerate" / "ds_zero3.json").read_text())
     zero3_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(zero3_json))
@@ -149,16 +187,30 @@ def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_doc
         "zero3": {"accelerate_config": "zero3.yaml",
                   "extra_launch_args": ("--deepspeed_config_file", str(tmp_path / "zero3.json"))},
     }
-    losses, adapters = {}, {}
+    logs, adapters = {}, {}
     for name, launch in runs.items():
         out = tmp_path / name
         result = run_train(base_args(tiny_mississippi, simple_docs, out, **overrides), processes=2, **launch)
         assert "stage 2/2 'tune'" in result.stdout
-        losses[name] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        logs[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         adapters[name] = load_file(out / "final" / "adapter_model.safetensors")
         assert json.loads((out / "metrics.json").read_text())["after"]["num_samples"] == 8
+        if name == "ddp":
+            continue
+        resumed = tmp_path / f"{name}-resumed"
+        shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final", "step_000006", "metrics.json"))
+        result = run_train(base_args(tiny_mississippi, simple_docs, resumed, **overrides,
+                                     **{"output.if_exists": "resume"}), processes=2, **launch)
+        assert "at step 4: stage 2 'tune' step 2/4" in result.stdout
+        again = load_file(resumed / "final" / "adapter_model.safetensors")
+        for key, value in adapters[name].items():
+            torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6)
+    assert len(logs["ddp"]) == 6
     for name in ("zero2", "zero3"):
-        assert losses[name] == pytest.approx(losses["ddp"], rel=1e-5), name
+        assert [r["loss"] for r in logs[name]] == pytest.approx([r["loss"] for r in logs["ddp"]], rel=1e-5), name
+        for mine, ddp in zip(logs[name], logs["ddp"]):
+            assert {k: v for k, v in mine.items() if k.startswith("lr/")} == pytest.approx(
+                {k: v for k, v in ddp.items() if k.startswith("lr/")}), name
         assert adapters[name].keys() == adapters["ddp"].keys()
         for key, value in adapters["ddp"].items():
             torch.testing.assert_close(adapters[name][key], value, rtol=1e-3, atol=1e-3)

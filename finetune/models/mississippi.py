@@ -84,7 +84,8 @@ class MississippiFamily(ModelFamily):
         # 0.8B: pre-training step 1 trains the MLP alone on ~3% of the data, step 2 the MLP and the LLM jointly,
         # then the OCR / structured-extraction fine-tune (ViT frozen as in InternVL's fine-tune; unconfirmed in
         # the paper). Steps 2 and 3 train the same groups, each with a fresh optimizer and warmup + cosine;
-        # step 2 is where general data can be mixed in (`stages[1].data.mix`) to limit forgetting.
+        # step 2 is where general data can be mixed in to limit forgetting (copy the stages from a run's recipe.yaml
+        # into the recipe and give stage 2 a `data.mix`).
         return [
             {"name": "projector", "groups": {"vision": "frozen", "projector": "full", "llm": "frozen"}, "lr": 2e-4,
              "fraction": 0.1, "warmup_ratio": 0.03},

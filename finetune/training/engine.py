@@ -9,7 +9,8 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, gather_object
+from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, GradientAccumulationPlugin,
+                               gather_object)
 
 from finetune.config import Recipe
 from finetune.errors import UserError
@@ -31,7 +32,10 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Accelerator:
         deepspeed_plugin = DeepSpeedPlugin(gradient_accumulation_steps=recipe.train.grad_accum,
                                            gradient_clipping=recipe.optim.max_grad_norm or 0.0)
     accelerator = Accelerator(
-        gradient_accumulation_steps=recipe.train.grad_accum,
+        # An optimizer step is always grad_accum micro-batches, also across epoch ends (our data stream runs on
+        # over them), so the end of the loader must not force a sync.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=recipe.train.grad_accum,
+                                                                sync_with_dataloader=False),
         mixed_precision=MIXED_PRECISION[recipe.train.precision],
         log_with=recipe.tracking.report_to or None,
         project_dir=project_dir,

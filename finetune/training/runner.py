@@ -18,7 +18,6 @@ count, so long and short answers weigh the same whatever the batching.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from finetune.config import Recipe
+from finetune.errors import UserError
 from finetune.evaluation import evaluate, write_eval
 from finetune.models import get_family
 from finetune.training import stages as staging
@@ -41,6 +41,7 @@ from finetune.training.run_folder import flatten, load_metrics, prepare_run_dir,
 from finetune.training.train_data import TrainData
 from finetune.training.tuning import (
     TuningPlan,
+    check_lora_targets,
     enable_gradient_checkpointing,
     inject_lora,
     optimizer_groups,
@@ -80,6 +81,8 @@ class FineTuneRecipe:
         self.train_samples, self.eval_samples = self.data.train_samples, self.data.eval_samples
         for report in self.data.reports:
             self._info(f"data {report.summary()}")
+        for warning in self.data.warnings:
+            self._info(f"warning: {warning}")
         if self.accelerator.is_main_process:
             self.data.write_report(self.run_dir)
         record_recipe(r, self.run_dir, resumed=resume_from is not None,
@@ -90,6 +93,7 @@ class FineTuneRecipe:
         model.config.use_cache = False
         if r.tuning.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        check_lora_targets(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, 0))
         self.model = model
         self.accelerator.register_save_state_pre_hook(self._keep_trained_weights_only)
         if r.tracking.report_to:
@@ -126,17 +130,26 @@ class FineTuneRecipe:
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, self.family, lambda group: stage.lr[group], r.optim.weight_decay),
             betas=r.optim.betas, eps=r.optim.eps)
-        self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, self.data.loader(index))
-        self.batches_per_epoch = len(self.train_loader)  # per process, after Accelerate sharded the batches
-        # data.train's batches per process and epoch (what `fraction` and budget-less stages count in), as
-        # Accelerate shards them: every process gets ceil(batches / processes).
+        loader = self.data.loader(index)
+        # Batches per process and epoch as Accelerate will shard them (every process gets ceil(batches /
+        # processes)), known before `prepare` because the schedule must be prepared in the same call as the
+        # model: only then does DeepSpeed's checkpoint carry it.
+        self.batches_per_epoch = math.ceil(len(loader) / acc.num_processes)
         main_batches = math.ceil(math.ceil(len(self.train_samples) / r.train.batch_size) / acc.num_processes)
-        self.stage_total = staging.stage_steps(stage, r.train, stage_batches_per_epoch=self.batches_per_epoch,
+        self.stage_total = staging.stage_steps(self.stages, index, r.train,
+                                               stage_batches_per_epoch=self.batches_per_epoch,
                                                main_batches_per_epoch=main_batches)
         warmup = staging.warmup_steps(stage, r.optim.warmup_ratio, r.optim.warmup_steps, self.stage_total)
+        if warmup >= self.stage_total > 1:
+            raise UserError(f"stages.{index} ({stage.name}): warmup of {warmup} steps does not end before the "
+                            f"stage's {self.stage_total} steps; lower warmup_steps or use warmup_ratio")
         scheduler = get_scheduler(r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
-                                  self.optimizer, num_warmup_steps=warmup, num_training_steps=self.stage_total)
-        self.scheduler = acc.prepare(scheduler)
+                                  optimizer, num_warmup_steps=warmup, num_training_steps=self.stage_total)
+        self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(model, optimizer, loader,
+                                                                                     scheduler)
+        if len(self.train_loader) != self.batches_per_epoch:
+            raise RuntimeError(f"Accelerate sharded {len(loader)} batches into {len(self.train_loader)} per "
+                               f"process, expected {self.batches_per_epoch}")
         self.entered_stage = index
 
         epochs = self.stage_total * r.train.grad_accum / self.batches_per_epoch
@@ -208,10 +221,11 @@ class FineTuneRecipe:
             label_tokens = sum((b["labels"] != -100).sum() for b in micro)
             global_label_tokens = acc.gather(label_tokens.reshape(1).to(acc.device)).sum()
             step_loss = torch.zeros((), device=acc.device)
-            for i, batch in enumerate(micro):
+            for batch in micro:
                 batch.pop("index")
-                sync = i == len(micro) - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                # Accelerate counts the micro-batches: the G-th syncs gradients across processes (DDP: no_sync
+                # before it) and is the only one after which DeepSpeed's engine steps.
+                with acc.accumulate(self.model):
                     out = self.model(**batch, num_items_in_batch=global_label_tokens)
                     # ×G cancels Accelerate's (or DeepSpeed's) division by the accumulation steps; ×processes
                     # cancels the gradient averaging across ranks: together the gradient is that of
@@ -308,7 +322,10 @@ class FineTuneRecipe:
         """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
         self.state = TrainerState.load(checkpoint)
         self._enter_stage(self.state.stage)
-        self.accelerator.load_state(str(checkpoint), strict=False)
+        # Non-strict: our checkpoints hold only the weights that trained (checked just after); DeepSpeed's own
+        # checkpoints hold every weight and take their strictness flag under another name.
+        strict = {"load_module_strict": False} if zero_stage(self.accelerator) is not None else {"strict": False}
+        self.accelerator.load_state(str(checkpoint), **strict)
         self._check_checkpoint_weights(checkpoint)
         stage = self.stages[self.state.stage]
         self._info(f"resumed from {checkpoint} at step {self.state.global_step}: stage {self.state.stage + 1} "

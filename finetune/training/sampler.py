@@ -38,8 +38,10 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
     """Weighted draws from several sources concatenated into one dataset (a stage's `data.mix`).
 
     Each of the epoch's draws picks a source with probability ∝ its weight, then the next sample of that source's
-    own shuffled order (cycling when a small source is drawn more often than it has samples), so a source is
-    repeated only once it is exhausted. Seeded with `seed + epoch` like the plain sampler; with `group_by_length`
+    own shuffled order (cycling when a small source is drawn more often than it has samples), so within an epoch
+    a sample repeats only once its source is exhausted. Each epoch shuffles anew: when an epoch draws fewer
+    samples of a source than it holds, which ones varies from epoch to epoch (all are seen over several epochs,
+    not necessarily equally often). Seeded with `seed + epoch` like the plain sampler; with `group_by_length`
     the drawn samples are ordered in length-sorted mega-batches the way transformers' sampler does.
     """
 

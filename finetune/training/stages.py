@@ -47,16 +47,17 @@ def stage_problems(stage: StageSection, family_groups: tuple[str, ...] | list[st
     trainable = [g for g, mode in stage.groups.items() if mode != "frozen"]
     if not trainable:
         problems.append(("groups", "every group is frozen: the stage would train nothing"))
-    lr = stage.lr if stage.lr is not None else default_lr
-    where = "lr" if stage.lr is not None else "(optim.lr)"
-    if isinstance(lr, dict):
-        for group in lr:
+    if isinstance(stage.lr, dict):  # a stage's own rates name exactly what it trains
+        for group in stage.lr:
             if group not in stage.groups:
                 problems.append((f"lr.{group}", f"no group '{group}' in this stage"))
             elif stage.groups[group] == "frozen":
                 problems.append((f"lr.{group}", f"group '{group}' is frozen in this stage"))
+    lr = stage.lr if stage.lr is not None else default_lr
+    if isinstance(lr, dict):  # optim.lr may also name groups this stage keeps frozen
         without = [g for g in trainable if g not in lr]
         if without:
+            where = "lr" if stage.lr is not None else "(optim.lr)"
             problems.append((where, f"no learning rate for trainable group(s) {', '.join(without)}"))
     return problems
 
@@ -77,6 +78,9 @@ def resolve_stages(recipe: Recipe, family: ModelFamily) -> list[StageSection]:
             raise UserError(f"stages.{i}.{key} ({stage.name}): {message}")
         lr = stage.lr if stage.lr is not None else recipe.optim.lr
         stage.lr = {g: (lr[g] if isinstance(lr, dict) else lr) for g, m in stage.groups.items() if m != "frozen"}
+    shares = sum(stage.fraction or 0 for stage in stages)
+    if shares > 1 + 1e-9:
+        raise UserError(f"stages: the fractions of the train budget add up to {shares:g} (> 1)")
     both = sorted(set(full_groups(stages)) & {g for s in stages for g, m in s.groups.items() if m == "lora"})
     if both:
         raise UserError(f"stages: group(s) {', '.join(both)} are lora in one stage and full in another; "
@@ -99,18 +103,26 @@ def first_lora_stage(stages: list[StageSection]) -> int | None:
     return next((i for i, s in enumerate(stages) if "lora" in s.groups.values()), None)
 
 
-def stage_steps(stage: StageSection, train: TrainSection, *, stage_batches_per_epoch: int,
+def stage_steps(stages: list[StageSection], index: int, train: TrainSection, *, stage_batches_per_epoch: int,
                 main_batches_per_epoch: int) -> int:
-    """Optimizer steps of a stage. `epochs` count over the stage's own data; `fraction` is a share of the train
-    section's budget (max_steps, or epochs over data.train); no budget at all is the whole train budget."""
+    """Optimizer steps of stage `index`. `epochs` count over the stage's own data; `fraction` is a share of the
+    train section's budget (max_steps, or epochs over data.train), rounded so that consecutive shares add up to
+    exactly their part of the budget (0.1 / 0.3 / 0.6 of 5 steps: 1 / 1 / 3); no budget at all is the whole
+    train budget."""
+    stage = stages[index]
     if stage.max_steps:
         return stage.max_steps
     if stage.epochs:
         return max(1, math.ceil(stage.epochs * stage_batches_per_epoch / train.grad_accum))
     total = train.max_steps or max(1, math.ceil(train.epochs * main_batches_per_epoch / train.grad_accum))
     if stage.fraction:
-        return max(1, round(stage.fraction * total))
+        before = sum(s.fraction for s in stages[:index] if s.fraction)
+        return max(1, _round_half_up((before + stage.fraction) * total) - _round_half_up(before * total))
     return total
+
+
+def _round_half_up(value: float) -> int:
+    return math.floor(value + 0.5 + 1e-9)
 
 
 def warmup_steps(stage: StageSection, default_ratio: float, default_steps: int | None, steps: int) -> int:

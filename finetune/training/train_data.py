@@ -53,6 +53,10 @@ class TrainData:
         self.eval_samples = (self._samples(eval_source, recipe.eval.split, limit=recipe.eval.max_samples)
                              if eval_source is not None else [])
         self.stage_samples = [self._stage_samples(i, stage) for i, stage in enumerate(stages)]
+        self.warnings = [f"stages.{i} ({stage.name}) trains on {source}, the {recipe.eval.split} split: its "
+                         f"evaluations will overstate the model"
+                         for i, stage in enumerate(stages) for source in _stage_sources(stage)
+                         if eval_source is not None and str(source) == str(eval_source)]
 
     def _samples(self, source: str, split: str, limit: int | None = None) -> list[Sample]:
         key = f"{source}|{limit}"
@@ -104,3 +108,9 @@ class TrainData:
             # instead would shift dropout masks between a resumed and an uninterrupted run.
             generator=torch.Generator().manual_seed(seed),
             collate_fn=Collator(self.family, self.processor.tokenizer.pad_token_id, padding_side="right"))
+
+
+def _stage_sources(stage: StageSection) -> list[str]:
+    if stage.data is None:
+        return []
+    return [stage.data.train] if stage.data.train is not None else [m.source for m in stage.data.mix]

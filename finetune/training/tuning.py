@@ -8,6 +8,7 @@ LoRA run is saved beside the adapter through PEFT's `modules_to_save`.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -62,16 +63,32 @@ def check_groups(family: ModelFamily, modes: dict[str, str]) -> None:
                         f"({sorted(family.group_prefixes)}); missing {sorted(missing)}, unknown {sorted(unknown)}")
 
 
+def lora_targets(family: ModelFamily, lora: LoraSection, groups: list[str]) -> dict[str, list[str]]:
+    """Leaf-module targets per LoRA group (the recipe's, else the family's defaults)."""
+    targets = {g: list(lora.targets.get(g) or family.default_lora_targets.get(g, ())) for g in groups}
+    empty = [g for g, leaves in targets.items() if not leaves]
+    if empty:
+        raise UserError(f"tuning.lora.targets: group(s) {empty} are in lora mode but have no target modules")
+    return targets
+
+
+def check_lora_targets(model: torch.nn.Module, family: ModelFamily, lora: LoraSection, groups: list[str]) -> None:
+    """Every group that some stage puts in `lora` mode has modules its targets match — checked before the first
+    stage, not when a later stage creates the adapters after hours of training."""
+    names = [name for name, _ in model.named_modules()]
+    for group, leaves in lora_targets(family, lora, groups).items():
+        pattern = re.compile(family.lora_target_regex({group: leaves}))
+        if not any(pattern.match(name) for name in names):
+            raise UserError(f"tuning.lora.targets.{group}: {leaves} match no module of group '{group}'")
+
+
 def inject_lora(model: torch.nn.Module, family: ModelFamily, lora: LoraSection, lora_groups: list[str],
                 full_groups: list[str]) -> torch.nn.Module:
     """Wrap the model with one PEFT LoRA adapter on `lora_groups` (targets scoped to each group); `full_groups`
     become `modules_to_save`, PEFT's trainable copies saved beside the adapter (copied now, so weights trained
     fully before this point are the copies' starting values)."""
     family.assign_groups(model)  # fails loudly on a parameter that belongs to no group
-    targets = {g: list(lora.targets.get(g) or family.default_lora_targets.get(g, ())) for g in lora_groups}
-    empty = [g for g, leaves in targets.items() if not leaves]
-    if empty:
-        raise UserError(f"tuning.lora.targets: group(s) {empty} are in lora mode but have no target modules")
+    targets = lora_targets(family, lora, lora_groups)
     modules_to_save = [name for g in full_groups for name in family.modules_to_save.get(g, ())]
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
