@@ -14,6 +14,7 @@ from finetune.models import get_family
 from finetune.recipe import RecipeError, load_recipe
 from finetune.training.sampler import MixtureSampler
 from finetune.training.stages import resolve_stages, stage_steps
+from tests.conftest import write_recipe
 
 STAGED = """\
 model:
@@ -40,11 +41,7 @@ stages:
 
 @pytest.fixture
 def staged_file(tmp_path) -> Path:
-    train = tmp_path / "train.jsonl"
-    train.write_text("")
-    path = tmp_path / "staged.yaml"
-    path.write_text(STAGED.format(train=train))
-    return path
+    return write_recipe(tmp_path, "staged.yaml", STAGED)
 
 
 def test_explicit_stages_resolve_with_a_learning_rate_per_trainable_group(staged_file):
@@ -177,8 +174,9 @@ def test_optim_lr_may_name_groups_a_stage_keeps_frozen(staged_file):
 
 def test_stage_data_files_are_checked_at_load_time(staged_file, tmp_path):
     with pytest.raises(RecipeError, match=r"stages\.1\.data\.mix\.1\.source: file not found: .*nope\.jsonl"):
-        load_recipe(staged_file, [f"stages.1.data={{mix: [{{source: {staged_file.parent / 'train.jsonl'}, weight: 1}},"
-                                  f" {{source: {tmp_path / 'nope.jsonl'}, weight: 1}}]}}"])
+        mix = (f"stages.1.data={{mix: [{{source: {staged_file.parent / 'train.jsonl'}, weight: 1}},"
+               f" {{source: {tmp_path / 'nope.jsonl'}, weight: 1}}]}}")
+        load_recipe(staged_file, [mix])
 
 
 def test_preset_stages_cannot_be_overridden_by_index(staged_file):

@@ -9,8 +9,7 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, GradientAccumulationPlugin,
-                               gather_object)
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, GradientAccumulationPlugin, gather_object
 
 from finetune.config import Recipe
 from finetune.errors import UserError
