@@ -106,6 +106,10 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, gt=0)
 
 
+ScalarMetric = Literal["json_exact_match", "json_exact_match_strict", "json_exact_match_normalized", "field_f1",
+                       "ted_accuracy", "anls_star", "valid_json_rate", "schema_conformance_rate"]
+
+
 class EvalSection(Section):
     split: Literal["val", "test"] = "val"
     before_training: bool = True
@@ -113,6 +117,18 @@ class EvalSection(Section):
     batch_size: int = Field(8, gt=0)
     max_new_tokens: int = Field(512, gt=0)
     max_samples: int | None = Field(None, gt=0)
+    # Which exact-match mode is the headline `json_exact_match` (finetune/metrics.py documents both).
+    headline: Literal["strict", "normalized"] = "strict"
+    # Schema-constrained decoding (xgrammar): output is always parseable JSON of the skeleton's shape.
+    constrained: bool = False
+    # Longest string the constrained grammar allows; None: twice the longest string in the training targets (≥ 16).
+    max_string_length: int | None = Field(None, gt=0)
+    # Also evaluate every N optimizer steps (and at each stage's end) on the first `during_training_samples`
+    # samples of the split; the model scoring best on `best_metric` is saved to best/.
+    every_steps: int | None = Field(None, gt=0)
+    during_training_samples: int | None = Field(64, gt=0)
+    best_metric: ScalarMetric = "json_exact_match"
+    report: bool = True  # report.html beside the predictions
 
 
 class OutputSection(Section):

@@ -1,13 +1,15 @@
-"""Generated-JSON evaluation: batched greedy generation with left padding, JSON parsing, exact match.
+"""Generated-JSON evaluation: batched greedy generation with left padding, JSON parsing, scoring, report.
 
 Teacher-forced loss says little about whether the JSON a model writes is right, so evaluation always
-generates. Left padding, because a decoder-only model continues from the last position of each row.
+generates. Left padding, because a decoder-only model continues from the last position of each row. The metrics
+are in `finetune.metrics` (exact match strict / normalized, Donut's field F1 and nTED accuracy, ANLS*, per-field
+accuracy, valid-JSON and schema-conformance rates); `finetune.report` renders `report.html`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from finetune import metrics as scoring
 from finetune.data.dataset import Collator, DocumentDataset, Sample
+from finetune.metrics import json_exact_match  # noqa: F401  (the headline metric, importable from here too)
 from finetune.models.base import ModelFamily
 
 
@@ -27,34 +31,22 @@ def parse_json(text: str) -> tuple[Any, bool]:
         return None, False
 
 
-def json_exact_match(prediction: Any, gold: Any) -> bool:
-    """Equal as JSON values: key order ignored; types must agree (true is not 1, "1" is not 1), though 1 and
-    1.0 are the same JSON number. (v0: normalised variants come with the full metrics.)"""
-    if isinstance(gold, bool) or isinstance(prediction, bool):
-        return type(prediction) is type(gold) and prediction == gold
-    if isinstance(gold, (int, float)) and isinstance(prediction, (int, float)):
-        return prediction == gold
-    if type(prediction) is not type(gold):
-        return False
-    if isinstance(gold, dict):
-        return prediction.keys() == gold.keys() and all(json_exact_match(prediction[k], gold[k]) for k in gold)
-    if isinstance(gold, list):
-        return len(prediction) == len(gold) and all(json_exact_match(p, g) for p, g in zip(prediction, gold))
-    return prediction == gold
-
-
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]
-    predictions: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]  # one JSON-serialisable record per sample
+    images: list[list[Any]] = field(default_factory=list)  # image references per sample, for the report
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFamily, processor,
              instruction_text: str, accelerator: Accelerator, batch_size: int, max_new_tokens: int,
-             synced_ranks: bool = False) -> EvalResult:
+             synced_ranks: bool = False, constraint=None, skeleton: dict | None = None,
+             headline: str = "strict") -> EvalResult:
     """Generate for every sample (sharded across processes), gather on every process, and score. `synced_ranks`:
-    every rank keeps running forwards until all are done (needed when weights are sharded, ZeRO-3)."""
+    every rank keeps running forwards until all are done (needed when weights are sharded, ZeRO-3);
+    `constraint`: a `finetune.constrained.JsonConstraint` (schema-constrained decoding); `skeleton`: the prompt
+    skeleton, for the schema-conformance rate; `headline`: the exact-match mode reported as json_exact_match."""
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction_text,
                               with_answer=False)
     tokenizer = processor.tokenizer
@@ -66,16 +58,16 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
     # the duplicated samples are dropped after the gather.
     with accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as indices:
         rows = _generate(unwrapped, dataset, indices, collate, family, processor, accelerator, batch_size,
-                         max_new_tokens, synced_ranks)
+                         max_new_tokens, synced_ranks, constraint)
     if was_training:
         unwrapped.train()
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
     rows = sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"])
-    return score(samples, rows)
+    return score(samples, rows, skeleton=skeleton, headline=headline)
 
 
 def _generate(model, dataset, indices, collate, family, processor, accelerator, batch_size, max_new_tokens,
-              synced_ranks):
+              synced_ranks, constraint):
     tokenizer = processor.tokenizer
     rows = []
     for start in range(0, len(indices), batch_size):
@@ -86,7 +78,8 @@ def _generate(model, dataset, indices, collate, family, processor, accelerator, 
         with accelerator.autocast():
             output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                         eos_token_id=family.stop_token_ids(processor),
-                                        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_ranks)
+                                        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_ranks,
+                                        logits_processor=[constraint.logits_processor()] if constraint else None)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for i, text in zip(index.tolist(), texts):
@@ -94,26 +87,31 @@ def _generate(model, dataset, indices, collate, family, processor, accelerator, 
     return rows
 
 
-def score(samples: list[Sample], rows: list[dict[str, Any]]) -> EvalResult:
+def score(samples: list[Sample], rows: list[dict[str, Any]], *, skeleton: dict | None = None,
+          headline: str = "strict") -> EvalResult:
     """Metrics and per-sample records from generated texts (rows: {"index", "text"})."""
-    predictions, exact, valid = [], 0, 0
-    for row in rows:
-        sample = samples[row["index"]]
-        parsed, ok = parse_json(row["text"])
-        match = ok and json_exact_match(parsed, sample.target)
-        valid += ok
-        exact += match
-        predictions.append({"origin": sample.origin, "target": sample.target, "prediction": parsed,
-                            "text": row["text"], "valid_json": ok, "exact_match": match})
-    n = max(len(rows), 1)
-    metrics = {"json_exact_match": exact / n, "valid_json_rate": valid / n, "num_samples": len(rows)}
-    return EvalResult(metrics, predictions)
+    parsed = [parse_json(row["text"]) for row in rows]
+    chosen = [samples[row["index"]] for row in rows]
+    aggregate, per_sample = scoring.score([s.target for s in chosen], [obj if ok else None for obj, ok in parsed],
+                                          skeleton=skeleton, headline=headline)
+    records = []
+    for row, sample, (obj, ok), sample_scores in zip(rows, chosen, parsed, per_sample):
+        records.append({"index": row["index"], "origin": sample.origin, "target": sample.target, "prediction": obj,
+                        "text": row["text"], "valid_json": ok, **sample_scores})
+    return EvalResult(aggregate, records, images=[s.images for s in chosen])
 
 
-def write_eval(result: EvalResult, out_dir: Path, prefix: str = "") -> None:
-    """`{prefix}predictions.jsonl` and `{prefix}metrics.json` in `out_dir`."""
+def write_eval(result: EvalResult, out_dir: Path, prefix: str = "", *, report: bool = True,
+               title: str = "Evaluation report") -> None:
+    """`{prefix}predictions.jsonl`, `{prefix}metrics.json` and (with `report`) `{prefix}report.html`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{prefix}predictions.jsonl").open("w", encoding="utf-8") as handle:
-        for row in result.predictions:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out_dir / f"{prefix}metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+        for row, images in zip(result.predictions, result.images or [[]] * len(result.predictions)):
+            paths = [ref for ref in images if isinstance(ref, str)]  # dataset images (bytes) stay out of the file
+            handle.write(json.dumps({**row, **({"images": paths} if paths else {})}, ensure_ascii=False) + "\n")
+    (out_dir / f"{prefix}metrics.json").write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n")
+    if report:
+        from finetune.report import write_report
+
+        records = [{**row, "images": images} for row, images in zip(result.predictions, result.images)]
+        write_report(out_dir / f"{prefix}report.html", records, result.metrics, title=title)

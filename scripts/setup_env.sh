@@ -20,3 +20,10 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# The report test renders report.html in headless Chromium (Debian's package). CI runs as root and installs it;
+# elsewhere the test is skipped when no browser is found (install it with: apt-get install chromium).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing chromium (Debian package) for the report test"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

@@ -32,11 +32,11 @@ from transformers import get_scheduler
 
 from finetune.config import Recipe
 from finetune.errors import UserError
-from finetune.evaluation import evaluate, write_eval
 from finetune.models import get_family
 from finetune.training import stages as staging
 from finetune.training.checkpoint import TrainerState, prune_checkpoints
 from finetune.training.engine import is_sharded, make_accelerator, replica_digests, zero_stage
+from finetune.training.run_eval import EvaluationSteps
 from finetune.training.run_folder import flatten, load_metrics, prepare_run_dir, record_recipe, save_metrics
 from finetune.training.train_data import TrainData
 from finetune.training.tuning import (
@@ -51,7 +51,7 @@ from finetune.training.tuning import (
 log = logging.getLogger("finetune")
 
 
-class FineTuneRecipe:
+class FineTuneRecipe(EvaluationSteps):
     """One training job described by a :class:`~finetune.config.Recipe`."""
 
     def __init__(self, recipe: Recipe):
@@ -94,6 +94,8 @@ class FineTuneRecipe:
         if r.tuning.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         check_lora_targets(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, 0))
+        self.constraint = self._json_constraint(model) if r.eval.constrained else None
+        self.metrics, self.last_eval = load_metrics(self.run_dir), float("nan")
         self.model = model
         self.accelerator.register_save_state_pre_hook(self._keep_trained_weights_only)
         if r.tracking.report_to:
@@ -163,15 +165,15 @@ class FineTuneRecipe:
     # ------------------------------------------------------------------------------------------------- train
     def run(self) -> dict:
         """Evaluate the base model, train every stage, evaluate again, save; returns the metrics."""
-        metrics = load_metrics(self.run_dir)
+        metrics = self.metrics
         if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples:
             metrics["before"] = self.evaluate("before")
-            self._save_metrics(metrics)
-        self.train(metrics)
+            self._save_metrics()
+        self.train()
         self.save_final()
         if self.recipe.eval.after_training and self.eval_samples:
             metrics["after"] = self.evaluate("after")
-            self._save_metrics(metrics)
+            self._save_metrics()
         self.accelerator.end_training()
         self._info(self._summary(metrics))
         return metrics
@@ -181,14 +183,16 @@ class FineTuneRecipe:
             return f"{metrics[tag]['json_exact_match']:.1%}" if tag in metrics else "n/a"
 
         what = "adapter" if self.uses_lora else "model"
+        best = metrics.get("best")
+        best_text = (f"; best {best['metric']} {best['value']:.3f} at step {best['step']} in {self.run_dir / 'best'}"
+                     if best else "")
         return (f"done: JSON exact match on {self.recipe.eval.split} {em('before')} before -> {em('after')} after; "
-                f"{what} in {self.run_dir / 'final'}, metrics and predictions in {self.run_dir}")
+                f"{what} in {self.run_dir / 'final'}{best_text}, metrics and predictions in {self.run_dir}")
 
-    def train(self, metrics: dict | None = None, on_stage_end=None) -> None:
+    def train(self, on_stage_end=None) -> None:
         """Every stage in order from where the state says. A stage's end may evaluate (not the last stage's,
         which is the run's `after` evaluation); `on_stage_end(job, stage_index)` is called after each stage
         (tests use it to look at the weights between stages)."""
-        metrics = {} if metrics is None else metrics
         while True:
             index = self.state.stage
             if self.entered_stage != index:
@@ -200,9 +204,8 @@ class FineTuneRecipe:
             if index == len(self.stages) - 1:
                 break
             tag = f"stage{index + 1}-{stage.name}"
-            if stage.eval_at_end and self.eval_samples and tag not in metrics.get("stages", {}):
-                metrics.setdefault("stages", {})[tag] = self.evaluate(tag)
-                self._save_metrics(metrics)
+            if stage.eval_at_end and self.eval_samples and tag not in self.metrics.get("stages", {}):
+                self.metrics.setdefault("stages", {})[tag] = self._evaluate_during(tag)
             self.state.stage, self.state.stage_step, self.state.epoch, self.state.batches_in_epoch = index + 1, 0, 0, 0
         self._check_replicas_agree()
 
@@ -244,6 +247,10 @@ class FineTuneRecipe:
             loss = acc.reduce(step_loss, reduction="sum").item()  # per-rank partial sums → the global mean
             self._log_step(bar, loss, tokens_since * acc.num_processes / (time.perf_counter() - time_since))
             tokens_since, time_since = 0, time.perf_counter()
+            every = r.eval.every_steps
+            if every and self.eval_samples and self.state.global_step % every == 0:
+                self._evaluate_during(f"step{self.state.global_step}")
+                bar.set_postfix_str(f"{bar.postfix}, {r.eval.best_metric}={self.last_eval:.3f}")
             every = r.train.checkpoint_every
             if every and (self.state.global_step % every == 0 or self.state.stage_step == self.stage_total):
                 self.save_checkpoint()
@@ -347,27 +354,11 @@ class FineTuneRecipe:
             raise RuntimeError(f"{file}: checkpoint does not match the model: unknown {sorted(saved - names)[:3]}, "
                                f"missing {sorted(expected - saved)[:3]}")
 
-    # ------------------------------------------------------------------------------------------ eval / save
-    def evaluate(self, tag: str) -> dict:
-        """Generate on the eval split and score; writes `eval/{tag}_predictions.jsonl` / `_metrics.json`."""
-        e, acc = self.recipe.eval, self.accelerator
-        result = evaluate(self.model, self.eval_samples, family=self.family, processor=self.processor,
-                          instruction_text=self.instruction_text, accelerator=acc, batch_size=e.batch_size,
-                          max_new_tokens=e.max_new_tokens,
-                          # ZeRO-3 shards every weight: all ranks must run every forward until the last finishes.
-                          synced_ranks=zero_stage(acc) == 3 and acc.num_processes > 1)
-        if acc.is_main_process:
-            write_eval(result, self.run_dir / "eval", prefix=f"{tag}_")
-            if tag == "after":
-                write_eval(result, self.run_dir)  # the run folder's predictions.jsonl
-        acc.log({f"eval/{tag}/{k}": v for k, v in result.metrics.items()}, step=self.state.global_step)
-        self._info(f"eval {tag}: JSON exact match {result.metrics['json_exact_match']:.1%} "
-                   f"(valid JSON {result.metrics['valid_json_rate']:.1%}, n={result.metrics['num_samples']})")
-        return result.metrics
-
-    def save_final(self) -> Path:
-        """`final/`: the adapter (LoRA runs) or the whole model, with processor, tokenizer and chat template."""
-        out = self.run_dir / "final"
+    # ------------------------------------------------------------------------------------------------- save
+    def save_final(self, out: Path | None = None) -> Path:
+        """`final/` (or `out`): the adapter (LoRA runs) or the whole model, with processor, tokenizer, chat
+        template and prompt.json."""
+        out = out or self.run_dir / "final"
         state_dict = self.accelerator.get_state_dict(self.model)  # gathers sharded (ZeRO-3 / FSDP) weights
         if self.accelerator.is_main_process:
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -385,9 +376,9 @@ class FineTuneRecipe:
         self.accelerator.wait_for_everyone()
         return out
 
-    def _save_metrics(self, metrics: dict) -> None:
+    def _save_metrics(self) -> None:
         if self.accelerator.is_main_process:
-            save_metrics(self.run_dir, metrics)
+            save_metrics(self.run_dir, self.metrics)
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:

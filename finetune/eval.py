@@ -1,0 +1,140 @@
+"""Evaluate a base model, a LoRA adapter or a merged / fully trained model on a split or a JSONL file.
+
+    python -m finetune.eval --model runs/invoices/final --data test
+    python -m finetune.eval --model runs/invoices --data data/invoices/test.jsonl --constrained
+    python -m finetune.eval --model h2oai/h2ovl-mississippi-800m --family mississippi --data data/test.jsonl \\
+        --instruction "Extract the details from the invoice image and structure them into JSON format:"
+
+`--model` is a run folder (its `final/` and `recipe.yaml` are used), a saved model or adapter folder, or a Hub id
+/ local base checkpoint. The prompt comes from the model's `prompt.json` (what it was trained with), else from
+`--instruction` with the skeleton derived from the data. Writes `metrics.json`, `predictions.jsonl` and
+`report.html` to `--out` (default: `<model>/eval-<data name>`). The same through Python: `evaluate_model(...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+if __package__ in (None, ""):  # run as a file: import the package from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from finetune.errors import UserError
+
+DEFAULT_INSTRUCTION = "Extract the details from the document image and structure them into JSON format:"
+
+
+def _resolve(model: str, family: str | None, base: str | None, data: str) -> dict:
+    """Where the weights, base, family, prompt and data come from."""
+    from finetune.models import family_of_checkpoint
+
+    folder = Path(model)
+    recipe = None
+    if (folder / "recipe.yaml").is_file() and (folder / "final").is_dir():  # a run folder
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+        folder = folder / "final"
+    adapter = (folder / "adapter_config.json").is_file()
+    if adapter:
+        base = base or (recipe or {}).get("model", {}).get("path") or json.loads(
+            (folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{folder}: an adapter without a recorded base model; pass --base")
+    family = family or (recipe or {}).get("model", {}).get("family")
+    if family is None:
+        family = family_of_checkpoint(str(base if adapter and Path(str(base)).is_dir() else folder))
+    prompt = json.loads((folder / "prompt.json").read_text()) if (folder / "prompt.json").is_file() else None
+    if data in ("val", "test", "train"):
+        if recipe is None or not recipe["data"].get(data):
+            raise UserError(f"--data {data}: a split name needs a run folder whose recipe names it; give a file")
+        data = recipe["data"][data]
+    processor_options = (recipe or {}).get("model", {}).get("processor", {})
+    return {"weights": str(folder) if folder.exists() else model, "adapter": adapter, "base": base,
+            "family": family, "prompt": prompt, "data": data, "processor_options": processor_options}
+
+
+def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, family: str | None = None,
+                   base: str | None = None, instruction: str | None = None, constrained: bool = False,
+                   max_string_length: int | None = None, batch_size: int = 8, max_new_tokens: int = 512,
+                   headline: str = "strict", max_samples: int | None = None, report: bool = True) -> dict:
+    """Generate and score; returns the metrics and writes metrics.json, predictions.jsonl and report.html."""
+    from accelerate import Accelerator
+
+    from finetune.constrained import JsonConstraint, longest_string, output_vocab_size
+    from finetune.data.dataset import prepare_samples
+    from finetune.data.prompt import derive_skeleton, render_instruction
+    from finetune.data.sources import read_records
+    from finetune.evaluation import evaluate, write_eval
+    from finetune.models import get_family
+
+    where = _resolve(model, family, base, data)
+    fam = get_family(where["family"])
+    processor = fam.load_processor(where["weights"], **where["processor_options"])
+    if where["prompt"] and instruction is None:
+        instruction_text, skeleton = where["prompt"]["instruction"], where["prompt"]["skeleton"]
+    else:
+        skeleton = derive_skeleton(r.target for r in read_records(where["data"]) if isinstance(r.target, dict))
+        instruction_text = render_instruction(instruction or DEFAULT_INSTRUCTION, skeleton)
+    samples, report_ = prepare_samples(where["data"], split="eval", family=fam, processor=processor,
+                                       instruction_text=instruction_text, skeleton=skeleton, max_length=1 << 20,
+                                       limit=max_samples)
+    if not samples:
+        raise UserError(f"{where['data']}: no usable samples ({report_.summary()})")
+
+    if where["adapter"]:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(fam.load_model(where["base"]), where["weights"])
+    else:
+        net = fam.load_model(where["weights"])
+    accelerator = Accelerator()
+    net = accelerator.prepare(net.eval())
+    constraint = None
+    if constrained:
+        limit = max_string_length or max(16, 2 * longest_string(s.target for s in samples))
+        constraint = JsonConstraint(processor.tokenizer, vocab_size=output_vocab_size(accelerator.unwrap_model(net)),
+                                    stop_token_ids=fam.stop_token_ids(processor), skeleton=skeleton,
+                                    max_string_length=limit)
+    result = evaluate(net, samples, family=fam, processor=processor, instruction_text=instruction_text,
+                      accelerator=accelerator, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      constraint=constraint, skeleton=skeleton, headline=headline)
+    out = Path(out_dir) if out_dir else Path(where["weights"]) / f"eval-{Path(where['data']).stem}"
+    if accelerator.is_main_process:
+        write_eval(result, out, report=report, title=f"{model} on {where['data']}")
+    return result.metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="run folder, saved model / adapter folder, or base checkpoint")
+    parser.add_argument("--data", required=True, help="val / test (with a run folder) or a JSONL file / dataset")
+    parser.add_argument("--out", help="output folder (default: <model>/eval-<data name>)")
+    parser.add_argument("--family", help="model family (default: from the run's recipe or the checkpoint config)")
+    parser.add_argument("--base", help="base checkpoint of an adapter (default: the one it records)")
+    parser.add_argument("--instruction", help="prompt instruction when the model has no prompt.json")
+    parser.add_argument("--constrained", action="store_true", help="schema-constrained decoding (xgrammar)")
+    parser.add_argument("--max-string-length", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--headline", choices=["strict", "normalized"], default="strict")
+    parser.add_argument("--max-samples", type=int)
+    parser.add_argument("--no-report", action="store_true")
+    args = parser.parse_args(argv)
+    metrics = evaluate_model(args.model, args.data, out_dir=args.out, family=args.family, base=args.base,
+                             instruction=args.instruction, constrained=args.constrained,
+                             max_string_length=args.max_string_length, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, headline=args.headline,
+                             max_samples=args.max_samples, report=not args.no_report)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

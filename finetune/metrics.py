@@ -1,0 +1,353 @@
+"""Scores for generated JSON against gold JSON (image -> JSON extraction). Pure functions, no model code.
+
+Every scorer takes already-parsed JSON values; a prediction of ``None`` means "the text was not valid JSON".
+
+Exact match (:func:`json_exact_match`), key order always ignored:
+
+* ``strict``: equal JSON values. Types must agree (``true`` is not ``1``, ``"1"`` is not ``1``), but ``1 == 1.0``.
+  Strings are compared after trimming outer whitespace only. Lists are compared in order, with equal length.
+* ``normalized``: strings have runs of whitespace collapsed to one space and are trimmed. A string is numeric if,
+  after that, ``float()`` accepts it and the value is finite (so "nan"/"inf" stay strings; note ``float()`` also
+  accepts "1_000" and "1e3"). Numbers and numeric strings compare by value: ``"12.50" == 12.5 == "12.5"``.
+  ``null``, ``""`` (or whitespace only) and a missing key are alike: ``{"a": null, "b": 1} == {"b": 1}``; inside a
+  list, ``null`` and ``""`` are alike but still hold their position. An empty object ``{}`` or list ``[]`` is not
+  ``null``. Lists are compared in order. Booleans equal only booleans.
+* A ``None`` prediction never matches.
+
+Donut metrics (Kim et al., "OCR-free Document Understanding Transformer", ``JSONParseEvaluator`` in
+clovaai/donut ``donut/util.py``), reproduced with their quirks so numbers are comparable with published ones:
+
+* Normalisation: a falsy value (None, "", 0, 0.0, False, [], {}) becomes ``{}`` and is dropped from its parent, so a
+  gold ``0`` or ``false`` field does not exist for these metrics. Dict keys are sorted by ``(len(key), key)``. Every
+  kept value becomes a list (a nested dict becomes ``[dict]``). A list whose items are all dicts is normalised item
+  by item, dropping empty items. Any other list keeps ``str(item).strip()`` of its str/int/float items (``type()``
+  check, so booleans, nested lists and dicts in a mixed list are dropped) when non-empty after stripping. Any other
+  scalar becomes ``[str(value).strip()]`` (so ``True`` -> "True", ``1.0`` -> "1.0" which differs from ``1`` -> "1").
+* Flatten: (dotted key path, string) pairs; list items share their parent's path, without indices.
+* Field F1 (micro over a dataset): each predicted pair still present in the gold list is a TP and is removed from
+  it, otherwise an FP; leftover gold pairs are FNs. ``F1 = TP / (TP + (FP + FN) / 2)``. Donut divides by zero when
+  there are no fields at all; we return 0.0 for the dataset (1.0 for a single sample in :func:`score`).
+* Tree: root ``<root>``; dict keys are child nodes labelled with the key; a list of dicts gives one ``<subtree>``
+  child per item; a list of scalars gives one ``"<leaf>" + value`` node per item. A label is a leaf if it
+  *contains* "<leaf>" (Donut's substring test). Insert/remove cost = len(text without "<leaf>") for a leaf, else 1.
+  Update cost = Levenshtein distance between two leaves' texts, 1 + len(leaf text) between a leaf and a non-leaf,
+  otherwise 0 for equal labels, else 1.
+* nTED accuracy = ``max(0, 1 - TED(pred, gold) / TED({}, gold))``. Guard (ours, Donut divides by zero): when the
+  gold normalises to empty, the score is 1.0 if the prediction also normalises to empty, else 0.0.
+
+ANLS* (Peer et al., package ``anls_star``): ``anls_score(gold, pred)``. For dicts it averages over the union of keys;
+a missing or extra key scores 0 unless the gold value is None-like (None, "", [], {}). Strings are lowercased and
+whitespace-collapsed, numbers compared via ``str()`` (so 12.5 vs "12.50" is a partial match), per-leaf similarity
+below 0.5 counts 0, lists are matched order-free (Hungarian). Gold ``{}`` with prediction ``{}`` gives 1.0, gold
+``{}`` with a non-empty prediction gives 0.0. A ``None`` prediction is scored as ``{}``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import Any
+
+import zss
+from anls_star import anls_score
+from jsonschema import Draft202012Validator
+from rapidfuzz.distance import Levenshtein
+
+EXACT_MATCH_MODES = ("strict", "normalized")
+_WS = re.compile(r"\s+")
+_MISSING = object()  # normalised-mode stand-in for null / "" / missing key
+
+
+def _strict_equal(a: Any, b: Any) -> bool:
+    # bool is a subclass of int in Python, so check it first: True must not equal 1.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) or isinstance(b, (int, float)):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == b
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a.strip() == b.strip()
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (
+            isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+            and all(_strict_equal(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list) or isinstance(b, list):
+        return (
+            isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+            and all(_strict_equal(x, y) for x, y in zip(a, b))
+        )
+    return a is None and b is None
+
+
+def _normalize_loose(value: Any) -> Any:
+    """Canonical form for the ``normalized`` mode; tags keep "1" (number) apart from True (bool)."""
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("num", value)
+    if isinstance(value, str):
+        text = _WS.sub(" ", value).strip()
+        if not text:
+            return _MISSING
+        try:
+            number = float(text)
+        except ValueError:
+            return ("str", text)
+        return ("num", number) if math.isfinite(number) else ("str", text)
+    if isinstance(value, dict):
+        normed = {k: _normalize_loose(v) for k, v in value.items()}
+        return {k: v for k, v in normed.items() if v is not _MISSING}
+    if isinstance(value, list):
+        return [_normalize_loose(v) for v in value]
+    return ("other", value)
+
+
+def json_exact_match(prediction: Any, gold: Any, mode: str = "strict") -> bool:
+    """True if ``prediction`` equals ``gold`` under ``mode`` ("strict" or "normalized"); see the module docstring."""
+    if mode not in EXACT_MATCH_MODES:
+        raise ValueError(f"unknown exact-match mode {mode!r}; expected one of {EXACT_MATCH_MODES}")
+    if prediction is None:
+        return False
+    if mode == "strict":
+        return _strict_equal(prediction, gold)
+    return _normalize_loose(prediction) == _normalize_loose(gold)
+
+
+def donut_normalize(data: Any) -> Any:
+    """Donut's ``normalize_dict``: returns ``{}`` for falsy input, else a dict/list with list-wrapped values."""
+    if not data:
+        return {}
+    if isinstance(data, dict):
+        out: dict = {}
+        for key in sorted(data, key=lambda k: (len(k), k)):
+            value = donut_normalize(data[key])
+            if value:
+                out[key] = value if isinstance(value, list) else [value]
+        return out
+    if isinstance(data, list):
+        if all(isinstance(item, dict) for item in data):
+            return [normed for normed in (donut_normalize(item) for item in data) if normed]
+        # type() rather than isinstance(): Donut drops booleans from scalar lists.
+        return [str(item).strip() for item in data if type(item) in (str, int, float) and str(item).strip()]
+    return [str(data).strip()]
+
+
+def donut_flatten(data: Any) -> list[tuple[str, Any]]:
+    """(dotted path, value) pairs of a normalised object; list items share their parent's path."""
+    pairs: list[tuple[str, Any]] = []
+
+    def walk(value: Any, path: str) -> None:
+        if type(value) is dict:
+            for key, child in value.items():
+                walk(child, f"{path}.{key}" if path else key)
+        elif type(value) is list:
+            for item in value:
+                walk(item, path)
+        else:
+            pairs.append((path, value))
+
+    walk(data, "")
+    return pairs
+
+
+def _field_counts(prediction: Any, gold: Any) -> tuple[int, int, int]:
+    pred_pairs = donut_flatten(donut_normalize({} if prediction is None else prediction))
+    gold_pairs = donut_flatten(donut_normalize(gold))
+    tp = fp = 0
+    for pair in pred_pairs:
+        if pair in gold_pairs:
+            tp += 1
+            gold_pairs.remove(pair)  # a gold field can be matched once only
+        else:
+            fp += 1
+    return tp, fp, len(gold_pairs)
+
+
+def _f1(tp: int, fp: int, fn: int, empty: float) -> float:
+    return tp / (tp + (fp + fn) / 2) if tp + fp + fn else empty
+
+
+def field_prf(predictions: list, golds: list) -> dict:
+    """Donut's micro-averaged field precision/recall/F1 over a dataset, with the raw tp/fp/fn counts."""
+    _check_lengths(predictions, golds)
+    tp = fp = fn = 0
+    for prediction, gold in zip(predictions, golds):
+        t, p, n = _field_counts(prediction, gold)
+        tp, fp, fn = tp + t, fp + p, fn + n
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": _f1(tp, fp, fn, empty=0.0),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def _tree(data: Any, label: str = "<root>") -> zss.Node:
+    node = zss.Node(label)
+    if isinstance(data, dict):
+        for key, value in data.items():
+            node.addkid(_tree(value, key))
+    elif isinstance(data, list):
+        if all(isinstance(item, dict) for item in data):
+            for item in data:
+                node.addkid(_tree(item, "<subtree>"))
+        else:
+            for item in data:
+                node.addkid(zss.Node(f"<leaf>{item}"))
+    else:  # unreachable after donut_normalize, which only yields dicts and lists
+        raise TypeError(f"cannot build a tree from {data!r} at {label!r}")
+    return node
+
+
+def _insert_remove_cost(node: zss.Node) -> int:
+    label = node.label
+    return len(label.replace("<leaf>", "")) if "<leaf>" in label else 1
+
+
+def _update_cost(a: zss.Node, b: zss.Node) -> int:
+    a_leaf, b_leaf = "<leaf>" in a.label, "<leaf>" in b.label
+    if a_leaf and b_leaf:
+        return Levenshtein.distance(a.label.replace("<leaf>", ""), b.label.replace("<leaf>", ""))
+    if a_leaf or b_leaf:
+        leaf = a.label if a_leaf else b.label
+        return 1 + len(leaf.replace("<leaf>", ""))
+    return int(a.label != b.label)
+
+
+def _ted(a: zss.Node, b: zss.Node) -> float:
+    return zss.distance(
+        a, b, get_children=zss.Node.get_children, insert_cost=_insert_remove_cost,
+        remove_cost=_insert_remove_cost, update_cost=_update_cost,
+    )
+
+
+def ted_accuracy(prediction: Any, gold: Any) -> float:
+    """Donut's nTED accuracy, ``max(0, 1 - TED(pred, gold) / TED({}, gold))``; ``None`` prediction counts as {}."""
+    pred_norm = donut_normalize({} if prediction is None else prediction)
+    gold_norm = donut_normalize(gold)
+    if not gold_norm:  # TED({}, gold) would be 0: Donut divides by zero here
+        return 1.0 if not pred_norm else 0.0
+    gold_tree = _tree(gold_norm)
+    return max(0.0, 1.0 - _ted(_tree(pred_norm), gold_tree) / _ted(_tree(donut_normalize({})), gold_tree))
+
+
+def anls_star(prediction: Any, gold: Any) -> float:
+    """ANLS* via the ``anls_star`` package (1.0 best); a ``None`` prediction counts as {}."""
+    return float(anls_score(gold, {} if prediction is None else prediction))
+
+
+def _values_by_path(data: Any) -> dict[str, list]:
+    by_path: dict[str, list] = defaultdict(list)
+    for path, value in donut_flatten(donut_normalize(data)):
+        by_path[path].append(value)
+    return by_path
+
+
+def per_field_accuracy(predictions: list, golds: list) -> dict[str, float]:
+    """For each dotted path in the (Donut-normalised) golds: share of samples having it whose sorted values match."""
+    _check_lengths(predictions, golds)
+    seen: dict[str, int] = defaultdict(int)
+    right: dict[str, int] = defaultdict(int)
+    for prediction, gold in zip(predictions, golds):
+        pred_values = _values_by_path({} if prediction is None else prediction)
+        for path, values in _values_by_path(gold).items():
+            seen[path] += 1
+            right[path] += sorted(values) == sorted(pred_values.get(path, []))
+    return {path: right[path] / seen[path] for path in sorted(seen)}
+
+
+def schema_from_skeleton(skeleton: dict) -> dict:
+    """Draft 2020-12 JSON Schema from a prompt skeleton (all keys required, no extra keys, nullable leaves)."""
+    if not isinstance(skeleton, dict):
+        raise TypeError(f"skeleton must be a JSON object, got {type(skeleton).__name__}")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_schema_of(skeleton)}
+
+
+def _schema_of(node: Any) -> dict:
+    # bool before int/float: False is an int in Python but a boolean field in the skeleton.
+    if isinstance(node, bool):
+        return {"type": ["boolean", "null"]}
+    if isinstance(node, (int, float)):
+        return {"type": ["number", "null"]}
+    if node is None or isinstance(node, str):
+        return {"type": ["string", "null"]}
+    if isinstance(node, list):
+        # The skeleton shows at most one item; its shape describes every item. No item: anything goes.
+        return {"type": "array", "items": _schema_of(node[0]) if node else {}}
+    if isinstance(node, dict):
+        return {
+            "type": "object",
+            "properties": {key: _schema_of(value) for key, value in node.items()},
+            "required": list(node),
+            "additionalProperties": False,
+        }
+    raise TypeError(f"unsupported skeleton value {node!r}")
+
+
+def conforms(value: Any, schema: dict) -> bool:
+    """True if ``value`` is valid against ``schema`` (Draft 2020-12)."""
+    return Draft202012Validator(schema).is_valid(value)
+
+
+def _check_lengths(predictions: list, golds: list) -> None:
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def score(
+    golds: list, predictions: list, *, skeleton: dict | None = None, headline: str = "strict"
+) -> tuple[dict, list[dict]]:
+    """Aggregate metrics and per-sample scores; ``predictions`` are parsed objects or None (invalid JSON)."""
+    if headline not in EXACT_MATCH_MODES:
+        raise ValueError(f"unknown headline mode {headline!r}; expected one of {EXACT_MATCH_MODES}")
+    _check_lengths(predictions, golds)
+    # One validator for the whole set rather than one per sample.
+    validator = Draft202012Validator(schema_from_skeleton(skeleton)) if skeleton is not None else None
+    samples: list[dict] = []
+    for prediction, gold in zip(predictions, golds):
+        strict = json_exact_match(prediction, gold, "strict")
+        loose = json_exact_match(prediction, gold, "normalized")
+        sample = {
+            "exact_match": strict if headline == "strict" else loose,
+            "exact_match_strict": strict,
+            "exact_match_normalized": loose,
+            "field_f1": _f1(*_field_counts(prediction, gold), empty=1.0),
+            "ted_accuracy": ted_accuracy(prediction, gold),
+            "anls_star": anls_star(prediction, gold),
+            "valid_json": prediction is not None,
+        }
+        if validator is not None:
+            sample["schema_valid"] = prediction is not None and validator.is_valid(prediction)
+        samples.append(sample)
+
+    prf = field_prf(predictions, golds)
+
+    def rate(key: str) -> float:
+        return _mean([float(sample[key]) for sample in samples])
+
+    metrics = {
+        "json_exact_match": rate("exact_match"),
+        "json_exact_match_strict": rate("exact_match_strict"),
+        "json_exact_match_normalized": rate("exact_match_normalized"),
+        "headline": headline,
+        "field_precision": prf["precision"],
+        "field_recall": prf["recall"],
+        "field_f1": prf["f1"],
+        "ted_accuracy": rate("ted_accuracy"),
+        "anls_star": rate("anls_star"),
+        "valid_json_rate": rate("valid_json"),
+        "num_samples": len(samples),
+        "per_field_accuracy": per_field_accuracy(predictions, golds),
+    }
+    if validator is not None:
+        metrics["schema_conformance_rate"] = rate("schema_valid")
+    return metrics, samples

@@ -1,0 +1,104 @@
+"""Evaluation end to end: the eval CLI on base models, adapters and run folders; schema-constrained decoding; and
+evaluation during training choosing the best model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.eval import evaluate_model, main
+from finetune.metrics import conforms, schema_from_skeleton
+
+
+def test_constrained_decoding_makes_a_random_model_write_valid_json(tiny_mississippi, simple_docs, tmp_path):
+    """A randomly initialised model almost never writes JSON; with the grammar every answer parses and has the
+    skeleton's shape."""
+    common = {"family": "mississippi", "instruction": "Extract the number and total:", "max_new_tokens": 96,
+                  "batch_size": 4, "report": False}
+    free = evaluate_model(str(tiny_mississippi), str(simple_docs["test"]), out_dir=tmp_path / "free", **common)
+    bound = evaluate_model(str(tiny_mississippi), str(simple_docs["test"]), out_dir=tmp_path / "bound",
+                           constrained=True, max_string_length=8, **common)
+    assert free["valid_json_rate"] < 0.5
+    assert bound["valid_json_rate"] == 1.0 and bound["schema_conformance_rate"] == 1.0
+    schema = schema_from_skeleton({"number": "", "total": ""})
+    rows = [json.loads(line) for line in (tmp_path / "bound" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(conforms(row["prediction"], schema) for row in rows)
+    assert all(len(row["prediction"]["number"] or "") <= 8 for row in rows)  # the decoding bound held
+
+
+def test_eval_cli_on_a_run_folder_and_on_its_adapter(tiny_llava, simple_docs, tmp_path, fresh_accelerate_state,
+                                                     capsys):
+    from finetune.recipe import load_recipe
+    from finetune.training.runner import FineTuneRecipe
+
+    run = tmp_path / "run"
+    overrides = ["model.family=llava_onevision", f"model.path={tiny_llava}", f"data.train={simple_docs['train']}",
+                 f"data.val={simple_docs['val']}", f"data.test={simple_docs['test']}", f"output.dir={run}",
+                 "tuning.groups={vision: frozen, projector: frozen, llm: lora}", "train.max_steps=2",
+                 "eval.before_training=false", "eval.after_training=false", "eval.max_new_tokens=8"]
+    job = FineTuneRecipe(load_recipe("quickstart", overrides))
+    job.setup()
+    job.train()
+    job.save_final()
+
+    metrics = main(["--model", str(run), "--data", "test", "--max-new-tokens", "8", "--out", str(tmp_path / "e1")])
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{"):])  # the CLI prints the scalar metrics as JSON
+    assert printed["num_samples"] == metrics["num_samples"] == 4 and "per_field_accuracy" not in printed
+    for name in ("metrics.json", "predictions.jsonl", "report.html"):
+        assert (tmp_path / "e1" / name).is_file(), name
+    saved = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    for key in ("json_exact_match", "field_f1", "ted_accuracy", "anls_star", "valid_json_rate",
+                "schema_conformance_rate", "per_field_accuracy"):
+        assert key in saved, key
+    # The adapter folder alone: base from adapter_config.json, family from the base's config, prompt.json used.
+    again = evaluate_model(str(run / "final"), str(simple_docs["test"]), out_dir=tmp_path / "e2", max_new_tokens=8,
+                           report=False)
+    first = [json.loads(x)["text"] for x in (tmp_path / "e1" / "predictions.jsonl").read_text().splitlines()]
+    second = [json.loads(x)["text"] for x in (tmp_path / "e2" / "predictions.jsonl").read_text().splitlines()]
+    assert first == second and again["num_samples"] == 4
+
+
+def test_split_name_needs_a_run_folder(tiny_mississippi):
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match="a split name needs a run folder"):
+        evaluate_model(str(tiny_mississippi), "val", family="mississippi")
+
+
+@pytest.mark.slow
+def test_evaluation_during_training_keeps_the_best_model(tiny_mississippi, simple_docs, tmp_path):
+    from tests.conftest import run_train
+
+    out = tmp_path / "run"
+    args = ["recipe=quickstart", f"model.path={tiny_mississippi}", f"data.train={simple_docs['train']}",
+            f"data.val={simple_docs['val']}", "data.test=null", f"output.dir={out}", "train.max_steps=6",
+            "train.batch_size=4", "eval.every_steps=2", "eval.during_training_samples=3", "eval.max_new_tokens=24",
+            "eval.constrained=true", "eval.max_string_length=6", "eval.best_metric=valid_json_rate",
+            "tracking.report_to=[tensorboard]", "eval.before_training=false"]
+    result = run_train(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [d["step"] for d in metrics["during"]] == [2, 4, 6]
+    assert all(d["num_samples"] == 3 for d in metrics["during"])
+    best = metrics["best"]
+    assert best["metric"] == "valid_json_rate" and best["value"] == max(d["valid_json_rate"] for d in metrics["during"])
+    assert best["step"] == min(d["step"] for d in metrics["during"] if d["valid_json_rate"] == best["value"])
+    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "prompt.json").is_file()
+    assert "best valid_json_rate" in result.stdout and (out / "report.html").is_file()
+    assert list(out.glob("**/events.out.tfevents.*")), "tensorboard logged nothing"
+
+
+@pytest.mark.slow
+def test_bench_eval_script_runs(tmp_path):
+    """Smoke test: the benchmark prints its table (its numbers are in BENCHMARKS.md, not asserted here)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_eval.py"), "--samples", "2",
+                             "--max-new-tokens", "4", "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| batch | constrained |" in result.stdout and result.stdout.count("\n| ") >= 5

@@ -1,0 +1,288 @@
+"""Hand-worked cases for finetune.metrics; each expected number is derived in a comment."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.metrics import (
+    anls_star,
+    conforms,
+    donut_flatten,
+    donut_normalize,
+    field_prf,
+    json_exact_match,
+    per_field_accuracy,
+    schema_from_skeleton,
+    score,
+    ted_accuracy,
+)
+
+BOTH = ("strict", "normalized")
+
+
+# --------------------------------------------------------------------------- exact match
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_key_order_is_ignored(mode):
+    assert json_exact_match({"b": 2, "a": {"y": 1, "x": 2}}, {"a": {"x": 2, "y": 1}, "b": 2}, mode)
+
+
+def test_whitespace():
+    # strict trims the outside only; normalized also collapses inner runs (newline, tabs, double spaces).
+    assert json_exact_match({"n": "  Hans Müller\n"}, {"n": "Hans Müller"}, "strict")
+    assert not json_exact_match({"n": "Hans  Müller"}, {"n": "Hans Müller"}, "strict")
+    assert json_exact_match({"n": "Hans \t\n Müller"}, {"n": "Hans Müller"}, "normalized")
+    assert not json_exact_match({"n": "HansMüller"}, {"n": "Hans Müller"}, "normalized")
+
+
+def test_numbers_and_numeric_strings():
+    assert json_exact_match({"t": 1}, {"t": 1.0}, "strict")  # same value, int vs float is fine
+    assert not json_exact_match({"t": "12.50"}, {"t": 12.5}, "strict")  # string vs number
+    assert not json_exact_match({"t": "1"}, {"t": 1}, "strict")
+    assert json_exact_match({"t": "12.50"}, {"t": 12.5}, "normalized")
+    assert json_exact_match({"t": " 12.5 "}, {"t": "12.50"}, "normalized")
+    assert not json_exact_match({"t": "12.51"}, {"t": 12.5}, "normalized")
+    # "inf"/"nan" are not numeric: they stay strings, so "inf" != "Infinity" although float() equates them.
+    assert not json_exact_match({"t": "inf"}, {"t": "Infinity"}, "normalized")
+    assert json_exact_match({"t": "nan"}, {"t": "nan"}, "normalized")
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_nested_objects(mode):
+    gold = {"a": {"b": [1, {"c": "x", "d": None}]}}
+    assert json_exact_match({"a": {"b": [1, {"d": None, "c": "x"}]}}, gold, mode)
+    assert not json_exact_match({"a": {"b": [1, {"c": "y", "d": None}]}}, gold, mode)
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_lists_keep_order_and_length(mode):
+    assert json_exact_match({"l": ["x", "y"]}, {"l": ["x", "y"]}, mode)
+    assert not json_exact_match({"l": ["y", "x"]}, {"l": ["x", "y"]}, mode)
+    assert not json_exact_match({"l": ["x", "y", "z"]}, {"l": ["x", "y"]}, mode)
+    assert not json_exact_match({"l": ["x"]}, {"l": ["x", "y"]}, mode)
+
+
+def test_missing_and_extra_keys():
+    gold = {"a": 1, "b": "x"}
+    for mode in BOTH:
+        assert not json_exact_match({"a": 1}, gold, mode)  # missing key with a value
+        assert not json_exact_match({"a": 1, "b": "x", "c": 2}, gold, mode)  # extra key with a value
+    # Only normalized treats a missing key like null.
+    assert not json_exact_match({"a": 1, "b": "x", "c": None}, gold, "strict")
+    assert json_exact_match({"a": 1, "b": "x", "c": None}, gold, "normalized")
+
+
+def test_null_empty_string_and_missing_key():
+    assert not json_exact_match({"a": None}, {"a": ""}, "strict")
+    assert json_exact_match({"a": None}, {"a": None}, "strict")
+    plain, with_null, with_empty = {"b": 1}, {"a": None, "b": 1}, {"a": "", "b": 1}
+    assert json_exact_match(with_null, plain, "normalized")
+    assert json_exact_match(plain, with_empty, "normalized")
+    assert json_exact_match(with_empty, with_null, "normalized")
+    assert json_exact_match({"a": "   ", "b": 1}, plain, "normalized")  # whitespace collapses to ""
+    # In a list null and "" are alike but keep their slot; {} is not null.
+    assert json_exact_match({"l": [None, "a"]}, {"l": ["", "a"]}, "normalized")
+    assert not json_exact_match({"l": [None]}, {"l": []}, "normalized")
+    assert not json_exact_match({"a": {}, "b": 1}, plain, "normalized")
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_unicode(mode):
+    assert json_exact_match({"n": "Müller", "c": "東京"}, {"c": "東京", "n": "Müller"}, mode)
+    assert not json_exact_match({"n": "Muller"}, {"n": "Müller"}, mode)
+    # Decomposed u + combining diaeresis is left as is: it does not equal the precomposed ü.
+    assert not json_exact_match({"n": "Mu\u0308ller"}, {"n": "M\u00fcller"}, mode)
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_bool_is_not_int(mode):
+    assert json_exact_match({"p": True}, {"p": True}, mode)
+    assert not json_exact_match({"p": True}, {"p": 1}, mode)
+    assert not json_exact_match({"p": False}, {"p": 0}, mode)
+    assert not json_exact_match({"p": "true"}, {"p": True}, mode)
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_unparseable_prediction_never_matches(mode):
+    assert not json_exact_match(None, {}, mode)
+    assert not json_exact_match(None, None, mode)
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError):
+        json_exact_match({}, {}, "fuzzy")
+
+
+# --------------------------------------------------------------------------- Donut normalisation and F1
+
+
+def test_donut_normalisation_quirks():
+    data = {"bb": [1, True, " ", 2.5, [3]], "a": 0, "c": False, "dd": {"x": ""}, "e": " v ", "f": {"g": 1.0}}
+    # a=0, c=False are falsy -> dropped; dd's only child is "" -> {} -> dropped; bool, " " and [3] leave the
+    # scalar list; nested dict f becomes a one-item list; 1.0 stays "1.0"; keys sorted by (len, key).
+    assert donut_normalize(data) == {"e": ["v"], "f": [{"g": ["1.0"]}], "bb": ["1", "2.5"]}
+    assert list(donut_normalize(data)) == ["e", "f", "bb"]
+    assert donut_flatten(donut_normalize(data)) == [("e", "v"), ("f.g", "1.0"), ("bb", "1"), ("bb", "2.5")]
+
+
+def test_field_prf_two_samples():
+    golds = [
+        {"name": "Müller", "total": "12.50"},
+        {"city": "東京", "items": [{"n": "a"}, {"n": "b"}]},
+    ]
+    predictions = [
+        {"total": "12.5", "name": "Müller"},  # name TP; "12.5" != "12.50" (string match) -> 1 FP + 1 FN
+        {"city": "東京", "items": [{"n": "b"}]},  # city TP, items.n=b TP, items.n=a missed -> 1 FN
+    ]
+    # tp=3, fp=1, fn=2: precision 3/4, recall 3/5, F1 = 3 / (3 + 3/2) = 2/3.
+    result = field_prf(predictions, golds)
+    assert (result["tp"], result["fp"], result["fn"]) == (3, 1, 2)
+    assert result["precision"] == pytest.approx(0.75)
+    assert result["recall"] == pytest.approx(0.6)
+    assert result["f1"] == pytest.approx(2 / 3)
+
+
+def test_field_prf_without_fields_and_with_unparseable():
+    assert field_prf([None], [{}])["f1"] == 0.0  # no fields at all: guarded, not a ZeroDivisionError
+    result = field_prf([None], [{"a": "x", "b": "y"}])  # None counts as {}: both gold fields missed
+    assert (result["tp"], result["fp"], result["fn"], result["f1"]) == (0, 0, 2, 0.0)
+
+
+# --------------------------------------------------------------------------- nTED
+
+
+def test_ted_one_character_typo():
+    # Gold tree <root> -> a -> <leaf>abcd costs 1 (node a) + 4 (leaf text) to build from an empty root.
+    # The typo d->e is one leaf update of Levenshtein distance 1: accuracy = 1 - 1/5.
+    assert ted_accuracy({"a": "abce"}, {"a": "abcd"}) == pytest.approx(0.8)
+
+
+def test_ted_empty_perfect_and_unparseable():
+    gold = {"a": "abcd", "b": [{"c": "x"}]}
+    assert ted_accuracy({}, gold) == 0.0  # TED equals the normaliser itself
+    assert ted_accuracy(None, gold) == 0.0
+    assert ted_accuracy({"b": [{"c": "x"}], "a": "abcd"}, gold) == 1.0
+
+
+def test_ted_scalar_list_order_matters():
+    # Gold <root> -> a -> (<leaf>x, <leaf>y) costs 1 + 1 + 1 = 3. Swapped leaves need two 1-char edits: 1 - 2/3.
+    assert ted_accuracy({"a": ["y", "x"]}, {"a": ["x", "y"]}) == pytest.approx(1 / 3)
+
+
+def test_ted_empty_gold_guard():
+    assert ted_accuracy({}, {"a": ""}) == 1.0  # both normalise to empty
+    assert ted_accuracy({"a": "x"}, {}) == 0.0
+
+
+# --------------------------------------------------------------------------- ANLS*
+
+
+def test_anls_star():
+    assert anls_star({"a": "abcd"}, {"a": "abcd"}) == 1.0
+    # One edit over 4 characters: 1 - 1/4 = 0.75.
+    typo = anls_star({"a": "abce"}, {"a": "abcd"})
+    assert 0.5 < typo < 1.0
+    assert typo == pytest.approx(0.75)
+    assert anls_star(None, {"a": "x"}) == 0.0
+    assert anls_star({}, {}) == 1.0
+
+
+# --------------------------------------------------------------------------- per-field accuracy
+
+
+def test_per_field_accuracy():
+    golds = [{"name": "A", "items": [{"n": "x"}, {"n": "y"}]}, {"name": "B"}]
+    predictions = [{"name": "A", "items": [{"n": "y"}, {"n": "x"}]}, {"name": "C"}]
+    # name: right in sample 1 only -> 1/2. items.n: only in gold 1, same values once sorted -> 1/1.
+    assert per_field_accuracy(predictions, golds) == {"items.n": 1.0, "name": 0.5}
+    assert per_field_accuracy([None], [{"name": "A"}]) == {"name": 0.0}
+
+
+# --------------------------------------------------------------------------- schema
+
+
+SKELETON = {"name": "", "total": 0, "paid": False, "items": [{"n": "", "q": 0}], "tags": [], "addr": {"city": ""}}
+
+
+def test_schema_from_skeleton_shape():
+    schema = schema_from_skeleton(SKELETON)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["type"] == "object" and schema["additionalProperties"] is False
+    assert schema["required"] == list(SKELETON)
+    props = schema["properties"]
+    assert props["name"] == {"type": ["string", "null"]}
+    assert props["total"] == {"type": ["number", "null"]}
+    assert props["paid"] == {"type": ["boolean", "null"]}
+    assert props["items"]["items"]["required"] == ["n", "q"]
+    assert props["tags"] == {"type": "array", "items": {}}
+
+
+def test_conforms():
+    schema = schema_from_skeleton(SKELETON)
+    good = {
+        "name": None, "total": 3, "paid": True, "items": [{"n": "a", "q": 1.5}], "tags": [1, "x"],
+        "addr": {"city": "東京"},
+    }
+    assert conforms(good, schema)
+    assert conforms({**good, "total": None, "items": []}, schema)
+    assert not conforms({k: v for k, v in good.items() if k != "name"}, schema)  # missing required key
+    assert not conforms({**good, "extra": 1}, schema)  # additionalProperties false
+    assert not conforms({**good, "total": "3"}, schema)  # string for number
+    assert not conforms({**good, "total": True}, schema)  # boolean is not a number
+    assert not conforms({**good, "items": [{"n": "a"}]}, schema)  # nested required
+    assert not conforms({**good, "addr": {"city": "x", "zip": "1"}}, schema)  # nested extra key
+    assert not conforms(None, schema)
+
+
+# --------------------------------------------------------------------------- score()
+
+
+def test_score_aggregates():
+    golds = [{"a": "1", "b": "x"}, {"a": "2"}, {"a": "3"}]
+    predictions = [{"b": "x", "a": "1"}, {"a": 2}, None]
+    metrics, samples = score(golds, predictions, skeleton={"a": "", "b": ""})
+    # Sample 1 matches both ways; sample 2 only normalized ("2" vs 2); sample 3 is unparseable.
+    assert [s["exact_match_strict"] for s in samples] == [True, False, False]
+    assert [s["exact_match_normalized"] for s in samples] == [True, True, False]
+    assert metrics["json_exact_match"] == pytest.approx(1 / 3)
+    assert metrics["json_exact_match_strict"] == pytest.approx(1 / 3)
+    assert metrics["json_exact_match_normalized"] == pytest.approx(2 / 3)
+    assert metrics["headline"] == "strict"
+    # Fields: 2 + 1 TP (Donut compares str(2) == "2"), 0 FP, 1 FN -> P 1, R 3/4, F1 3 / 3.5 = 6/7.
+    assert metrics["field_precision"] == 1.0
+    assert metrics["field_recall"] == pytest.approx(0.75)
+    assert metrics["field_f1"] == pytest.approx(6 / 7)
+    assert [s["field_f1"] for s in samples] == [1.0, 1.0, 0.0]
+    assert metrics["ted_accuracy"] == pytest.approx(2 / 3)  # 1, 1, 0
+    assert metrics["anls_star"] == pytest.approx(2 / 3)  # 1, 1 (str(2) == "2"), 0
+    assert metrics["valid_json_rate"] == pytest.approx(2 / 3)
+    # Sample 2 misses required "b" and has a number for a string: only sample 1 conforms.
+    assert [s["schema_valid"] for s in samples] == [True, False, False]
+    assert metrics["schema_conformance_rate"] == pytest.approx(1 / 3)
+    assert metrics["num_samples"] == 3
+    assert metrics["per_field_accuracy"] == {"a": pytest.approx(2 / 3), "b": 1.0}
+
+
+def test_score_headline_and_without_skeleton():
+    metrics, samples = score([{"a": "2"}], [{"a": 2}], headline="normalized")
+    assert metrics["headline"] == "normalized" and metrics["json_exact_match"] == 1.0
+    assert samples[0]["exact_match"] is True
+    assert "schema_conformance_rate" not in metrics and "schema_valid" not in samples[0]
+    # Both sides without fields: the sample's own F1 is 1.0, the dataset F1 is 0.0 (no fields at all).
+    metrics, samples = score([{}], [{}])
+    assert samples[0]["field_f1"] == 1.0 and metrics["field_f1"] == 0.0
+    with pytest.raises(ValueError):
+        score([{}], [{}], headline="fuzzy")
+    with pytest.raises(ValueError):
+        score([{}], [])
+
+
+def test_score_empty_input():
+    metrics, samples = score([], [], skeleton={"a": ""})
+    assert samples == []
+    assert metrics["num_samples"] == 0
+    for key in ("json_exact_match", "field_f1", "ted_accuracy", "anls_star", "valid_json_rate",
+                "schema_conformance_rate"):
+        assert metrics[key] == 0.0
+    assert metrics["per_field_accuracy"] == {}

@@ -1,0 +1,173 @@
+"""HTML evaluation report: self-contained, escaped, failures first, diff classes; renders in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw, ImageStat
+
+from finetune.report import write_report
+
+BROWSER_TIMEOUT_S = 60
+
+
+def _image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (800, 600)) -> str:
+    """A small synthetic 'document': coloured page with a few dark text-like bars (larger than a thumbnail)."""
+    image = Image.new("RGB", size, colour)
+    draw = ImageDraw.Draw(image)
+    for i in range(6):
+        draw.rectangle([40, 40 + 70 * i, 40 + 90 * (i + 2), 70 + 70 * i], fill=(30, 30, 40))
+    image.save(path)
+    return str(path)
+
+
+def _records(tmp_path: Path) -> list[dict]:
+    img = [_image(tmp_path / f"doc{i}.png", c) for i, c in enumerate(
+        [(250, 250, 240), (220, 235, 250), (250, 225, 225), (230, 250, 230), (245, 235, 210)])]
+    gold = {"number": "INV-1", "total": "10.00", "items": [{"name": "pen", "qty": 2}]}
+    return [
+        # 0: exact match
+        {"index": 0, "origin": "data/val.jsonl:1", "images": [img[0]], "target": gold, "prediction": gold,
+         "text": '{"number": "INV-1"}', "valid_json": True, "exact_match": True, "field_f1": 1.0,
+         "ted_accuracy": 1.0, "anls_star": 1.0, "schema_valid": True},
+        # 1: mismatch with a changed value, a missing key and an extra key
+        {"index": 1, "origin": "data/val.jsonl:2", "images": [img[1]], "target": gold,
+         "prediction": {"number": "INV-7", "items": [{"name": "pen", "qty": 2}], "bogus": "x"},
+         "text": "...", "valid_json": True, "exact_match": False, "field_f1": 0.4, "ted_accuracy": 0.5},
+        # 2: mismatch inside a list item (compared by position) plus an extra list item; image as {"bytes": ...}
+        {"index": 2, "origin": "data/val.jsonl:3", "images": [{"bytes": Path(img[2]).read_bytes(), "path": None}],
+         "target": gold, "prediction": {"number": "INV-1", "total": "10.00",
+                                        "items": [{"name": "pen", "qty": 3}, {"name": "cap", "qty": 1}]},
+         "text": "...", "valid_json": True, "exact_match": False, "field_f1": 0.8, "ted_accuracy": 0.9},
+        # 3: invalid JSON; the raw text itself needs escaping
+        {"index": 3, "origin": "data/val.jsonl:4", "images": [img[3]], "target": gold, "prediction": None,
+         "text": '{"number": "INV-1", <broken & cut', "valid_json": False, "exact_match": False, "field_f1": 0.0},
+        # 4: exact match with unicode and a script tag in a value
+        {"index": 4, "origin": "data/val.jsonl:5", "images": [img[4], img[0]],
+         "target": {"name": "Zoë Müller — 東京 €", "note": "<script>alert(1)</script>"},
+         "prediction": {"name": "Zoë Müller — 東京 €", "note": "<script>alert(1)</script>"},
+         "text": "...", "valid_json": True, "exact_match": True, "field_f1": 1.0},
+    ]
+
+
+METRICS = {"json_exact_match": 0.4, "valid_json_rate": 0.8, "field_f1": 0.64, "num_samples": 5,
+           "headline": "json_exact_match",
+           "per_field_accuracy": {"number": 0.8, "total": 0.6, "items.name": 1.0, "items.qty": 0.25}}
+
+
+def _cards(html: str) -> list[tuple[int, str]]:
+    """(data-index, card html) for each sample card, in page order."""
+    parts = re.split(r'(?=<article class="sample-card)', html)[1:]
+    return [(int(re.search(r'data-index="(\d+)"', p).group(1)), p) for p in parts]
+
+
+@pytest.fixture
+def report(tmp_path) -> tuple[Path, list[dict]]:
+    records = _records(tmp_path)
+    return write_report(tmp_path / "out" / "report.html", records, METRICS, title="Val <report>"), records
+
+
+def test_report_content(report):
+    path, records = report
+    html = path.read_text(encoding="utf-8")
+
+    # self-contained: no external references of any kind
+    assert "http://" not in html and "https://" not in html and 'src="/' not in html
+    assert "<link" not in html and "<script" not in html.replace("&lt;script", "")
+    assert '<meta charset="utf-8">' in html
+
+    # escaping: the script value and the title come out as text; unicode kept as is
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "Val &lt;report&gt;" in html
+    assert "Zoë Müller — 東京 €" in html
+
+    cards = _cards(html)
+    assert sorted(i for i, _ in cards) == [r["index"] for r in records]
+    order = [i for i, _ in cards]
+    # failures first (invalid JSON, then by field F1), then the exact matches
+    assert order[:3] == [3, 1, 2] and set(order[3:]) == {0, 4}
+    card = dict(cards)
+
+    # diffs: changed value, missing key, extra key; list items by position
+    assert re.search(r'class="diff-changed">&quot;number&quot;: &quot;INV-1&quot;', card[1])
+    assert re.search(r'class="diff-changed">&quot;number&quot;: &quot;INV-7&quot;', card[1])
+    assert re.search(r'class="diff-missing">&quot;total&quot;', card[1])
+    assert re.search(r'class="diff-extra">&quot;bogus&quot;', card[1])
+    assert re.search(r'class="diff-changed">&quot;qty&quot;: 3', card[2])
+    assert 'class="diff-extra">{' in card[2]  # the second predicted item has no gold counterpart
+    assert "diff-changed" not in card[2].split("&quot;items&quot;")[0]  # number/total equal: not marked
+    assert 'class="diff-invalid">{&quot;number&quot;: &quot;INV-1&quot;, &lt;broken &amp; cut' in card[3]
+    for i in (0, 4):
+        assert not re.search(r"class=\"diff-", card[i])
+    assert "mismatch" in card[1] and "invalid JSON" in card[3] and 'badge match' in card[0]
+
+    # thumbnails: embedded JPEGs, long side <= 360 px
+    assert html.count('src="data:image/jpeg;base64,') == 6
+    assert 'class="thumb-error"' not in html
+
+    # metrics: rates as percentages, per-field bars worst first, headline shown
+    assert "40.0%" in html and "80.0%" in html and "json_exact_match" in html
+    bars = re.findall(r'class="bar-name" title="([^"]+)"', html)
+    assert bars == ["items.qty", "total", "number", "items.name"]
+
+
+def test_thumbnail_size(tmp_path):
+    import base64
+    import io
+
+    from finetune.report import thumbnail_data_uri
+
+    uri = thumbnail_data_uri(_image(tmp_path / "big.png", (255, 255, 255), size=(1000, 1400)))
+    thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert thumb.format == "JPEG" and max(thumb.size) == 360 and thumb.size[0] < 360
+
+
+def _browser() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test, but no chromium / chromium-browser is on PATH")
+        pytest.skip("no chromium / chromium-browser on PATH")
+    return exe
+
+
+def _run_browser(exe: str, args: list[str], home: Path) -> subprocess.CompletedProcess:
+    """Run headless Chromium; fall back to --headless=new where plain --headless is refused."""
+    env = {**os.environ, "HOME": str(home)}  # Chromium writes its profile/crash dirs under HOME
+    base = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            f"--user-data-dir={home / 'profile'}", "--window-size=1200,1600"]
+    for headless in ("--headless", "--headless=new"):
+        result = subprocess.run([exe, headless, *base, *args], check=False, capture_output=True, text=True,
+                                env=env, timeout=BROWSER_TIMEOUT_S)
+        if result.returncode == 0:
+            return result
+    pytest.fail(f"chromium failed (rc {result.returncode}): {result.stderr[-2000:]}")
+
+
+@pytest.mark.slow
+def test_report_renders_in_chromium(report, tmp_path):
+    exe = _browser()
+    path, records = report
+    home = tmp_path / "home"
+    home.mkdir()
+    url = path.resolve().as_uri()
+
+    shot = tmp_path / "shot.png"
+    _run_browser(exe, [f"--screenshot={shot}", url], home)
+    assert shot.exists() and shot.stat().st_size > 0
+    with Image.open(shot) as image:
+        image = image.convert("RGB")
+        assert image.size[0] >= 1000
+        colours = image.getcolors(maxcolors=1 << 20)
+        stddev = sum(ImageStat.Stat(image).stddev) / 3
+        assert (colours is None or len(colours) > 50) or stddev > 10, "screenshot looks blank"
+        assert image.getextrema() != ((255, 255), (255, 255), (255, 255)), "screenshot is all white"
+
+    dom = _run_browser(exe, ["--dump-dom", url], home).stdout
+    assert len(re.findall(r'class="sample-card[ "]', dom)) == len(records)
+    assert len(set(re.findall(r'data-index="(\d+)"', dom))) == len(records)
