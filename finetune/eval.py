@@ -8,7 +8,8 @@
 `--model` is a run folder (its `final/` and `recipe.yaml` are used), a saved model or adapter folder, or a Hub id
 / local base checkpoint. The prompt comes from the model's `prompt.json` (what it was trained with), else from
 `--instruction` with the skeleton derived from the data. Writes `metrics.json`, `predictions.jsonl` and
-`report.html` to `--out` (default: `<model>/eval-<data name>`). The same through Python: `evaluate_model(...)`.
+`report.html` to `--out` (default: `eval-<data name>` inside the evaluated model folder, e.g. `runs/x/final/`).
+The same through Python: `evaluate_model(...)`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def _resolve(model: str, family: str | None, base: str | None, data: str) -> dic
     if (folder / "recipe.yaml").is_file() and (folder / "final").is_dir():  # a run folder
         recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
         folder = folder / "final"
+    elif (folder.parent / "recipe.yaml").is_file():  # final/ or best/ inside a run folder
+        recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
     adapter = (folder / "adapter_config.json").is_file()
     if adapter:
         base = base or (recipe or {}).get("model", {}).get("path") or json.loads(
@@ -45,39 +48,55 @@ def _resolve(model: str, family: str | None, base: str | None, data: str) -> dic
             raise UserError(f"{folder}: an adapter without a recorded base model; pass --base")
     family = family or (recipe or {}).get("model", {}).get("family")
     if family is None:
-        family = family_of_checkpoint(str(base if adapter and Path(str(base)).is_dir() else folder))
+        source = base if adapter else folder
+        if not Path(str(source)).is_dir():
+            raise UserError(f"{model}: cannot tell the model family of {source}; pass --family")
+        family = family_of_checkpoint(str(source))
     prompt = json.loads((folder / "prompt.json").read_text()) if (folder / "prompt.json").is_file() else None
     if data in ("val", "test", "train"):
         if recipe is None or not recipe["data"].get(data):
             raise UserError(f"--data {data}: a split name needs a run folder whose recipe names it; give a file")
         data = recipe["data"][data]
     processor_options = (recipe or {}).get("model", {}).get("processor", {})
+    model_section = (recipe or {}).get("model", {})
+    train_data = (recipe or {}).get("data", {}).get("train")
     return {"weights": str(folder) if folder.exists() else model, "adapter": adapter, "base": base,
-            "family": family, "prompt": prompt, "data": data, "processor_options": processor_options}
+            "revision": model_section.get("revision") if base == model_section.get("path") else None,
+            "family": family, "prompt": prompt, "data": data, "processor_options": processor_options,
+            "train_data": train_data if train_data and Path(train_data).exists() else None}
 
 
 def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, family: str | None = None,
                    base: str | None = None, instruction: str | None = None, constrained: bool = False,
-                   max_string_length: int | None = None, batch_size: int = 8, max_new_tokens: int = 512,
+                   max_string_length: int | None = None, max_items: int | None = None, batch_size: int = 8,
+                   max_new_tokens: int = 512,
                    headline: str = "strict", max_samples: int | None = None, report: bool = True) -> dict:
     """Generate and score; returns the metrics and writes metrics.json, predictions.jsonl and report.html."""
     from accelerate import Accelerator
 
-    from finetune.constrained import JsonConstraint, longest_string, output_vocab_size
+    from finetune.constrained import JsonConstraint, longest_list, longest_string, output_vocab_size
     from finetune.data.dataset import prepare_samples
     from finetune.data.prompt import derive_skeleton, render_instruction
     from finetune.data.sources import read_records
     from finetune.evaluation import evaluate, write_eval
     from finetune.models import get_family
+    from finetune.schema import schema_from_skeleton
 
     where = _resolve(model, family, base, data)
     fam = get_family(where["family"])
     processor = fam.load_processor(where["weights"], **where["processor_options"])
-    if where["prompt"] and instruction is None:
-        instruction_text, skeleton = where["prompt"]["instruction"], where["prompt"]["skeleton"]
+    if where["prompt"]:  # the skeleton the model was trained with; --instruction may only reword the instruction
+        skeleton = where["prompt"]["skeleton"]
+        instruction_text = (render_instruction(instruction, skeleton) if instruction
+                            else where["prompt"]["instruction"])
     else:
         skeleton = derive_skeleton(r.target for r in read_records(where["data"]) if isinstance(r.target, dict))
         instruction_text = render_instruction(instruction or DEFAULT_INSTRUCTION, skeleton)
+    # The training targets, when the run folder tells where they are: they refine the answer schema and size the
+    # decoding bounds (never the gold answers being scored).
+    examples = ([r.target for r in read_records(where["train_data"]) if isinstance(r.target, dict)]
+                if where["train_data"] else None)
+    answer_schema = schema_from_skeleton(skeleton, examples)
     samples, report_ = prepare_samples(where["data"], split="eval", family=fam, processor=processor,
                                        instruction_text=instruction_text, skeleton=skeleton, max_length=1 << 20,
                                        limit=max_samples)
@@ -87,20 +106,21 @@ def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, 
     if where["adapter"]:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(fam.load_model(where["base"]), where["weights"])
+        net = PeftModel.from_pretrained(fam.load_model(where["base"], revision=where["revision"]), where["weights"])
     else:
         net = fam.load_model(where["weights"])
     accelerator = Accelerator()
     net = accelerator.prepare(net.eval())
     constraint = None
     if constrained:
-        limit = max_string_length or max(16, 2 * longest_string(s.target for s in samples))
+        limit = max_string_length or (max(16, 2 * longest_string(examples)) if examples else 64)
+        items = max_items or (max(4, 2 * longest_list(examples)) if examples else 16)
         constraint = JsonConstraint(processor.tokenizer, vocab_size=output_vocab_size(accelerator.unwrap_model(net)),
                                     stop_token_ids=fam.stop_token_ids(processor), skeleton=skeleton,
-                                    max_string_length=limit)
+                                    examples=examples, max_string_length=limit, max_items=items)
     result = evaluate(net, samples, family=fam, processor=processor, instruction_text=instruction_text,
                       accelerator=accelerator, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      constraint=constraint, skeleton=skeleton, headline=headline)
+                      constraint=constraint, skeleton=skeleton, headline=headline, schema=answer_schema)
     out = Path(out_dir) if out_dir else Path(where["weights"]) / f"eval-{Path(where['data']).stem}"
     if accelerator.is_main_process:
         write_eval(result, out, report=report, title=f"{model} on {where['data']}")
@@ -117,7 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base", help="base checkpoint of an adapter (default: the one it records)")
     parser.add_argument("--instruction", help="prompt instruction when the model has no prompt.json")
     parser.add_argument("--constrained", action="store_true", help="schema-constrained decoding (xgrammar)")
-    parser.add_argument("--max-string-length", type=int)
+    parser.add_argument("--max-string-length", type=int, help="constrained: longest string (default: from the "
+                        "run's training targets, else 64)")
+    parser.add_argument("--max-items", type=int, help="constrained: longest list (default: from the training "
+                        "targets, else 16)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--headline", choices=["strict", "normalized"], default="strict")
@@ -126,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     metrics = evaluate_model(args.model, args.data, out_dir=args.out, family=args.family, base=args.base,
                              instruction=args.instruction, constrained=args.constrained,
-                             max_string_length=args.max_string_length, batch_size=args.batch_size,
+                             max_string_length=args.max_string_length, max_items=args.max_items,
+                             batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, headline=args.headline,
                              max_samples=args.max_samples, report=not args.no_report)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))

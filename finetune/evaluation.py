@@ -26,9 +26,13 @@ from finetune.models.base import ModelFamily
 def parse_json(text: str) -> tuple[Any, bool]:
     """(object, True) when `text` is one JSON value (surrounding whitespace allowed), else (None, False)."""
     try:
-        return json.loads(text.strip()), True
-    except json.JSONDecodeError:
+        return json.loads(text.strip(), parse_constant=_reject_constant), True
+    except (json.JSONDecodeError, ValueError):
         return None, False
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json would accept NaN / Infinity
 
 
 @dataclass
@@ -42,11 +46,12 @@ class EvalResult:
 def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFamily, processor,
              instruction_text: str, accelerator: Accelerator, batch_size: int, max_new_tokens: int,
              synced_ranks: bool = False, constraint=None, skeleton: dict | None = None,
-             headline: str = "strict") -> EvalResult:
+             headline: str = "strict", schema: dict | None = None) -> EvalResult:
     """Generate for every sample (sharded across processes), gather on every process, and score. `synced_ranks`:
     every rank keeps running forwards until all are done (needed when weights are sharded, ZeRO-3);
     `constraint`: a `finetune.constrained.JsonConstraint` (schema-constrained decoding); `skeleton`: the prompt
-    skeleton, for the schema-conformance rate; `headline`: the exact-match mode reported as json_exact_match."""
+    skeleton, for the schema-conformance rate (or `schema`, e.g. refined by the training targets); `headline`: the
+    exact-match mode reported as json_exact_match."""
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction_text,
                               with_answer=False)
     tokenizer = processor.tokenizer
@@ -63,7 +68,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
         unwrapped.train()
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
     rows = sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"])
-    return score(samples, rows, skeleton=skeleton, headline=headline)
+    return score(samples, rows, skeleton=skeleton, headline=headline, schema=schema)
 
 
 def _generate(model, dataset, indices, collate, family, processor, accelerator, batch_size, max_new_tokens,
@@ -88,12 +93,12 @@ def _generate(model, dataset, indices, collate, family, processor, accelerator, 
 
 
 def score(samples: list[Sample], rows: list[dict[str, Any]], *, skeleton: dict | None = None,
-          headline: str = "strict") -> EvalResult:
+          headline: str = "strict", schema: dict | None = None) -> EvalResult:
     """Metrics and per-sample records from generated texts (rows: {"index", "text"})."""
     parsed = [parse_json(row["text"]) for row in rows]
     chosen = [samples[row["index"]] for row in rows]
     aggregate, per_sample = scoring.score([s.target for s in chosen], [obj if ok else None for obj, ok in parsed],
-                                          skeleton=skeleton, headline=headline)
+                                          skeleton=skeleton, headline=headline, schema=schema)
     records = []
     for row, sample, (obj, ok), sample_scores in zip(rows, chosen, parsed, per_sample):
         records.append({"index": row["index"], "origin": sample.origin, "target": sample.target, "prediction": obj,

@@ -36,10 +36,15 @@ clovaai/donut ``donut/util.py``), reproduced with their quirks so numbers are co
   gold normalises to empty, the score is 1.0 if the prediction also normalises to empty, else 0.0.
 
 ANLS* (Peer et al., package ``anls_star``): ``anls_score(gold, pred)``. For dicts it averages over the union of keys;
-a missing or extra key scores 0 unless the gold value is None-like (None, "", [], {}). Strings are lowercased and
+a key missing from the prediction scores 1.0 only when the gold value is None (a gold "" or [] missing scores
+0.5), and an extra predicted key lowers the average (an extra null key included). Strings are lowercased and
 whitespace-collapsed, numbers compared via ``str()`` (so 12.5 vs "12.50" is a partial match), per-leaf similarity
 below 0.5 counts 0, lists are matched order-free (Hungarian). Gold ``{}`` with prediction ``{}`` gives 1.0, gold
 ``{}`` with a non-empty prediction gives 0.0. A ``None`` prediction is scored as ``{}``.
+
+Per-field accuracy: per dotted path of the Donut-normalised gold, the share of samples (whose gold has the path)
+whose sorted normalised values there equal the prediction's — with Donut's normalisation, so a gold ``false`` or
+``0`` field is not scored. Schema conformance: against `finetune.schema` (skeleton refined by training targets).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ import zss
 from anls_star import anls_score
 from jsonschema import Draft202012Validator
 from rapidfuzz.distance import Levenshtein
+
+from finetune.schema import conforms, schema_from_skeleton  # noqa: F401  (part of this module's API)
 
 EXACT_MATCH_MODES = ("strict", "normalized")
 _WS = re.compile(r"\s+")
@@ -261,39 +268,6 @@ def per_field_accuracy(predictions: list, golds: list) -> dict[str, float]:
     return {path: right[path] / seen[path] for path in sorted(seen)}
 
 
-def schema_from_skeleton(skeleton: dict) -> dict:
-    """Draft 2020-12 JSON Schema from a prompt skeleton (all keys required, no extra keys, nullable leaves)."""
-    if not isinstance(skeleton, dict):
-        raise TypeError(f"skeleton must be a JSON object, got {type(skeleton).__name__}")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_schema_of(skeleton)}
-
-
-def _schema_of(node: Any) -> dict:
-    # bool before int/float: False is an int in Python but a boolean field in the skeleton.
-    if isinstance(node, bool):
-        return {"type": ["boolean", "null"]}
-    if isinstance(node, (int, float)):
-        return {"type": ["number", "null"]}
-    if node is None or isinstance(node, str):
-        return {"type": ["string", "null"]}
-    if isinstance(node, list):
-        # The skeleton shows at most one item; its shape describes every item. No item: anything goes.
-        return {"type": "array", "items": _schema_of(node[0]) if node else {}}
-    if isinstance(node, dict):
-        return {
-            "type": "object",
-            "properties": {key: _schema_of(value) for key, value in node.items()},
-            "required": list(node),
-            "additionalProperties": False,
-        }
-    raise TypeError(f"unsupported skeleton value {node!r}")
-
-
-def conforms(value: Any, schema: dict) -> bool:
-    """True if ``value`` is valid against ``schema`` (Draft 2020-12)."""
-    return Draft202012Validator(schema).is_valid(value)
-
-
 def _check_lengths(predictions: list, golds: list) -> None:
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds")
@@ -304,14 +278,18 @@ def _mean(values: list[float]) -> float:
 
 
 def score(
-    golds: list, predictions: list, *, skeleton: dict | None = None, headline: str = "strict"
+    golds: list, predictions: list, *, skeleton: dict | None = None, headline: str = "strict",
+    schema: dict | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Aggregate metrics and per-sample scores; ``predictions`` are parsed objects or None (invalid JSON)."""
+    """Aggregate metrics and per-sample scores; ``predictions`` are parsed objects or None (invalid JSON).
+    Conformance is checked against ``schema``, else the skeleton's schema (`finetune.schema`)."""
     if headline not in EXACT_MATCH_MODES:
         raise ValueError(f"unknown headline mode {headline!r}; expected one of {EXACT_MATCH_MODES}")
     _check_lengths(predictions, golds)
     # One validator for the whole set rather than one per sample.
-    validator = Draft202012Validator(schema_from_skeleton(skeleton)) if skeleton is not None else None
+    if schema is None and skeleton is not None:
+        schema = schema_from_skeleton(skeleton)
+    validator = Draft202012Validator(schema) if schema is not None else None
     samples: list[dict] = []
     for prediction, gold in zip(predictions, golds):
         strict = json_exact_match(prediction, gold, "strict")

@@ -215,7 +215,8 @@ def test_schema_from_skeleton_shape():
     assert props["total"] == {"type": ["number", "null"]}
     assert props["paid"] == {"type": ["boolean", "null"]}
     assert props["items"]["items"]["required"] == ["n", "q"]
-    assert props["tags"] == {"type": "array", "items": {}}
+    # An empty list in the skeleton: items never seen, so any scalar (bounded, unlike arbitrary nested JSON).
+    assert props["tags"] == {"type": "array", "items": {"type": ["string", "number", "boolean", "null"]}}
 
 
 def test_conforms():
@@ -233,6 +234,21 @@ def test_conforms():
     assert not conforms({**good, "items": [{"n": "a"}]}, schema)  # nested required
     assert not conforms({**good, "addr": {"city": "x", "zip": "1"}}, schema)  # nested extra key
     assert not conforms(None, schema)
+
+
+def test_schema_refined_by_the_training_targets_accepts_the_targets_themselves():
+    """The skeleton is the union of all targets' keys and their first-seen types; the targets tell which keys are
+    optional, which types occur and where containers may be null."""
+    targets = [{"a": "x", "tax": None}, {"a": "y", "tax": 3.5, "note": "n", "items": [{"q": 1}]},
+               {"a": "z", "items": None}]
+    skeleton = {"a": "", "tax": "", "note": "", "items": [{"q": 0}]}
+    schema = schema_from_skeleton(skeleton, targets)
+    assert all(conforms(t, schema) for t in targets)
+    assert not any(conforms(t, schema_from_skeleton(skeleton)) for t in targets)  # the skeleton alone rejects them
+    assert schema["required"] == ["a"]
+    assert schema["properties"]["tax"] == {"type": ["number", "null"]}  # a null first, a number later
+    assert schema["properties"]["items"]["type"] == ["array", "null"]
+    assert not conforms({"a": "x", "tax": "3.5"}, schema) and not conforms({"tax": 1}, schema)
 
 
 # --------------------------------------------------------------------------- score()

@@ -6,22 +6,31 @@ state, metrics and `save_final`), kept apart so the training loop reads on its o
 
 from __future__ import annotations
 
-from finetune.constrained import JsonConstraint, longest_string, output_vocab_size
+from finetune.constrained import JsonConstraint, longest_list, longest_string, output_vocab_size
 from finetune.evaluation import evaluate, write_eval
+from finetune.schema import schema_from_skeleton
 from finetune.training.engine import zero_stage
 
 
 class EvaluationSteps:
     """Generate-and-score evaluations of a running job."""
 
-    def _json_constraint(self, model) -> JsonConstraint:
+    def _answer_schema(self, model) -> None:
+        """The answer schema (skeleton refined by the training targets) scored as conformance, and the grammar for
+        constrained decoding with bounds sized from the training targets."""
         e = self.recipe.eval
-        longest = longest_string(s.target for s in self.train_samples)
-        limit = e.max_string_length or max(16, 2 * longest)
-        self._info(f"constrained decoding: JSON Schema from the skeleton, strings up to {limit} characters")
-        return JsonConstraint(self.processor.tokenizer, vocab_size=output_vocab_size(model),
-                              stop_token_ids=self.family.stop_token_ids(self.processor),
-                              skeleton=self.recipe.data.prompt.skeleton, max_string_length=limit)
+        targets = [s.target for s in self.train_samples]
+        self.answer_schema = schema_from_skeleton(self.recipe.data.prompt.skeleton, targets)
+        self.constraint = None
+        if e.constrained:
+            limit = e.max_string_length or max(16, 2 * longest_string(targets))
+            items = max(4, 2 * longest_list(targets))
+            self._info(f"constrained decoding: the answer schema, strings up to {limit} characters, lists up to "
+                       f"{items} items")
+            self.constraint = JsonConstraint(self.processor.tokenizer, vocab_size=output_vocab_size(model),
+                                             stop_token_ids=self.family.stop_token_ids(self.processor),
+                                             skeleton=self.recipe.data.prompt.skeleton, examples=targets,
+                                             max_string_length=limit, max_items=items)
 
     def evaluate(self, tag: str, samples=None, *, report: bool = True) -> dict:
         """Generate on the eval split (or `samples`) and score; writes `eval/{tag}_predictions.jsonl`,
@@ -32,7 +41,8 @@ class EvaluationSteps:
                           batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                           # ZeRO-3 shards every weight: all ranks must run every forward until the last finishes.
                           synced_ranks=zero_stage(acc) == 3 and acc.num_processes > 1,
-                          constraint=self.constraint, skeleton=self.recipe.data.prompt.skeleton, headline=e.headline)
+                          constraint=self.constraint, skeleton=self.recipe.data.prompt.skeleton, headline=e.headline,
+                          schema=self.answer_schema)
         if acc.is_main_process:
             title = f"{self.run_dir.name}: {tag} (step {self.state.global_step})"
             write_eval(result, self.run_dir / "eval", prefix=f"{tag}_", report=report and e.report, title=title)
@@ -53,17 +63,22 @@ class EvaluationSteps:
         e = self.recipe.eval
         subset = self.eval_samples[:e.during_training_samples] if e.during_training_samples else self.eval_samples
         result = self.evaluate(tag, subset, report=tag.startswith("stage"))
-        # schema_conformance_rate is absent without a skeleton: then nothing is ever "best".
-        value = float(result[e.best_metric]) if e.best_metric in result else None
-        self.last_eval = value if value is not None else float("nan")
+        self.last_eval = value = float(result[e.best_metric])
         self.metrics.setdefault("during", []).append(
             {"step": self.state.global_step, "stage": self.stages[self.state.stage].name, "tag": tag,
              **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
         best = self.metrics.get("best")
-        if value is not None and (best is None or value > best["value"]):
+        # A resumed run may have changed the metric or the subset: an old best is then no yardstick.
+        comparable = best is not None and best["metric"] == e.best_metric and best["samples"] == len(subset)
+        if not comparable or value > best["value"]:
             self.save_final(self.run_dir / "best")
             self.metrics["best"] = {"metric": e.best_metric, "value": value, "step": self.state.global_step,
-                                    "tag": tag}
+                                    "tag": tag, "samples": len(subset)}
             self._info(f"best {e.best_metric} so far ({value:.3f}): saved to {self.run_dir / 'best'}")
         self._save_metrics()
         return result
+
+    def _forget_evaluations_after(self, step: int) -> None:
+        """On resume: evaluations a crashed run made after its last checkpoint are made again."""
+        if "during" in self.metrics:
+            self.metrics["during"] = [d for d in self.metrics["during"] if d["step"] <= step]

@@ -94,7 +94,7 @@ class FineTuneRecipe(EvaluationSteps):
         if r.tuning.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         check_lora_targets(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, 0))
-        self.constraint = self._json_constraint(model) if r.eval.constrained else None
+        self._answer_schema(model)
         self.metrics, self.last_eval = load_metrics(self.run_dir), float("nan")
         self.model = model
         self.accelerator.register_save_state_pre_hook(self._keep_trained_weights_only)
@@ -202,6 +202,11 @@ class FineTuneRecipe(EvaluationSteps):
                 on_stage_end(self, index)
             stage = self.stages[index]
             if index == len(self.stages) - 1:
+                # The final weights compete for best/ too, whenever evaluations during training happen.
+                during = self.metrics.get("during") or []
+                if self.eval_samples and (self.recipe.eval.every_steps or len(self.stages) > 1) and \
+                        (not during or during[-1]["step"] != self.state.global_step):
+                    self._evaluate_during(f"step{self.state.global_step}")
                 break
             tag = f"stage{index + 1}-{stage.name}"
             if stage.eval_at_end and self.eval_samples and tag not in self.metrics.get("stages", {}):
@@ -328,6 +333,7 @@ class FineTuneRecipe(EvaluationSteps):
     def _resume(self, checkpoint: Path) -> None:
         """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
         self.state = TrainerState.load(checkpoint)
+        self._forget_evaluations_after(self.state.global_step)
         self._enter_stage(self.state.stage)
         # Non-strict: our checkpoints hold only the weights that trained (checked just after); DeepSpeed's own
         # checkpoints hold every weight and take their strictness flag under another name.
