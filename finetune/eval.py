@@ -19,51 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 if __package__ in (None, ""):  # run as a file: import the package from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.errors import UserError
 
 DEFAULT_INSTRUCTION = "Extract the details from the document image and structure them into JSON format:"
-
-
-def _resolve(model: str, family: str | None, base: str | None, data: str) -> dict:
-    """Where the weights, base, family, prompt and data come from."""
-    from finetune.models import family_of_checkpoint
-
-    folder = Path(model)
-    recipe = None
-    if (folder / "recipe.yaml").is_file() and (folder / "final").is_dir():  # a run folder
-        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
-        folder = folder / "final"
-    elif (folder.parent / "recipe.yaml").is_file():  # final/ or best/ inside a run folder
-        recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
-    adapter = (folder / "adapter_config.json").is_file()
-    if adapter:
-        base = base or (recipe or {}).get("model", {}).get("path") or json.loads(
-            (folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{folder}: an adapter without a recorded base model; pass --base")
-    family = family or (recipe or {}).get("model", {}).get("family")
-    if family is None:
-        source = base if adapter else folder
-        if not Path(str(source)).is_dir():
-            raise UserError(f"{model}: cannot tell the model family of {source}; pass --family")
-        family = family_of_checkpoint(str(source))
-    prompt = json.loads((folder / "prompt.json").read_text()) if (folder / "prompt.json").is_file() else None
-    if data in ("val", "test", "train"):
-        if recipe is None or not recipe["data"].get(data):
-            raise UserError(f"--data {data}: a split name needs a run folder whose recipe names it; give a file")
-        data = recipe["data"][data]
-    processor_options = (recipe or {}).get("model", {}).get("processor", {})
-    model_section = (recipe or {}).get("model", {})
-    train_data = (recipe or {}).get("data", {}).get("train")
-    return {"weights": str(folder) if folder.exists() else model, "adapter": adapter, "base": base,
-            "revision": model_section.get("revision") if base == model_section.get("path") else None,
-            "family": family, "prompt": prompt, "data": data, "processor_options": processor_options,
-            "train_data": train_data if train_data and Path(train_data).exists() else None}
 
 
 def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, family: str | None = None,
@@ -79,36 +40,30 @@ def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, 
     from finetune.data.prompt import derive_skeleton, render_instruction
     from finetune.data.sources import read_records
     from finetune.evaluation import evaluate, write_eval
-    from finetune.models import get_family
+    from finetune.loading import load_model_and_processor, resolve_model
     from finetune.schema import schema_from_skeleton
 
-    where = _resolve(model, family, base, data)
-    fam = get_family(where["family"])
-    processor = fam.load_processor(where["weights"], **where["processor_options"])
-    if where["prompt"]:  # the skeleton the model was trained with; --instruction may only reword the instruction
-        skeleton = where["prompt"]["skeleton"]
-        instruction_text = (render_instruction(instruction, skeleton) if instruction
-                            else where["prompt"]["instruction"])
+    source = resolve_model(model, family=family, base=base)
+    if data in ("train", "val", "test"):
+        data = source.split(data)
+    fam, processor, net = load_model_and_processor(source)
+    if source.prompt:  # the skeleton the model was trained with; --instruction may only reword the instruction
+        skeleton = source.prompt["skeleton"]
+        instruction_text = render_instruction(instruction, skeleton) if instruction else source.prompt["instruction"]
     else:
-        skeleton = derive_skeleton(r.target for r in read_records(where["data"]) if isinstance(r.target, dict))
+        skeleton = derive_skeleton(r.target for r in read_records(data) if isinstance(r.target, dict))
         instruction_text = render_instruction(instruction or DEFAULT_INSTRUCTION, skeleton)
-    # The training targets, when the run folder tells where they are: they refine the answer schema and size the
+    # The training targets, when the run's recipe tells where they are: they refine the answer schema and size the
     # decoding bounds (never the gold answers being scored).
-    examples = ([r.target for r in read_records(where["train_data"]) if isinstance(r.target, dict)]
-                if where["train_data"] else None)
+    train_data = source.recipe.get("data", {}).get("train")
+    examples = ([r.target for r in read_records(train_data) if isinstance(r.target, dict)]
+                if train_data and Path(train_data).exists() else None)
     answer_schema = schema_from_skeleton(skeleton, examples)
-    samples, report_ = prepare_samples(where["data"], split="eval", family=fam, processor=processor,
+    samples, report_ = prepare_samples(data, split="eval", family=fam, processor=processor,
                                        instruction_text=instruction_text, skeleton=skeleton, max_length=1 << 20,
                                        limit=max_samples)
     if not samples:
-        raise UserError(f"{where['data']}: no usable samples ({report_.summary()})")
-
-    if where["adapter"]:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(fam.load_model(where["base"], revision=where["revision"]), where["weights"])
-    else:
-        net = fam.load_model(where["weights"])
+        raise UserError(f"{data}: no usable samples ({report_.summary()})")
     accelerator = Accelerator()
     net = accelerator.prepare(net.eval())
     constraint = None
@@ -121,9 +76,9 @@ def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, 
     result = evaluate(net, samples, family=fam, processor=processor, instruction_text=instruction_text,
                       accelerator=accelerator, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       constraint=constraint, skeleton=skeleton, headline=headline, schema=answer_schema)
-    out = Path(out_dir) if out_dir else Path(where["weights"]) / f"eval-{Path(where['data']).stem}"
+    out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{Path(data).stem}"
     if accelerator.is_main_process:
-        write_eval(result, out, report=report, title=f"{model} on {where['data']}")
+        write_eval(result, out, report=report, title=f"{model} on {data}")
     return result.metrics
 
 
