@@ -110,3 +110,39 @@ def test_predict_reads_files_folders_and_globs_as_json_lines(trained_run, simple
     assert all(r["valid_json"] and isinstance(r["prediction"], dict) for r in lines)  # constrained: always JSON
     with pytest.raises(UserError, match="no such file"):
         collect_images([str(tmp_path / "missing.png")])
+
+
+def test_merged_model_has_what_vllms_loader_reads(trained_run, tmp_path):
+    """vLLM cannot run here (no GPU, no vLLM CPU build for this machine), so the files are checked against what
+    its H2OVL loader reads: its own H2OVLChatConfig (model_type h2ovl_chat; InternVLChatConfig fields, the vision
+    and LLM configs built as PretrainedConfig), weights under the original prefixes, the image tokens."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    from finetune.merge import merge_adapter
+
+    family, _, run = trained_run
+    merged = merge_adapter(str(run), tmp_path / "merged")
+    if family == "llava_onevision":  # vLLM reads the native transformers layout: config, weights, processor files
+        config = json.loads((merged / "config.json").read_text())
+        assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+        for name in ("model.safetensors", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
+                     "chat_template.jinja"):
+            assert (merged / name).is_file(), name
+        assert json.loads((merged / "processor_config.json").read_text())["processor_class"] == \
+            "LlavaOnevisionProcessor"
+        return
+    original = merged / "original"
+    config = json.loads((original / "config.json").read_text())
+    assert config["model_type"] == "h2ovl_chat" and config["architectures"] == ["H2OVLChatModel"]
+    for key in ("select_layer", "force_image_size", "downsample_ratio", "template", "dynamic_image_size",
+                "use_thumbnail", "ps_version", "min_dynamic_patch", "max_dynamic_patch", "use_msac"):
+        assert key in config, key
+    vision, llm = PretrainedConfig(**config["vision_config"]), PretrainedConfig(**config["llm_config"])
+    assert llm.architectures[0] in ("LlamaForCausalLM", "MistralForCausalLM") and vision.hidden_size > 0
+    with safe_open(str(original / "model.safetensors"), "pt") as handle:
+        prefixes = {key.split(".")[0] for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    assert prefixes == {"vision_model", "mlp1", "language_model"}
+    tokenizer = AutoTokenizer.from_pretrained(original, config=PretrainedConfig())
+    for token in ("<IMG_CONTEXT>", "<img>", "</img>", "<|end|>"):
+        assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id, token

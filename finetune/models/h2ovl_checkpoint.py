@@ -284,6 +284,7 @@ def load_h2ovl(path: str | Path, *, revision: str | None = None, dtype: torch.dt
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.config._name_or_path = str(path)
+    model.name_or_path = str(path)  # what PEFT records as the adapter's base_model_name_or_path
     return model.eval()
 
 

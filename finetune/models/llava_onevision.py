@@ -163,6 +163,11 @@ class LlavaOnevisionFamily(ModelFamily):
                         state_dict: dict | None = None) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)
         processor.save_pretrained(out_dir)
+        # transformers 5 nests the image processor in processor_config.json; servers and older readers (vLLM's
+        # AutoImageProcessor, transformers 4) look for preprocessor_config.json as on the Hub: write both.
+        image_config = {**processor.image_processor.to_dict(), "processor_class": "LlavaOnevisionProcessor"}
+        (Path(out_dir) / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2, sort_keys=True)
+                                                                + "\n")
         if source_path and Path(source_path).is_dir():
             for name in _PASS_THROUGH_FILES:
                 if (Path(source_path) / name).exists() and not (out_dir / name).exists():

@@ -72,3 +72,16 @@ def replica_digests(accelerator: Accelerator, model: torch.nn.Module) -> list[st
             digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return gather_object([digest.hexdigest()])
+
+
+def run_info(accelerator: Accelerator, *, seconds: float, steps: int) -> dict:
+    """The hardware and software a run used (no paths, user names or tokens)."""
+    import platform
+
+    import transformers
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    return {"device": device, "processes": accelerator.num_processes,
+            "engine": accelerator.distributed_type.name, "mixed_precision": accelerator.mixed_precision,
+            "optimizer_steps": steps, "seconds": round(seconds, 1), "torch": torch.__version__,
+            "transformers": transformers.__version__}

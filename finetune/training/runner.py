@@ -35,7 +35,7 @@ from finetune.errors import UserError
 from finetune.models import get_family
 from finetune.training import stages as staging
 from finetune.training.checkpoint import TrainerState, prune_checkpoints
-from finetune.training.engine import is_sharded, make_accelerator, replica_digests, zero_stage
+from finetune.training.engine import is_sharded, make_accelerator, replica_digests, run_info, zero_stage
 from finetune.training.run_eval import EvaluationSteps
 from finetune.training.run_folder import flatten, load_metrics, prepare_run_dir, record_recipe, save_metrics
 from finetune.training.train_data import TrainData
@@ -165,7 +165,7 @@ class FineTuneRecipe(EvaluationSteps):
     # ------------------------------------------------------------------------------------------------- train
     def run(self) -> dict:
         """Evaluate the base model, train every stage, evaluate again, save; returns the metrics."""
-        metrics = self.metrics
+        metrics, started = self.metrics, time.time()
         if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples:
             metrics["before"] = self.evaluate("before")
             self._save_metrics()
@@ -175,6 +175,9 @@ class FineTuneRecipe(EvaluationSteps):
             metrics["after"] = self.evaluate("after")
             self._save_metrics()
         self.accelerator.end_training()
+        if self.accelerator.is_main_process:  # for the model card: how and on what it was trained
+            (self.run_dir / "run_info.json").write_text(json.dumps(run_info(
+                self.accelerator, seconds=time.time() - started, steps=self.state.global_step), indent=2) + "\n")
         self._info(self._summary(metrics))
         return metrics
 

@@ -1,0 +1,175 @@
+"""Publish a run to the Hugging Face Hub: its LoRA adapter (default) or a merged model, with a model card.
+
+    python -m finetune.publish --run runs/invoices-mississippi-800m-lora --repo my-org/invoices-reader
+    python -m finetune.publish --run runs/... --repo my-org/invoices-reader-merged --merged --dry-run
+
+The folder that is (or would be) uploaded is written first, to `<run>/publish/<adapter|merged>/`: the weights in
+safetensors, processor, tokenizer and chat template, `prompt.json`, the run's resolved `training_recipe.yaml` and
+a model card (`README.md`: Hub metadata with the evaluation results as `model-index`, how it was trained, the
+results table and copy-paste usage for transformers and vLLM). `--dry-run`, or an offline environment
+(`HF_HUB_OFFLINE=1`), stops there and says so. The upload goes through `huggingface_hub` (`create_repo` +
+`upload_folder`); the token comes from the environment (`HF_TOKEN`) or `huggingface-cli login`, and is never
+written to the folder, the card or the logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: import the package from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from finetune.errors import UserError
+from finetune.loading import resolve_model
+
+# metrics.json keys → model-index metric types and the names shown on the Hub
+CARD_METRICS = {"json_exact_match": "JSON exact match", "field_f1": "field F1 (Donut)",
+                "ted_accuracy": "nTED accuracy (Donut)", "anls_star": "ANLS*", "valid_json_rate": "valid JSON rate"}
+
+
+def build_publish_folder(run_dir: str | Path, repo_id: str, *, merged: bool = False,
+                         license: str = "apache-2.0") -> Path:
+    """Write the exact folder an upload sends; returns it."""
+    run = Path(run_dir)
+    if not (run / "recipe.yaml").is_file() or not (run / "final").is_dir():
+        raise UserError(f"{run}: not a finished run folder (needs recipe.yaml and final/)")
+    source = resolve_model(str(run))
+    out = run / "publish" / ("merged" if merged else "adapter" if source.adapter else "model")
+    if out.exists():
+        shutil.rmtree(out)  # always rebuilt from the run: nothing stale is uploaded
+    if merged and source.adapter:
+        from finetune.merge import merge_adapter
+
+        merge_adapter(str(run), out)
+    else:
+        shutil.copytree(run / "final", out, ignore=shutil.ignore_patterns("eval-*"))
+    shutil.copy2(run / "recipe.yaml", out / "training_recipe.yaml")
+    is_adapter = source.adapter and not merged
+    kind = "lora" if is_adapter else "merged" if merged else "full-fine-tune"
+    card = model_card(run, source.recipe, repo_id=repo_id, adapter=is_adapter, kind=kind, license=license)
+    card.save(out / "README.md")
+    return out
+
+
+def model_card(run: Path, recipe: dict, *, repo_id: str, adapter: bool, kind: str, license: str):
+    """A `huggingface_hub.ModelCard`: metadata (base model, library, pipeline, license, datasets, tags,
+    model-index with the evaluation results) and the text."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    after, before = metrics.get("after", {}), metrics.get("before", {})
+    data = recipe.get("data", {})
+    split = recipe.get("eval", {}).get("split", "val")
+    dataset = str(data.get(split) or data.get("train") or "custom")
+    dataset_id = dataset[3:].split(":")[0] if dataset.startswith("hf:") else None
+    base = recipe.get("model", {}).get("path")
+    eval_results = [EvalResult(task_type="image-text-to-text", task_name="document to JSON extraction",
+                               dataset_type=dataset_id or "custom", dataset_name=dataset_id or Path(dataset).name,
+                               dataset_split=split, metric_type=key, metric_name=name, metric_value=float(after[key]))
+                    for key, name in CARD_METRICS.items() if isinstance(after.get(key), (int, float))]
+    card_data = ModelCardData(
+        base_model=base, library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text",
+        license=license, datasets=[dataset_id] if dataset_id else None, model_name=repo_id,
+        tags=["document-understanding", "json-extraction", "vision-language", recipe.get("model", {}).get("family"),
+              kind],
+        eval_results=eval_results or None)
+    text = "---\n" + card_data.to_yaml() + "\n---\n\n" + _card_text(run, recipe, repo_id, adapter, after, before)
+    return ModelCard(text)
+
+
+def _card_text(run: Path, recipe: dict, repo_id: str, adapter: bool, after: dict, before: dict) -> str:
+    model = recipe.get("model", {})
+    info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
+    report = json.loads((run / "data_report.json").read_text()) if (run / "data_report.json").is_file() else {}
+    prompt = json.loads((run / "final" / "prompt.json").read_text())
+    lines = [f"# {repo_id}", "",
+             (f"{'A LoRA adapter for' if adapter else 'A fine-tune of'} `{model.get('path')}` that reads document "
+             f"images into JSON, trained with the `finetune` toolkit."), "", "## Training", "",
+             f"- Model family: `{model.get('family')}`; base checkpoint `{model.get('path')}`.",
+             (f"- Training samples: {report.get('train', {}).get('kept', 'n/a')} "
+             f"(validated before training; {sum(report.get('train', {}).get('skipped', {}).values())} skipped)."),
+             (f"- Hardware: {info.get('device', 'n/a')} × {info.get('processes', 'n/a')} "
+             f"({info.get('engine', 'n/a')}, mixed precision {info.get('mixed_precision', 'n/a')}); "
+             f"{info.get('optimizer_steps', 'n/a')} optimizer steps in {info.get('seconds', 'n/a')} s."), "",
+             "| stage | groups | learning rates |", "|---|---|---|"]
+    for stage in recipe.get("stages") or []:
+        groups = ", ".join(f"{g}: {m}" for g, m in stage["groups"].items())
+        rates = ", ".join(f"{g} {lr:g}" for g, lr in (stage.get("lr") or {}).items())
+        lines.append(f"| {stage['name']} | {groups} | {rates} |")
+    lines += ["", "The full resolved recipe is `training_recipe.yaml` in this repository.", "", "## Evaluation", "",
+              (f"Generated JSON on the `{recipe.get('eval', {}).get('split', 'val')}` split "
+              f"({after.get('num_samples', 'n/a')} documents), before and after fine-tuning:"), "",
+              "| metric | before | after |", "|---|---|---|"]
+    for key, name in CARD_METRICS.items():
+        if key in after:
+            lines.append(f"| {name} | {_pct(before.get(key))} | {_pct(after.get(key))} |")
+    instruction = prompt["instruction"]
+    family = model.get("family")
+    load = (f'base = family.load_model("{model.get("path")}")\nmodel = PeftModel.from_pretrained(base, "{repo_id}")'
+            if adapter else f'model = family.load_model("{repo_id}")')
+    lines += ["", "## Usage", "", "The model expects the prompt it was trained with (also in `prompt.json`):", "",
+              "```text", instruction, "```", "", ("With transformers (through the toolkit's model family, which "
+              "loads the processor and chat format):"), "", "```python",
+              *(["from peft import PeftModel"] if adapter else []), "from finetune.models import get_family", "",
+              f'family = get_family("{family}")', load,
+              f'processor = family.load_processor("{repo_id}")', "```", "",
+              "Or from the command line: `python -m finetune.predict --model <downloaded folder> scans/*.png`.", "",
+              "With vLLM:", "", "```bash"]
+    if adapter:
+        lines += [f"vllm serve {model.get('path')} --enable-lora --lora-modules extractor={repo_id}", "```"]
+    elif family == "mississippi":  # vLLM's H2OVL loader reads the original layout, kept in original/
+        lines += [f"huggingface-cli download {repo_id} --local-dir reader", ("vllm serve reader/original "
+                  "--trust-remote-code"), "```"]
+    else:
+        lines += [f"vllm serve {repo_id}", "```"]
+    lines += ["", "Send the prompt above with the document image as the user turn.", ""]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
+
+
+def publish(run_dir: str | Path, repo_id: str, *, merged: bool = False, dry_run: bool = False,
+            private: bool = False, license: str = "apache-2.0") -> Path:
+    """Build the folder and, unless dry-run or offline, upload it with `huggingface_hub`."""
+    folder = build_publish_folder(run_dir, repo_id, merged=merged, license=license)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if dry_run or offline:
+        why = "dry run" if dry_run else "offline (HF_HUB_OFFLINE)"
+        print(f"{why}: nothing uploaded; {folder} is exactly what would be uploaded to {repo_id}")
+        return folder
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # token from HF_TOKEN or the saved login; never passed around or written here
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                      commit_message=f"Upload {'merged model' if merged else folder.name} from finetune")
+    print(f"uploaded {folder} to https://huggingface.co/{repo_id}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Command line: see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="the run folder")
+    parser.add_argument("--repo", required=True, help="Hub repository id, e.g. my-org/invoices-reader")
+    parser.add_argument("--merged", action="store_true", help="publish base + adapter merged into one model")
+    parser.add_argument("--dry-run", action="store_true", help="write the folder, upload nothing")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--license", default="apache-2.0")
+    args = parser.parse_args(argv)
+    return publish(args.run, args.repo, merged=args.merged, dry_run=args.dry_run, private=args.private,
+                   license=args.license)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, FileExistsError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
