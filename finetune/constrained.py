@@ -93,11 +93,26 @@ class JsonConstraint:
                  examples: list | None = None, max_string_length: int = 64, max_items: int = 16):
         import xgrammar as xgr  # optional at import time: only constrained runs need it
 
+        self.max_string_length, self.max_items = max_string_length, max_items
         self.schema = decoding_schema(skeleton, examples=examples, max_string_length=max_string_length,
                                       max_items=max_items)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.grammar = xgr.GrammarCompiler(info).compile_json_schema(
             json.dumps(self.schema), any_whitespace=False, separators=(",", ":"))
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, family, processor, skeleton: dict, *, examples: list | None = None,
+                  max_string_length: int | None = None, max_items: int | None = None) -> JsonConstraint:
+        """The constraint for a (prepared or plain) model of a family. Bounds not given are sized from the training
+        targets (`examples`): twice the longest string (at least 16) and twice the longest list (at least 4); with
+        no targets known, 64 characters and 16 items."""
+        if max_string_length is None:
+            max_string_length = max(16, 2 * longest_string(examples)) if examples else 64
+        if max_items is None:
+            max_items = max(4, 2 * longest_list(examples)) if examples else 16
+        return cls(processor.tokenizer, vocab_size=output_vocab_size(model),
+                   stop_token_ids=family.stop_token_ids(processor), skeleton=skeleton, examples=examples,
+                   max_string_length=max_string_length, max_items=max_items)
 
     def logits_processor(self):
         from xgrammar.contrib.hf import LogitsProcessor

@@ -35,7 +35,7 @@ def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, 
     """Generate and score; returns the metrics and writes metrics.json, predictions.jsonl and report.html."""
     from accelerate import Accelerator
 
-    from finetune.constrained import JsonConstraint, longest_list, longest_string, output_vocab_size
+    from finetune.constrained import JsonConstraint
     from finetune.data.dataset import prepare_samples
     from finetune.data.prompt import derive_skeleton, render_instruction
     from finetune.data.sources import read_records
@@ -68,11 +68,9 @@ def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, 
     net = accelerator.prepare(net.eval())
     constraint = None
     if constrained:
-        limit = max_string_length or (max(16, 2 * longest_string(examples)) if examples else 64)
-        items = max_items or (max(4, 2 * longest_list(examples)) if examples else 16)
-        constraint = JsonConstraint(processor.tokenizer, vocab_size=output_vocab_size(accelerator.unwrap_model(net)),
-                                    stop_token_ids=fam.stop_token_ids(processor), skeleton=skeleton,
-                                    examples=examples, max_string_length=limit, max_items=items)
+        constraint = JsonConstraint.for_model(accelerator.unwrap_model(net), fam, processor, skeleton,
+                                              examples=examples, max_string_length=max_string_length,
+                                              max_items=max_items)
     result = evaluate(net, samples, family=fam, processor=processor, instruction_text=instruction_text,
                       accelerator=accelerator, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       constraint=constraint, skeleton=skeleton, headline=headline, schema=answer_schema)

@@ -53,7 +53,7 @@ def predict(model: str, images: list[str], *, family: str | None = None, base: s
     """One record per image: the parsed prediction (None when not valid JSON) and the raw text."""
     from accelerate import Accelerator
 
-    from finetune.constrained import JsonConstraint, output_vocab_size
+    from finetune.constrained import JsonConstraint
     from finetune.data.dataset import prepare_samples
     from finetune.data.prompt import render_instruction
     from finetune.evaluation import evaluate
@@ -74,9 +74,8 @@ def predict(model: str, images: list[str], *, family: str | None = None, base: s
     net = accelerator.prepare(net)
     constraint = None
     if constrained:
-        constraint = JsonConstraint(processor.tokenizer, vocab_size=output_vocab_size(accelerator.unwrap_model(net)),
-                                    stop_token_ids=fam.stop_token_ids(processor), skeleton=skeleton,
-                                    max_string_length=max_string_length, max_items=max_items)
+        constraint = JsonConstraint.for_model(accelerator.unwrap_model(net), fam, processor, skeleton,
+                                              max_string_length=max_string_length, max_items=max_items)
     result = evaluate(net, samples, family=fam, processor=processor, instruction_text=instruction_text,
                       accelerator=accelerator, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       constraint=constraint)

@@ -33,7 +33,7 @@ def main() -> None:
     from accelerate import Accelerator
     from bench_stage_memory import MODEL
 
-    from finetune.constrained import JsonConstraint, output_vocab_size
+    from finetune.constrained import JsonConstraint
     from finetune.data.dataset import prepare_samples
     from finetune.data.prompt import derive_skeleton, render_instruction
     from finetune.data.sources import read_records
@@ -57,9 +57,7 @@ def main() -> None:
                                  instruction_text=instruction, skeleton=skeleton, max_length=1 << 16)
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(family.load_model(str(checkpoint)).eval())
-    constraint = JsonConstraint(processor.tokenizer, vocab_size=output_vocab_size(model),
-                                stop_token_ids=family.stop_token_ids(processor), skeleton=skeleton,
-                                max_string_length=8)
+    constraint = JsonConstraint.for_model(model, family, processor, skeleton, max_string_length=8)
 
     def run(batch_size: int, constrained: bool) -> dict:
         common = {"family": family, "processor": processor, "instruction_text": instruction, "accelerator": accelerator,

@@ -6,7 +6,7 @@ state, metrics and `save_final`), kept apart so the training loop reads on its o
 
 from __future__ import annotations
 
-from finetune.constrained import JsonConstraint, longest_list, longest_string, output_vocab_size
+from finetune.constrained import JsonConstraint
 from finetune.evaluation import evaluate, write_eval
 from finetune.schema import schema_from_skeleton
 from finetune.training.engine import zero_stage
@@ -23,14 +23,11 @@ class EvaluationSteps:
         self.answer_schema = schema_from_skeleton(self.recipe.data.prompt.skeleton, targets)
         self.constraint = None
         if e.constrained:
-            limit = e.max_string_length or max(16, 2 * longest_string(targets))
-            items = max(4, 2 * longest_list(targets))
-            self._info(f"constrained decoding: the answer schema, strings up to {limit} characters, lists up to "
-                       f"{items} items")
-            self.constraint = JsonConstraint(self.processor.tokenizer, vocab_size=output_vocab_size(model),
-                                             stop_token_ids=self.family.stop_token_ids(self.processor),
-                                             skeleton=self.recipe.data.prompt.skeleton, examples=targets,
-                                             max_string_length=limit, max_items=items)
+            self.constraint = JsonConstraint.for_model(model, self.family, self.processor,
+                                                       self.recipe.data.prompt.skeleton, examples=targets,
+                                                       max_string_length=e.max_string_length)
+            self._info(f"constrained decoding: the answer schema, strings up to {self.constraint.max_string_length} "
+                       f"characters, lists up to {self.constraint.max_items} items")
 
     def evaluate(self, tag: str, samples=None, *, report: bool = True) -> dict:
         """Generate on the eval split (or `samples`) and score; writes `eval/{tag}_predictions.jsonl`,
