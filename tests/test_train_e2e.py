@@ -36,8 +36,13 @@ def test_overfit_eight_samples_to_full_exact_match(tiny_llava_quickstart, simple
     assert metrics["before"]["json_exact_match"] == 0.0
     assert metrics["after"]["json_exact_match"] == 1.0, (out / "predictions.jsonl").read_text()
 
-    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in log]
     assert losses[-1] < 0.1 * losses[0]
+    # Throughput per log line: one batch of 8 forms per step, padding as a share of all positions.
+    for r in log:
+        assert r["samples"] == 8 and r["tokens"] > 0 and r["seconds"] > 0
+        assert r["padding"] == pytest.approx(r["padded_positions"] / (r["tokens"] + r["padded_positions"]))
     # The run folder holds what ran and what came out.
     for name in ("recipe.yaml", "data_report.json", "metrics.json", "predictions.jsonl", "train_log.jsonl"):
         assert (out / name).exists(), name

@@ -84,6 +84,17 @@ class ModelFamily(ABC):
     def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Batch the per-sample image tensors into the model's keyword arguments."""
 
+    def training_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The forward's inputs for a right-padded training batch.
+
+        Every family here runs a causal LLM over the whole sequence, image tokens included, so no real token can
+        attend to the pads that follow it: the padding mask changes nothing a label depends on. Without it SDPA
+        and flash attention take their causal path, which skips the masked half of each score matrix instead of
+        materialising a batch × length² mask (on the small benchmark model this is most of the LLM's attention
+        time; BENCHMARKS.md). Pads' own outputs differ, and they carry no label. A family whose LLM attends
+        bidirectionally anywhere (a prefix-LM) must keep the mask by overriding this."""
+        return {key: value for key, value in batch.items() if key != "attention_mask"}
+
     def stop_token_ids(self, processor) -> list[int]:
         """Token ids that end generation."""
         tokenizer = processor.tokenizer

@@ -22,15 +22,18 @@ from finetune.models.tiny_tokenizer import train_tiny_tokenizer
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|prompt|>", "<|answer|>", "<|end|>", "<img>", "</img>", IMG_CONTEXT]
 
 
-
 def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool = False, image_size: int = 56,
                      patch_size: int = 14, vision_hidden: int = 32, vision_layers: int = 2, text_hidden: int = 64,
-                     text_layers: int = 2, seed: int = 0, extra_corpus: Iterable[str] = ()) -> Path:
+                     text_layers: int = 2, vision_heads: int = 2, text_heads: int = 4, text_kv_heads: int = 2,
+                     text_intermediate: int | None = None, vocab_size: int | None = None, seed: int = 0,
+                     extra_corpus: Iterable[str] = ()) -> Path:
     """A tiny randomly initialised checkpoint in the original H2OVL Hub layout (config.json, bfloat16
     model.safetensors in original names, generation_config.json, tokenizer.json + tokenizer_config.json).
 
     `llm="llama"` is shaped like mississippi-800m (LlamaForCausalLM, rope_theta 1e5), `"mistral"` like
-    mississippi-2b (MistralForCausalLM, rope_theta 1e4). Tokens per tile = (image_size / patch_size)² · 0.5²
+    mississippi-2b (MistralForCausalLM, rope_theta 1e4). Widths, depths and heads are free, so benchmarks can
+    build real shapes; `vocab_size` pads the embedding and LM head beyond the tiny tokenizer (a real tokenizer's
+    32k rows are a real share of the LLM's compute). Tokens per tile = (image_size / patch_size)² · 0.5²
     (56 px, patch 14 → 16 patches → 4 tokens). Tokenizer: byte-level BPE with ids 0..8 = SPECIAL_TOKENS; BOS `<s>`
     (never added automatically), EOS `</s>`, pad = `<unk>` (Llama-family convention, no extra token); class name
     `PreTrainedTokenizerFast`, which transformers 4 and 5 both load without remote code (a `LlamaTokenizer` name
@@ -59,12 +62,12 @@ def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool 
     llm_config = {
         "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
         "model_type": llm,
-        "vocab_size": len(tokenizer),
+        "vocab_size": max(vocab_size or 0, len(tokenizer)),
         "hidden_size": text_hidden,
-        "intermediate_size": text_hidden * 4,
+        "intermediate_size": text_intermediate or text_hidden * 4,
         "num_hidden_layers": text_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": text_heads,
+        "num_key_value_heads": text_kv_heads,
         "hidden_act": "silu",
         "max_position_embeddings": max_positions,
         "rope_theta": 10000.0 if mistral else 100000.0,
@@ -87,7 +90,7 @@ def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool 
         "hidden_size": vision_hidden,
         "intermediate_size": vision_hidden * 4,
         "num_hidden_layers": vision_layers,
-        "num_attention_heads": 2,
+        "num_attention_heads": vision_heads,
         "num_channels": 3,
         "image_size": image_size,
         "patch_size": patch_size,

@@ -36,8 +36,10 @@ from finetune.models import get_family
 from finetune.training import stages as staging
 from finetune.training.checkpoint import TrainerState, prune_checkpoints
 from finetune.training.engine import is_sharded, make_accelerator, replica_digests, run_info, zero_stage
+from finetune.training.loss import causal_lm_loss
 from finetune.training.run_eval import EvaluationSteps
 from finetune.training.run_folder import flatten, load_metrics, prepare_run_dir, record_recipe, save_metrics
+from finetune.training.throughput import Throughput
 from finetune.training.train_data import TrainData
 from finetune.training.tuning import (
     TuningPlan,
@@ -60,6 +62,8 @@ class FineTuneRecipe(EvaluationSteps):
         self.state = TrainerState()
         self.entered_stage: int | None = None  # the stage the prepared model / optimizer belong to
         self.uses_lora = False
+        self.throughput = Throughput()  # samples, tokens and padding between log lines
+        self.tokens_per_s = float("nan")
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -226,7 +230,7 @@ class FineTuneRecipe(EvaluationSteps):
         self.model.train()
         bar = tqdm(total=self.stage_total, initial=self.state.stage_step, disable=not acc.is_main_process,
                    desc=f"stage {self.state.stage + 1}/{len(self.stages)} {stage.name}", dynamic_ncols=True)
-        tokens_since, time_since = 0, time.perf_counter()
+        self.throughput.reset()
         while self.state.stage_step < self.stage_total:
             micro = [next(batches) for _ in range(G)]
             label_tokens = sum((b["labels"] != -100).sum() for b in micro)
@@ -237,13 +241,13 @@ class FineTuneRecipe(EvaluationSteps):
                 # Accelerate counts the micro-batches: the G-th syncs gradients across processes (DDP: no_sync
                 # before it) and is the only one after which DeepSpeed's engine steps.
                 with acc.accumulate(self.model):
-                    out = self.model(**batch, num_items_in_batch=global_label_tokens)
+                    loss = causal_lm_loss(self.model, self.family.training_inputs(batch), global_label_tokens)
                     # ×G cancels Accelerate's (or DeepSpeed's) division by the accumulation steps; ×processes
                     # cancels the gradient averaging across ranks: together the gradient is that of
                     # sum(CE) / all label tokens of the step.
-                    acc.backward(out.loss * G * acc.num_processes)
-                step_loss += out.loss.detach()
-                tokens_since += int(batch["attention_mask"].sum())
+                    acc.backward(loss * G * acc.num_processes)
+                step_loss += loss.detach()
+                self.throughput.add(batch)
             if r.optim.max_grad_norm:
                 acc.clip_grad_norm_(self.model.parameters(), r.optim.max_grad_norm)  # DeepSpeed: its own config
             self.optimizer.step()
@@ -253,8 +257,7 @@ class FineTuneRecipe(EvaluationSteps):
             self.state.stage_step += 1
 
             loss = acc.reduce(step_loss, reduction="sum").item()  # per-rank partial sums → the global mean
-            self._log_step(bar, loss, tokens_since * acc.num_processes / (time.perf_counter() - time_since))
-            tokens_since, time_since = 0, time.perf_counter()
+            self._log_step(bar, loss)
             every = r.eval.every_steps
             if every and self.eval_samples and self.state.global_step % every == 0:
                 self._evaluate_during(f"step{self.state.global_step}")
@@ -292,16 +295,19 @@ class FineTuneRecipe(EvaluationSteps):
                 raise RuntimeError(f"epoch {epoch} ended after {self.state.batches_in_epoch} batches, "
                                    f"expected {self.batches_per_epoch}")
 
-    def _log_step(self, bar, loss: float, tokens_per_s: float) -> None:
+    def _log_step(self, bar, loss: float) -> None:
         step, stage = self.state.global_step, self.stages[self.state.stage]
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        logs = step % self.recipe.train.log_every == 0 or self.state.stage_step == self.stage_total
+        # Throughput since the previous log line (evaluations and checkpoints in between included).
+        rates = self.throughput.take(self.accelerator.num_processes) if logs else {}
+        self.tokens_per_s = rates.get("tokens_per_s", self.tokens_per_s)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{tokens_per_s:,.0f}",
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{self.tokens_per_s:,.0f}",
                         epoch=self.state.epoch)
-        if step % self.recipe.train.log_every == 0 or self.state.stage_step == self.stage_total:
+        if logs:
             record = {"step": step, "stage": stage.name, "stage_step": self.state.stage_step,
-                      "epoch": self.state.epoch, "loss": loss, "tokens_per_s": tokens_per_s,
-                      **{f"lr/{k}": v for k, v in lrs.items()}}
+                      "epoch": self.state.epoch, "loss": loss, **rates, **{f"lr/{k}": v for k, v in lrs.items()}}
             self.accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=step)
             if self.accelerator.is_main_process:
                 with (self.run_dir / "train_log.jsonl").open("a") as handle:

@@ -1,0 +1,115 @@
+"""What the benchmark scripts share: model shapes, the machine's measured matmul peak, memory readings, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Mississippi-shaped models (InternViT-style tower on 448 px tiles, patch 14 → 1,024 patches → 256 tokens per
+# tile after the pixel shuffle, exactly as the real checkpoints; Llama LLM). "small" keeps the real tiling and
+# token counts with narrower, shallower layers (33 M parameters) so a 2-core CPU trains it in seconds per step;
+# its vocabulary is padded to 2,560 rows so the LM head is a similar share of the LLM (6%) as the real 0.8B's
+# 32k-row head (10%).
+# "0.8b" / "2b" are the real shapes (random init) for a GPU.
+MODELS = {
+    "tiny": {"llm": "llama", "image_size": 56, "patch_size": 14, "vision_hidden": 32, "vision_layers": 1,
+             "text_hidden": 64, "text_layers": 1},
+    "small": {"llm": "llama", "image_size": 448, "patch_size": 14, "vision_hidden": 384, "vision_layers": 6,
+              "vision_heads": 6, "text_hidden": 512, "text_layers": 6, "text_heads": 8, "text_kv_heads": 4,
+              "text_intermediate": 1408, "vocab_size": 2560},
+    "0.8b": {"llm": "llama", "image_size": 448, "patch_size": 14, "vision_hidden": 1024, "vision_layers": 24,
+             "vision_heads": 16, "text_hidden": 1536, "text_layers": 16, "text_heads": 16, "text_kv_heads": 8,
+             "text_intermediate": 4096, "vocab_size": 32000},
+    "2b": {"llm": "mistral", "image_size": 448, "patch_size": 14, "vision_hidden": 1024, "vision_layers": 24,
+           "vision_heads": 16, "text_hidden": 2560, "text_layers": 24, "text_heads": 32, "text_kv_heads": 8,
+           "text_intermediate": 6912, "vocab_size": 32010},
+}
+
+
+def build_model(out: Path, shape: str) -> Path:
+    """The checkpoint for `shape` under `out`, built once (in the original H2OVL Hub layout) and reused."""
+    from finetune.models import get_family
+
+    folder = out / f"model-{shape}"
+    marker = folder / ".shape.json"
+    if not (marker.exists() and json.loads(marker.read_text()) == MODELS[shape]):
+        get_family("mississippi").build_tiny_checkpoint(folder, **MODELS[shape])
+        marker.write_text(json.dumps(MODELS[shape]))
+    return folder
+
+
+def matmul_peak_flops(device: str = "cpu", dtype: str = "fp32", seconds: float = 1.0) -> dict:
+    """The machine's achievable matmul rate: the best FLOP/s of square matmuls of a few sizes, each run for
+    about `seconds` (the denominator of MFU; a datasheet peak would flatter nobody on a shared VM)."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    best = {"flops": 0.0, "size": 0}
+    for size in (1024, 2048, 4096) if device == "cpu" else (4096, 8192):
+        a = torch.randn(size, size, device=device, dtype=torch_dtype)
+        b = torch.randn(size, size, device=device, dtype=torch_dtype)
+        a @ b  # warm-up: thread pool, allocation
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            runs += 1
+            if device != "cpu":
+                sync()
+        sync()
+        flops = 2 * size**3 * runs / (time.perf_counter() - started)
+        if flops > best["flops"]:
+            best = {"flops": flops, "size": size}
+    return best
+
+
+def peak_memory_mib(device: str = "cpu") -> float:
+    """CPU: the process's resident high-water mark (VmHWM); GPU: the allocator's peak."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
+def machine() -> str:
+    """One line: CPU model and cores (or the GPU), torch version, threads."""
+    import torch
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} × {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def run_child(script: str, config: dict, env: dict | None = None) -> dict:
+    """Run `script --child CONFIG` in a fresh process (clean memory peak, nothing shared) and return its last
+    stdout line as JSON; its stderr passes through, so progress and errors stay visible."""
+    result = subprocess.run([sys.executable, script, "--child", json.dumps(config)], check=False, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise SystemExit(f"{Path(script).name}: child {config.get('role', '')} failed (exit {result.returncode})")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Image preprocessing throughput: tiling + normalisation per page size, and where the time goes.
+
+    python scripts/bench_preprocess.py [--repeats 5] [--out runs/bench-preprocess]
+
+Pages: a thermal receipt photo, A4 scans at 150 and 300 dpi, and a wide digital table, each a synthetic
+document scaled to that size and saved the way such pages usually arrive (JPEG for photos and scans, PNG for
+the digital table). For H2OVL-Mississippi (448 px tiles, up to 6 + thumbnail) each phase of what the training
+dataset does per image is timed on its own — decode, grid resize, crop, thumbnail, to-tensor + normalise —
+and their sum is checked against the family's whole `preprocess` call. LLaVA-OneVision's image processor
+(transformers' PIL implementation, anyres tiles of 384 px) is timed whole for comparison. One thread, as in a
+data-loader worker; the best of `--repeats` runs per phase (the least disturbed by other work on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import machine, markdown_table
+
+# name → (width, height, format)
+PAGES = {
+    "receipt (80 mm, 203 dpi photo)": (576, 1600, "JPEG"),
+    "A4 scan, 150 dpi": (1240, 1754, "JPEG"),
+    "A4 scan, 300 dpi": (2480, 3508, "JPEG"),
+    "wide table (digital)": (3300, 1100, "PNG"),
+}
+
+
+def write_pages(out: Path, scale: float = 1.0) -> dict[str, Path]:
+    """One file per page size: a synthetic invoice (or receipt) stretched to the size, deterministic."""
+    from PIL import Image
+
+    from finetune.synthetic.invoices import make_document
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for index, (name, (width, height, fmt)) in enumerate(PAGES.items()):
+        width, height = max(32, int(width * scale)), max(32, int(height * scale))
+        path = out / f"page{index}-{width}x{height}.{fmt.lower().replace('jpeg', 'jpg')}"
+        if not path.exists():
+            page, _ = make_document(random.Random(f"bench/{index}"), "invoices")
+            page.resize((width, height), Image.Resampling.BICUBIC).save(path, fmt, **(
+                {"quality": 90} if fmt == "JPEG" else {}))
+        files[name] = path
+    return files
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return min(times), result
+
+
+def mississippi_phases(path: Path, repeats: int) -> dict[str, float]:
+    """Seconds per phase of `DocumentDataset` + `h2ovl_image.preprocess` for one page (default settings)."""
+    from PIL import Image
+
+    from finetune.data.dataset import load_image
+    from finetune.models import h2ovl_image as hi
+
+    tile = 448
+    decode, image = best_of(repeats, lambda: load_image(path))
+    grid = hi.choose_grid(image.width, image.height, hi.target_grids(1, 6), tile)
+    cols, rows = grid
+    resize, resized = best_of(repeats, lambda: image.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC))
+    crop, tiles = best_of(repeats, lambda: [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+                                            for r in range(rows) for c in range(cols)])
+    thumbnail, thumb = best_of(repeats, lambda: image.resize((tile, tile), Image.Resampling.BICUBIC)
+                               if cols * rows > 1 else None)
+    tiles = tiles + ([thumb] if thumb is not None else [])
+    normalise, _ = best_of(repeats, lambda: hi._to_tensor(tiles))
+    whole, (pixels, _) = best_of(repeats, lambda: hi.preprocess([load_image(path)]))
+    return {"tiles": int(pixels.shape[0]), "decode": decode, "resize": resize, "crop": crop,
+            "thumbnail": thumbnail, "normalise": normalise, "whole": whole}
+
+
+def llava_whole(path: Path, repeats: int) -> tuple[float, int]:
+    from finetune.data.dataset import load_image
+    from finetune.models import get_family
+
+    family = get_family("llava_onevision")
+    processor = _llava_processor(family)
+    seconds, out = best_of(repeats, lambda: processor.image_processor(images=[load_image(path)], return_tensors="pt"))
+    return seconds, int(out["pixel_values"].shape[1])
+
+
+_LLAVA = {}
+
+
+def _llava_processor(family):
+    """A LLaVA-OneVision processor with the real 0.5B checkpoint's image settings (384 px, anyres_max_9 grids)."""
+    if "processor" not in _LLAVA:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="bench-llava-"))
+        family.build_tiny_checkpoint(folder, image_size=384, patch_size=14, grid=(1, 2, 3, 4, 5, 6),
+                                     vision_layers=1, text_layers=1)
+        _LLAVA["processor"] = family.load_processor(str(folder))
+    return _LLAVA["processor"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the pages (smoke tests)")
+    parser.add_argument("--out", default="runs/bench-preprocess")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    files = write_pages(out / "pages", args.scale)
+    rows, results = [], []
+    for name, path in files.items():
+        from PIL import Image
+
+        with Image.open(path) as image:
+            size = f"{image.width}×{image.height} {image.format}"
+        phases = mississippi_phases(path, args.repeats)
+        llava_seconds, llava_tiles = llava_whole(path, args.repeats)
+        parts = sum(phases[k] for k in ("decode", "resize", "crop", "thumbnail", "normalise"))
+        results.append({"page": name, "size": size, **phases, "llava_onevision": llava_seconds,
+                        "llava_tiles": llava_tiles})
+        shares = [f"{phases[k] * 1e3:.1f} ({phases[k] / parts:.0%})"
+                  for k in ("decode", "resize", "crop", "thumbnail", "normalise")]
+        rows.append([name, size, str(phases["tiles"]), f"{1 / phases['whole']:.1f}", *shares,
+                     f"{phases['whole'] * 1e3:.1f}", f"{1 / llava_seconds:.1f} ({llava_tiles} tiles)"])
+    print(f"\n{machine()}; best of {args.repeats}")
+    print(markdown_table(["page", "pixels", "Mississippi tiles", "images/s", "decode ms", "grid resize ms",
+                          "crop ms", "thumbnail ms", "to tensor + normalise ms", "whole ms",
+                          "LLaVA-OneVision images/s"], rows))
+    (out / "results.json").write_text(json.dumps({"machine": machine(), "rows": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

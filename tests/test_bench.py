@@ -1,0 +1,55 @@
+"""Smoke tests for the benchmark scripts: each runs end to end with tiny settings and prints its table.
+They check that the scripts work and report sane quantities, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_train_compares_the_trainers(tmp_path):
+    stdout = run_script("bench_train.py", "--model", "tiny", "--steps", "2", "--warmup-steps", "1", "--rounds", "1",
+                        "--batch-size", "2", "--samples", "12", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["trainer"]: row for row in results["rows"]}
+    assert set(rows) == {"ours", "bare", "trl"}
+    assert results["flops"]["fitted"] and results["peak"]["flops"] > 0
+    for row in rows.values():
+        assert row["steps"] == 2 and row["real_tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+        assert 0 <= row["padding"] < 1 and row["real_tokens_per_s"] <= row["tokens_per_s"]
+    # Ours, the bare loop and TRL train on the same samples from the same weights.
+    assert rows["ours"]["first_loss"] == pytest.approx(rows["bare"]["first_loss"], rel=1e-4)
+    assert rows["ours"]["padding"] == pytest.approx(rows["bare"]["padding"])
+    assert rows["trl"]["first_loss"] == pytest.approx(rows["ours"]["first_loss"], rel=0.05)
+    assert 0 <= rows["trl"]["default_order_padding"] < 1
+    assert "| ours |" in stdout and "| trl |" in stdout
+
+
+def test_bench_preprocess_times_every_page(tmp_path):
+    stdout = run_script("bench_preprocess.py", "--repeats", "1", "--scale", "0.1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["tiles"] >= 1 and r["whole"] > 0 and r["llava_onevision"] > 0 for r in rows)
+    assert "A4 scan, 300 dpi" in stdout
+
+
+def test_bench_learn_records_a_learning_curve(tmp_path):
+    stdout = run_script("bench_learn.py", "--preset", "digits", "--steps", "4", "--eval-every", "2",
+                        "--eval-samples", "4", "--train-samples", "16", "--batch-size", "4", "--out", str(tmp_path))
+    curve = json.loads((tmp_path / "results.json").read_text())["curve"]
+    assert [point["step"] for point in curve] == [2, 4]
+    assert all(0 <= point["field_f1"] <= 1 and point["minutes"] > 0 for point in curve)
+    assert "field F1" in stdout
