@@ -83,6 +83,16 @@ def peak_memory_mib(device: str = "cpu") -> float:
     raise RuntimeError("VmHWM not in /proc/self/status")
 
 
+def reset_peak_memory(device: str = "cpu") -> None:
+    """Start the peak-memory reading afresh (after set-up: dataset decoding and model loading are not training)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current resident size
+
+
 def machine() -> str:
     """One line: CPU model and cores (or the GPU), torch version, threads."""
     import torch

@@ -5,8 +5,8 @@
 Pages: a thermal receipt photo, A4 scans at 150 and 300 dpi, and a wide digital table, each a synthetic
 document scaled to that size and saved the way such pages usually arrive (JPEG for photos and scans, PNG for
 the digital table). For H2OVL-Mississippi (448 px tiles, up to 6 + thumbnail) each phase of what the training
-dataset does per image is timed on its own — decode, grid resize, crop, thumbnail, to-tensor + normalise —
-and their sum is checked against the family's whole `preprocess` call. LLaVA-OneVision's image processor
+dataset does per image is timed on its own — decode, grid resize, crop, thumbnail, to-tensor + normalise — and
+the whole (decode + the family's `preprocess`, which also converts to RGB) is timed once more as one call. LLaVA-OneVision's image processor
 (transformers' PIL implementation, anyres tiles of 384 px) is timed whole for comparison. One thread, as in a
 data-loader worker; the best of `--repeats` runs per phase (the least disturbed by other work on the machine).
 """

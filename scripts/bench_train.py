@@ -22,10 +22,11 @@ The trainers take turns for `--rounds` rounds and each rate is the median over i
 real tokens/s): this VM's speed drifts by 10-20% over minutes, so one run each would compare different machines.
 
 Reported over the steps after the warm-up: samples/s, tokens/s over all positions the batches computed, real
-(non-padding) tokens/s, the padding share, peak memory, achieved FLOP/s and MFU. FLOPs are model FLOPs: the
+(non-padding) tokens/s, the padding share, achieved FLOP/s and MFU; peak memory over training (set-up excluded). FLOPs are model FLOPs: the
 forward and backward of each sample alone (no padding, full attention scores, logits at every position, no
-checkpoint recomputation), counted by `torch.utils.flop_counter` for the trainable set at hand; work a trainer
-skips still counts, as MFU conventionally does. The peak is the best fp32 (or bf16) matmul rate measured in
+checkpoint recomputation), counted by `torch.utils.flop_counter` on eager attention for the trainable set at
+hand; work a trainer skips (the causal half of the scores, logits without a label) still counts, as MFU
+conventionally does, so model FLOP/s exceeds what the hardware executes for ours. The peak is the best fp32 (or bf16) matmul rate measured in
 this run.
 """
 
@@ -68,10 +69,9 @@ def summarise(name: str, result: dict, warmup: int, flops: dict, peak_flops: flo
 
 
 def combine(runs: list[dict]) -> dict:
-    """One trainer's rounds: the median of each rate, its range, the highest memory peak."""
+    """One trainer's rounds: the median of each figure (memory peak included), with the range of real tokens/s."""
     row = {key: (statistics.median(r[key] for r in runs) if isinstance(value, float) else value)
            for key, value in runs[0].items()}
-    row["peak_mib"] = max(r["peak_mib"] for r in runs)
     row["real_tokens_per_s_range"] = (min(r["real_tokens_per_s"] for r in runs),
                                       max(r["real_tokens_per_s"] for r in runs))
     return row

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from bench_common import matmul_peak_flops, peak_memory_mib
+from bench_common import matmul_peak_flops, peak_memory_mib, reset_peak_memory
 
 INSTRUCTION = "Extract the details from the invoice image and structure them into JSON format:"
 GROUPS = {"lora": {"vision": "frozen", "projector": "frozen", "llm": "lora"},
@@ -40,7 +40,7 @@ def _samples(config: dict):
                                       instruction_text=instruction, skeleton=skeleton, max_length=16384)
     if report.kept != report.read:
         raise RuntimeError(report.summary())
-    return family, processor, instruction, samples
+    return family, processor, instruction, samples, skeleton
 
 
 def _model(config: dict, family, *, checkpointing: bool | None = None):
@@ -95,10 +95,12 @@ def child_flops(config: dict) -> dict:
 
     from finetune.data.dataset import Collator, DocumentDataset
 
-    family, processor, instruction, samples = _samples(config)
+    family, processor, instruction, samples, _ = _samples(config)
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction)
     collate = Collator(family, processor.tokenizer.pad_token_id)
-    model, _ = _model(config, family, checkpointing=False)  # model FLOPs: no recomputation
+    # Model FLOPs: no recomputation, and eager attention, whose score matmuls the counter sees (it has no formula
+    # for the CPU flash-attention kernel, which SDPA runs here, and would count its FLOPs as zero).
+    model, _ = _model({**config, "attn": "eager"}, family, checkpointing=False)
 
     def count(item) -> int:
         batch = collate([item])
@@ -135,7 +137,7 @@ def child_flops(config: dict) -> dict:
         if np.linalg.matrix_rank(matrix) == 3:
             v, a, b = np.linalg.solve(matrix, np.array([f for _, _, f in counted[:3]], dtype=np.float64))
             t, n, f = counted[3]
-            if abs(v * n + a * t + b * t * t - f) <= 1e-6 * f:
+            if b > 0 and abs(v * n + a * t + b * t * t - f) <= 1e-6 * f:  # b: attention is counted
                 def flops_of(t, n):
                     return v * n + a * t + b * t * t
     if flops_of is None:  # the fit cannot be trusted (or too few distinct shapes): count every sample
@@ -179,6 +181,7 @@ def child_ours(config: dict) -> dict:
     shapes, forward_inputs = [], job.family.training_inputs
     job.family.training_inputs = lambda batch: (shapes.append(_row_shapes(batch, job.processor)),
                                                 forward_inputs(batch))[1]
+    reset_peak_memory(config["device"])
     job.train()
     steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     return {"steps": [{"seconds": s["seconds"], "samples": s["samples"], "tokens": s["tokens"],
@@ -192,7 +195,7 @@ def child_bare(config: dict) -> dict:
     from finetune.data.dataset import Collator, DocumentDataset
     from finetune.training.sampler import EpochLengthGroupedSampler
 
-    family, processor, instruction, samples = _samples(config)
+    family, processor, instruction, samples, _ = _samples(config)
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction)
     # The batches our trainer draws for seed 0: the same sampler, generator and collator.
     loader = torch.utils.data.DataLoader(
@@ -202,6 +205,7 @@ def child_bare(config: dict) -> dict:
     model, _ = _model(config, family)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+    reset_peak_memory(config["device"])
     steps, last = [], time.perf_counter()
     for step, batch in enumerate(loader):
         if step == config["total_steps"]:
@@ -258,12 +262,12 @@ def child_trl(config: dict) -> dict:
     from finetune.data.sources import read_records
     from finetune.training.tuning import lora_targets
 
-    family, processor, instruction, samples = _samples(config)
+    family, processor, instruction, samples, skeleton = _samples(config)
     records = list(read_records(config["data"]))
     dataset = Dataset.from_list([{
         "images": [load_image(ref) for ref in record.images],
         "prompt": [{"role": "user", "content": [{"type": "image"}] * len(record.images) + [{"type": "text", "text": instruction}]}],
-        "completion": [{"role": "assistant", "content": [{"type": "text", "text": canonical_json(record.target)}]}],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": canonical_json(record.target, skeleton)}]}],
     } for record in records])
     model = family.load_model(config["checkpoint"], attn_implementation=config["attn"]).to(config["device"])
     peft_config = None
@@ -321,6 +325,7 @@ def child_trl(config: dict) -> dict:
             self.last = now
 
     trainer.add_callback(StepTimer())
+    reset_peak_memory(config["device"])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

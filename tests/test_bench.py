@@ -27,15 +27,14 @@ def test_bench_train_compares_the_trainers(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {row["trainer"]: row for row in results["rows"]}
     assert set(rows) == {"ours", "bare", "trl"}
-    assert results["flops"]["fitted"] and results["peak"]["flops"] > 0
+    # The FLOP fit holds, with a quadratic (attention) term: the score matmuls are counted.
+    assert results["flops"]["fitted"] and results["flops"]["coefficients"][2] > 0
     for row in rows.values():
-        assert row["steps"] == 2 and row["real_tokens_per_s"] > 0 and 0 < row["mfu"] < 1
-        assert 0 <= row["padding"] < 1 and row["real_tokens_per_s"] <= row["tokens_per_s"]
+        assert row["steps"] == 2 and 0 < row["mfu"] < 1
     # Ours, the bare loop and TRL train on the same samples from the same weights.
     assert rows["ours"]["first_loss"] == pytest.approx(rows["bare"]["first_loss"], rel=1e-4)
     assert rows["ours"]["padding"] == pytest.approx(rows["bare"]["padding"])
-    assert rows["trl"]["first_loss"] == pytest.approx(rows["ours"]["first_loss"], rel=0.05)
-    assert 0 <= rows["trl"]["default_order_padding"] < 1
+    assert rows["trl"]["first_loss"] == pytest.approx(rows["ours"]["first_loss"], rel=0.02)
     assert "| ours |" in stdout and "| trl |" in stdout
 
 

@@ -57,3 +57,14 @@ def test_trainer_loss_equals_transformers_loss_with_padding_mask(family_name, ch
     assert got.keys() == expected.keys() and len(got) > 0
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_inputs_refuse_a_left_padded_batch():
+    # Without the mask, the real tokens of a left-padded row would attend to the pads before them.
+    family = get_family("mississippi")
+    right = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1],
+                                                                                           [1, 1, 0, 0]])}
+    assert "attention_mask" not in family.training_inputs(right)
+    left = {**right, "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
+    with pytest.raises(ValueError, match="right-padded"):
+        family.training_inputs(left)

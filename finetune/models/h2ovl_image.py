@@ -139,14 +139,15 @@ def count_tiles(width: int, height: int, *, min_tiles: int = 1, max_tiles: int =
 
 # (x / 255 - mean) / std folded into x · scale - shift: one pass from uint8 and two in place, instead of numpy's
 # float copy, three broadcast passes and a transposing copy (the largest share of a page's preprocessing before;
-# BENCHMARKS.md). Equal to the unfolded form within float rounding (1e-6).
-_SCALE = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
-_SHIFT = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+# BENCHMARKS.md). Equal to the unfolded form within float rounding (5e-7).
+_SCALE = torch.tensor([1 / (255 * s) for s in IMAGENET_STD], dtype=torch.float32, device="cpu").view(1, 3, 1, 1)
+_SHIFT = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dtype=torch.float32,
+                      device="cpu").view(1, 3, 1, 1)
 
 
 def _to_tensor(tiles: list[Image.Image]) -> torch.Tensor:
     """uint8 HWC tiles → normalised float32 NCHW (what torchvision's ToTensor + Normalize would give)."""
-    pixels = torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]))  # N H W C, uint8
+    pixels = torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]))  # N H W C, uint8, CPU
     out = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     return out.mul_(_SCALE).sub_(_SHIFT)
 

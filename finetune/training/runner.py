@@ -300,7 +300,8 @@ class FineTuneRecipe(EvaluationSteps):
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         logs = step % self.recipe.train.log_every == 0 or self.state.stage_step == self.stage_total
         # Throughput since the previous log line (evaluations and checkpoints in between included).
-        rates = self.throughput.take(self.accelerator.num_processes) if logs else {}
+        acc = self.accelerator
+        rates = self.throughput.take(lambda counts: acc.reduce(counts.to(acc.device), "sum").cpu()) if logs else {}
         self.tokens_per_s = rates.get("tokens_per_s", self.tokens_per_s)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{self.tokens_per_s:,.0f}",

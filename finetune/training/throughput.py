@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 
 class Throughput:
     """Counts samples, real tokens and padded positions of the micro-batches since the last `take()`.
 
     `tokens` are the positions the attention mask keeps (image tokens included); `positions` are every position
     the batches computed, padding included, so `padding` is the share of the compute spent on padding. The
-    numbers are this process's; `take(processes)` scales the rates to the whole job (ranks get equal batches).
+    counts are this process's; `take(reduce)` sums them over the job's processes with `reduce` (a collective:
+    every rank must call it at the same step).
     """
 
     def __init__(self):
@@ -26,13 +29,12 @@ class Throughput:
         self.tokens += int(mask.sum())
         self.positions += int(mask.numel())
 
-    def take(self, processes: int = 1) -> dict[str, float]:
-        """The interval's totals and rates (all processes), then start a new interval."""
+    def take(self, reduce=None) -> dict[str, float]:
+        """The interval's totals and rates (summed over processes by `reduce`), then start a new interval."""
         seconds = max(time.perf_counter() - self.started, 1e-9)
-        record = {"seconds": seconds, "samples": self.samples * processes, "tokens": self.tokens * processes,
-                  "padded_positions": (self.positions - self.tokens) * processes,
-                  "samples_per_s": self.samples * processes / seconds,
-                  "tokens_per_s": self.tokens * processes / seconds,
-                  "padding": (self.positions - self.tokens) / self.positions if self.positions else 0.0}
+        counts = torch.tensor([self.samples, self.tokens, self.positions], dtype=torch.float64)
+        samples, tokens, positions = (int(c) for c in (reduce(counts) if reduce else counts).tolist())
         self.reset()
-        return record
+        return {"seconds": seconds, "samples": samples, "tokens": tokens, "padded_positions": positions - tokens,
+                "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                "padding": (positions - tokens) / positions if positions else 0.0}
