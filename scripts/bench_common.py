@@ -71,16 +71,21 @@ def matmul_peak_flops(device: str = "cpu", dtype: str = "fp32", seconds: float =
     return best
 
 
+def memory_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (resident high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_mib(device: str = "cpu") -> float:
     """CPU: the process's resident high-water mark (VmHWM); GPU: the allocator's peak."""
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not in /proc/self/status")
+    return memory_kib("VmHWM") / 1024
 
 
 def reset_peak_memory(device: str = "cpu") -> None:

@@ -85,29 +85,21 @@ def mississippi_phases(path: Path, repeats: int) -> dict[str, float]:
             "thumbnail": thumbnail, "normalise": normalise, "whole": whole}
 
 
-def llava_whole(path: Path, repeats: int) -> tuple[float, int]:
+def llava_whole(path: Path, repeats: int, processor) -> tuple[float, int]:
     from finetune.data.dataset import load_image
-    from finetune.models import get_family
 
-    family = get_family("llava_onevision")
-    processor = _llava_processor(family)
     seconds, out = best_of(repeats, lambda: processor.image_processor(images=[load_image(path)], return_tensors="pt"))
     return seconds, int(out["pixel_values"].shape[1])
 
 
-_LLAVA = {}
-
-
-def _llava_processor(family):
+def llava_processor(folder: Path):
     """A LLaVA-OneVision processor with the real 0.5B checkpoint's image settings (384 px, anyres_max_9 grids)."""
-    if "processor" not in _LLAVA:
-        import tempfile
+    from finetune.models import get_family
 
-        folder = Path(tempfile.mkdtemp(prefix="bench-llava-"))
-        family.build_tiny_checkpoint(folder, image_size=384, patch_size=14, grid=(1, 2, 3, 4, 5, 6),
-                                     vision_layers=1, text_layers=1)
-        _LLAVA["processor"] = family.load_processor(str(folder))
-    return _LLAVA["processor"]
+    family = get_family("llava_onevision")
+    family.build_tiny_checkpoint(folder, image_size=384, patch_size=14, grid=(1, 2, 3, 4, 5, 6), vision_layers=1,
+                                 text_layers=1)
+    return family.load_processor(str(folder))
 
 
 def main() -> None:
@@ -121,6 +113,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     files = write_pages(out / "pages", args.scale)
+    llava = llava_processor(out / "llava-processor")
     rows, results = [], []
     for name, path in files.items():
         from PIL import Image
@@ -128,7 +121,7 @@ def main() -> None:
         with Image.open(path) as image:
             size = f"{image.width}×{image.height} {image.format}"
         phases = mississippi_phases(path, args.repeats)
-        llava_seconds, llava_tiles = llava_whole(path, args.repeats)
+        llava_seconds, llava_tiles = llava_whole(path, args.repeats, llava)
         parts = sum(phases[k] for k in ("decode", "resize", "crop", "thumbnail", "normalise"))
         results.append({"page": name, "size": size, **phases, "llava_onevision": llava_seconds,
                         "llava_tiles": llava_tiles})

@@ -22,17 +22,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import memory_kib, reset_peak_memory
 
 # Tiles of 224 px, patch 14: 256 patches per tile, 64 image tokens after the pixel shuffle.
 MODEL = {"llm": "llama", "image_size": 224, "patch_size": 14, "vision_hidden": 384, "vision_layers": 6,
          "text_hidden": 512, "text_layers": 4}
-
-
-def _memory_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(config: dict) -> dict:
@@ -94,13 +90,13 @@ def child(config: dict) -> dict:
     optimizer.zero_grad(set_to_none=True)
     state_bytes = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
 
-    settled = _memory_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident size
+    settled = memory_kib("VmRSS")
+    reset_peak_memory()  # the high-water mark back to the current resident size
     start = time.perf_counter()
     for _ in range(config["steps"]):
         step()
     seconds = (time.perf_counter() - start) / config["steps"]
-    peak = _memory_kib("VmHWM")
+    peak = memory_kib("VmHWM")
     return {"vision": config["vision"], "checkpointing": config["checkpointing"],
             "input_grad_hooks": bool(config.get("input_grad_hooks")),
             "trainable_params": sum(plan.trainable.values()), "tiles": int(batch["pixel_values"].shape[0]),

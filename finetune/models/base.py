@@ -89,10 +89,10 @@ class ModelFamily(ABC):
 
         Every family here runs a causal LLM over the whole sequence, image tokens included, so no real token can
         attend to the pads that follow it: the padding mask changes nothing a label depends on. Without it SDPA
-        and flash attention take their plain causal path; on the CPU that skips the masked half of each score matrix
-        instead of materialising a batch × length² mask (on the small benchmark model this is most of the LLM's attention
-        time; BENCHMARKS.md). Pads' own outputs differ, and they carry no label. A family whose LLM attends
-        bidirectionally anywhere (a prefix-LM) must keep the mask by overriding this."""
+        and flash attention take their plain causal path; on the CPU that skips the masked half of each score
+        matrix instead of materialising a batch × length² mask (most of the LLM's attention time on the small
+        benchmark model; BENCHMARKS.md). Pads' own outputs differ, and they carry no label. A family whose LLM
+        attends bidirectionally anywhere (a prefix-LM) must keep the mask by overriding this."""
         mask = batch["attention_mask"]
         if not bool(mask[:, 0].all()):  # a left-padded row starts with a pad; without the mask it would be seen
             raise ValueError("training batches must be right-padded (Collator(padding_side='right'))")
