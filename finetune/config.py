@@ -106,8 +106,16 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, gt=0)
 
 
-ScalarMetric = Literal["json_exact_match", "json_exact_match_strict", "json_exact_match_normalized", "field_f1",
-                       "ted_accuracy", "anls_star", "valid_json_rate", "schema_conformance_rate"]
+ScalarMetric = Literal[
+    "json_exact_match",
+    "json_exact_match_strict",
+    "json_exact_match_normalized",
+    "field_f1",
+    "ted_accuracy",
+    "anls_star",
+    "valid_json_rate",
+    "schema_conformance_rate",
+]
 
 
 class EvalSection(Section):

@@ -27,11 +27,23 @@ from finetune.errors import UserError
 DEFAULT_INSTRUCTION = "Extract the details from the document image and structure them into JSON format:"
 
 
-def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, family: str | None = None,
-                   base: str | None = None, instruction: str | None = None, constrained: bool = False,
-                   max_string_length: int | None = None, max_items: int | None = None, batch_size: int = 8,
-                   max_new_tokens: int = 512,
-                   headline: str = "strict", max_samples: int | None = None, report: bool = True) -> dict:
+def evaluate_model(
+    model: str,
+    data: str,
+    *,
+    out_dir: str | Path | None = None,
+    family: str | None = None,
+    base: str | None = None,
+    instruction: str | None = None,
+    constrained: bool = False,
+    max_string_length: int | None = None,
+    max_items: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    headline: str = "strict",
+    max_samples: int | None = None,
+    report: bool = True,
+) -> dict:
     """Generate and score; returns the metrics and writes metrics.json, predictions.jsonl and report.html."""
     from accelerate import Accelerator
 
@@ -56,24 +68,51 @@ def evaluate_model(model: str, data: str, *, out_dir: str | Path | None = None, 
     # The training targets, when the run's recipe tells where they are: they refine the answer schema and size the
     # decoding bounds (never the gold answers being scored).
     train_data = source.recipe.get("data", {}).get("train")
-    examples = ([r.target for r in read_records(train_data) if isinstance(r.target, dict)]
-                if train_data and Path(train_data).exists() else None)
+    examples = (
+        [r.target for r in read_records(train_data) if isinstance(r.target, dict)]
+        if train_data and Path(train_data).exists()
+        else None
+    )
     answer_schema = schema_from_skeleton(skeleton, examples)
-    samples, report_ = prepare_samples(data, split="eval", family=fam, processor=processor,
-                                       instruction_text=instruction_text, skeleton=skeleton, max_length=1 << 20,
-                                       limit=max_samples)
+    samples, report_ = prepare_samples(
+        data,
+        split="eval",
+        family=fam,
+        processor=processor,
+        instruction_text=instruction_text,
+        skeleton=skeleton,
+        max_length=1 << 20,
+        limit=max_samples,
+    )
     if not samples:
         raise UserError(f"{data}: no usable samples ({report_.summary()})")
     accelerator = Accelerator()
     net = accelerator.prepare(net.eval())
     constraint = None
     if constrained:
-        constraint = JsonConstraint.for_model(accelerator.unwrap_model(net), fam, processor, skeleton,
-                                              examples=examples, max_string_length=max_string_length,
-                                              max_items=max_items)
-    result = evaluate(net, samples, family=fam, processor=processor, instruction_text=instruction_text,
-                      accelerator=accelerator, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      constraint=constraint, skeleton=skeleton, headline=headline, schema=answer_schema)
+        constraint = JsonConstraint.for_model(
+            accelerator.unwrap_model(net),
+            fam,
+            processor,
+            skeleton,
+            examples=examples,
+            max_string_length=max_string_length,
+            max_items=max_items,
+        )
+    result = evaluate(
+        net,
+        samples,
+        family=fam,
+        processor=processor,
+        instruction_text=instruction_text,
+        accelerator=accelerator,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        constraint=constraint,
+        skeleton=skeleton,
+        headline=headline,
+        schema=answer_schema,
+    )
     out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{Path(data).stem}"
     if accelerator.is_main_process:
         write_eval(result, out, report=report, title=f"{model} on {data}")
@@ -90,22 +129,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base", help="base checkpoint of an adapter (default: the one it records)")
     parser.add_argument("--instruction", help="prompt instruction when the model has no prompt.json")
     parser.add_argument("--constrained", action="store_true", help="schema-constrained decoding (xgrammar)")
-    parser.add_argument("--max-string-length", type=int, help="constrained: longest string (default: from the "
-                        "run's training targets, else 64)")
-    parser.add_argument("--max-items", type=int, help="constrained: longest list (default: from the training "
-                        "targets, else 16)")
+    parser.add_argument(
+        "--max-string-length",
+        type=int,
+        help="constrained: longest string (default: from the run's training targets, else 64)",
+    )
+    parser.add_argument(
+        "--max-items", type=int, help="constrained: longest list (default: from the training targets, else 16)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--headline", choices=["strict", "normalized"], default="strict")
     parser.add_argument("--max-samples", type=int)
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
-    metrics = evaluate_model(args.model, args.data, out_dir=args.out, family=args.family, base=args.base,
-                             instruction=args.instruction, constrained=args.constrained,
-                             max_string_length=args.max_string_length, max_items=args.max_items,
-                             batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, headline=args.headline,
-                             max_samples=args.max_samples, report=not args.no_report)
+    metrics = evaluate_model(
+        args.model,
+        args.data,
+        out_dir=args.out,
+        family=args.family,
+        base=args.base,
+        instruction=args.instruction,
+        constrained=args.constrained,
+        max_string_length=args.max_string_length,
+        max_items=args.max_items,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        headline=args.headline,
+        max_samples=args.max_samples,
+        report=not args.no_report,
+    )
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     return metrics
 

@@ -43,17 +43,30 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFamily, processor,
-             instruction_text: str, accelerator: Accelerator, batch_size: int, max_new_tokens: int,
-             synced_ranks: bool = False, constraint=None, skeleton: dict | None = None,
-             headline: str = "strict", schema: dict | None = None) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    samples: list[Sample],
+    *,
+    family: ModelFamily,
+    processor,
+    instruction_text: str,
+    accelerator: Accelerator,
+    batch_size: int,
+    max_new_tokens: int,
+    synced_ranks: bool = False,
+    constraint=None,
+    skeleton: dict | None = None,
+    headline: str = "strict",
+    schema: dict | None = None,
+) -> EvalResult:
     """Generate for every sample (sharded across processes), gather on every process, and score. `synced_ranks`:
     every rank keeps running forwards until all are done (needed when weights are sharded, ZeRO-3);
     `constraint`: a `finetune.constrained.JsonConstraint` (schema-constrained decoding); `skeleton`: the prompt
     skeleton, for the schema-conformance rate (or `schema`, e.g. refined by the training targets); `headline`: the
     exact-match mode reported as json_exact_match."""
-    dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction_text,
-                              with_answer=False)
+    dataset = DocumentDataset(
+        samples, family=family, processor=processor, instruction_text=instruction_text, with_answer=False
+    )
     tokenizer = processor.tokenizer
     collate = Collator(family, tokenizer.pad_token_id, padding_side="left")
     unwrapped = accelerator.unwrap_model(model)
@@ -62,8 +75,19 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
     # Padded so every rank runs the same number of batches (sharded engines need every rank in every forward);
     # the duplicated samples are dropped after the gather.
     with accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as indices:
-        rows = _generate(unwrapped, dataset, indices, collate, family, processor, accelerator, batch_size,
-                         max_new_tokens, synced_ranks, constraint)
+        rows = _generate(
+            unwrapped,
+            dataset,
+            indices,
+            collate,
+            family,
+            processor,
+            accelerator,
+            batch_size,
+            max_new_tokens,
+            synced_ranks,
+            constraint,
+        )
     if was_training:
         unwrapped.train()
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
@@ -71,52 +95,89 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], *, family: ModelFami
     return score(samples, rows, skeleton=skeleton, headline=headline, schema=schema)
 
 
-def _generate(model, dataset, indices, collate, family, processor, accelerator, batch_size, max_new_tokens,
-              synced_ranks, constraint):
+def _generate(
+    model,
+    dataset,
+    indices,
+    collate,
+    family,
+    processor,
+    accelerator,
+    batch_size,
+    max_new_tokens,
+    synced_ranks,
+    constraint,
+):
     tokenizer = processor.tokenizer
     rows = []
     for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start:start + batch_size]])
+        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
         index = batch.pop("index")
         batch.pop("labels")
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                        eos_token_id=family.stop_token_ids(processor),
-                                        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_ranks,
-                                        logits_processor=[constraint.logits_processor()] if constraint else None)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
+            output = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=family.stop_token_ids(processor),
+                pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced_ranks,
+                logits_processor=[constraint.logits_processor()] if constraint else None,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for i, text in zip(index.tolist(), texts):
+        for i, text in zip(index.tolist(), texts, strict=True):
             rows.append({"index": i, "text": text})
     return rows
 
 
-def score(samples: list[Sample], rows: list[dict[str, Any]], *, skeleton: dict | None = None,
-          headline: str = "strict", schema: dict | None = None) -> EvalResult:
+def score(
+    samples: list[Sample],
+    rows: list[dict[str, Any]],
+    *,
+    skeleton: dict | None = None,
+    headline: str = "strict",
+    schema: dict | None = None,
+) -> EvalResult:
     """Metrics and per-sample records from generated texts (rows: {"index", "text"})."""
     parsed = [parse_json(row["text"]) for row in rows]
     chosen = [samples[row["index"]] for row in rows]
-    aggregate, per_sample = scoring.score([s.target for s in chosen], [obj if ok else None for obj, ok in parsed],
-                                          skeleton=skeleton, headline=headline, schema=schema)
+    aggregate, per_sample = scoring.score(
+        [s.target for s in chosen],
+        [obj if ok else None for obj, ok in parsed],
+        skeleton=skeleton,
+        headline=headline,
+        schema=schema,
+    )
     records = []
-    for row, sample, (obj, ok), sample_scores in zip(rows, chosen, parsed, per_sample):
-        records.append({"index": row["index"], "origin": sample.origin, "target": sample.target, "prediction": obj,
-                        "text": row["text"], "valid_json": ok, **sample_scores})
+    for row, sample, (obj, ok), sample_scores in zip(rows, chosen, parsed, per_sample, strict=True):
+        records.append(
+            {
+                "index": row["index"],
+                "origin": sample.origin,
+                "target": sample.target,
+                "prediction": obj,
+                "text": row["text"],
+                "valid_json": ok,
+                **sample_scores,
+            }
+        )
     return EvalResult(aggregate, records, images=[s.images for s in chosen])
 
 
-def write_eval(result: EvalResult, out_dir: Path, prefix: str = "", *, report: bool = True,
-               title: str = "Evaluation report") -> None:
+def write_eval(
+    result: EvalResult, out_dir: Path, prefix: str = "", *, report: bool = True, title: str = "Evaluation report"
+) -> None:
     """`{prefix}predictions.jsonl`, `{prefix}metrics.json` and (with `report`) `{prefix}report.html`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{prefix}predictions.jsonl").open("w", encoding="utf-8") as handle:
-        for row, images in zip(result.predictions, result.images or [[]] * len(result.predictions)):
+        for row, images in zip(result.predictions, result.images or [[]] * len(result.predictions), strict=True):
             paths = [ref for ref in images if isinstance(ref, str)]  # dataset images (bytes) stay out of the file
             handle.write(json.dumps({**row, **({"images": paths} if paths else {})}, ensure_ascii=False) + "\n")
     (out_dir / f"{prefix}metrics.json").write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n")
     if report:
         from finetune.report import write_report
 
-        records = [{**row, "images": images} for row, images in zip(result.predictions, result.images)]
+        records = [{**row, "images": images} for row, images in zip(result.predictions, result.images, strict=True)]
         write_report(out_dir / f"{prefix}report.html", records, result.metrics, title=title)

@@ -48,8 +48,11 @@ def resolve_model(model: str, *, family: str | None = None, base: str | None = N
     section = recipe.get("model", {})
     adapter = (folder / "adapter_config.json").is_file()
     if adapter:
-        base = base or section.get("path") or json.loads(
-            (folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = (
+            base
+            or section.get("path")
+            or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        )
         if not base:
             raise UserError(f"{folder}: an adapter without a recorded base model; pass --base")
     family = family or section.get("family")
@@ -59,9 +62,16 @@ def resolve_model(model: str, *, family: str | None = None, base: str | None = N
             raise UserError(f"{model}: cannot tell the model family of {source}; pass --family")
         family = family_of_checkpoint(str(source))
     prompt = json.loads((folder / "prompt.json").read_text()) if (folder / "prompt.json").is_file() else None
-    return ModelSource(weights=str(folder) if folder.exists() else model, adapter=adapter, family=family,
-                       base=base, revision=section.get("revision") if base and base == section.get("path") else None,
-                       prompt=prompt, recipe=recipe, processor_options=section.get("processor", {}))
+    return ModelSource(
+        weights=str(folder) if folder.exists() else model,
+        adapter=adapter,
+        family=family,
+        base=base,
+        revision=section.get("revision") if base and base == section.get("path") else None,
+        prompt=prompt,
+        recipe=recipe,
+        processor_options=section.get("processor", {}),
+    )
 
 
 def load_model_and_processor(source: ModelSource):

@@ -22,8 +22,9 @@ from finetune.errors import UserError
 from finetune.loading import load_model_and_processor, resolve_model
 
 
-def merge_adapter(model: str, out_dir: str | Path, *, base: str | None = None, family: str | None = None,
-                  overwrite: bool = False) -> Path:
+def merge_adapter(
+    model: str, out_dir: str | Path, *, base: str | None = None, family: str | None = None, overwrite: bool = False
+) -> Path:
     """Base + adapter → one model in `out_dir`; returns `out_dir`."""
     source = resolve_model(model, family=family, base=base)
     if not source.adapter:

@@ -76,13 +76,17 @@ def _strict_equal(a: Any, b: Any) -> bool:
         return isinstance(a, str) and isinstance(b, str) and a.strip() == b.strip()
     if isinstance(a, dict) or isinstance(b, dict):
         return (
-            isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
             and all(_strict_equal(a[k], b[k]) for k in a)
         )
     if isinstance(a, list) or isinstance(b, list):
         return (
-            isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
-            and all(_strict_equal(x, y) for x, y in zip(a, b))
+            isinstance(a, list)
+            and isinstance(b, list)
+            and len(a) == len(b)
+            and all(_strict_equal(x, y) for x, y in zip(a, b, strict=True))
         )
     return a is None and b is None
 
@@ -181,7 +185,7 @@ def field_prf(predictions: list, golds: list) -> dict:
     """Donut's micro-averaged field precision/recall/F1 over a dataset, with the raw tp/fp/fn counts."""
     _check_lengths(predictions, golds)
     tp = fp = fn = 0
-    for prediction, gold in zip(predictions, golds):
+    for prediction, gold in zip(predictions, golds, strict=True):
         t, p, n = _field_counts(prediction, gold)
         tp, fp, fn = tp + t, fp + p, fn + n
     return {
@@ -228,8 +232,12 @@ def _update_cost(a: zss.Node, b: zss.Node) -> int:
 
 def _ted(a: zss.Node, b: zss.Node) -> float:
     return zss.distance(
-        a, b, get_children=zss.Node.get_children, insert_cost=_insert_remove_cost,
-        remove_cost=_insert_remove_cost, update_cost=_update_cost,
+        a,
+        b,
+        get_children=zss.Node.get_children,
+        insert_cost=_insert_remove_cost,
+        remove_cost=_insert_remove_cost,
+        update_cost=_update_cost,
     )
 
 
@@ -260,7 +268,7 @@ def per_field_accuracy(predictions: list, golds: list) -> dict[str, float]:
     _check_lengths(predictions, golds)
     seen: dict[str, int] = defaultdict(int)
     right: dict[str, int] = defaultdict(int)
-    for prediction, gold in zip(predictions, golds):
+    for prediction, gold in zip(predictions, golds, strict=True):
         pred_values = _values_by_path({} if prediction is None else prediction)
         for path, values in _values_by_path(gold).items():
             seen[path] += 1
@@ -278,7 +286,11 @@ def _mean(values: list[float]) -> float:
 
 
 def score(
-    golds: list, predictions: list, *, skeleton: dict | None = None, headline: str = "strict",
+    golds: list,
+    predictions: list,
+    *,
+    skeleton: dict | None = None,
+    headline: str = "strict",
     schema: dict | None = None,
 ) -> tuple[dict, list[dict]]:
     """Aggregate metrics and per-sample scores; ``predictions`` are parsed objects or None (invalid JSON).
@@ -291,7 +303,7 @@ def score(
         schema = schema_from_skeleton(skeleton)
     validator = Draft202012Validator(schema) if schema is not None else None
     samples: list[dict] = []
-    for prediction, gold in zip(predictions, golds):
+    for prediction, gold in zip(predictions, golds, strict=True):
         strict = json_exact_match(prediction, gold, "strict")
         loose = json_exact_match(prediction, gold, "normalized")
         sample = {

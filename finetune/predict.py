@@ -47,9 +47,19 @@ def collect_images(inputs: list[str]) -> list[str]:
     return unique
 
 
-def predict(model: str, images: list[str], *, family: str | None = None, base: str | None = None,
-            instruction: str | None = None, constrained: bool = False, batch_size: int = 8,
-            max_new_tokens: int = 512, max_string_length: int = 64, max_items: int = 16) -> list[dict]:
+def predict(
+    model: str,
+    images: list[str],
+    *,
+    family: str | None = None,
+    base: str | None = None,
+    instruction: str | None = None,
+    constrained: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    max_string_length: int = 64,
+    max_items: int = 16,
+) -> list[dict]:
     """One record per image: the parsed prediction (None when not valid JSON) and the raw text."""
     from accelerate import Accelerator
 
@@ -63,24 +73,47 @@ def predict(model: str, images: list[str], *, family: str | None = None, base: s
     if source.prompt is None and instruction is None:
         raise UserError(f"{model}: no prompt.json to say how the model was prompted; pass --instruction")
     skeleton = source.prompt["skeleton"] if source.prompt else {}
-    instruction_text = (render_instruction(instruction, skeleton) if instruction else source.prompt["instruction"])
+    instruction_text = render_instruction(instruction, skeleton) if instruction else source.prompt["instruction"]
     fam, processor, net = load_model_and_processor(source)
     rows = [{"image": path, "target": {}} for path in images]
-    samples, report = prepare_samples(rows, split="predict", family=fam, processor=processor,
-                                      instruction_text=instruction_text, skeleton=skeleton, max_length=1 << 20)
+    samples, report = prepare_samples(
+        rows,
+        split="predict",
+        family=fam,
+        processor=processor,
+        instruction_text=instruction_text,
+        skeleton=skeleton,
+        max_length=1 << 20,
+    )
     if len(samples) != len(images):
         raise UserError(f"some images could not be read: {report.summary()}")
     accelerator = Accelerator()
     net = accelerator.prepare(net)
     constraint = None
     if constrained:
-        constraint = JsonConstraint.for_model(accelerator.unwrap_model(net), fam, processor, skeleton,
-                                              max_string_length=max_string_length, max_items=max_items)
-    result = evaluate(net, samples, family=fam, processor=processor, instruction_text=instruction_text,
-                      accelerator=accelerator, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      constraint=constraint)
-    return [{"image": images[r["index"]], "prediction": r["prediction"], "valid_json": r["valid_json"],
-             "text": r["text"]} for r in result.predictions]
+        constraint = JsonConstraint.for_model(
+            accelerator.unwrap_model(net),
+            fam,
+            processor,
+            skeleton,
+            max_string_length=max_string_length,
+            max_items=max_items,
+        )
+    result = evaluate(
+        net,
+        samples,
+        family=fam,
+        processor=processor,
+        instruction_text=instruction_text,
+        accelerator=accelerator,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        constraint=constraint,
+    )
+    return [
+        {"image": images[r["index"]], "prediction": r["prediction"], "valid_json": r["valid_json"], "text": r["text"]}
+        for r in result.predictions
+    ]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -97,10 +130,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     args = parser.parse_args(argv)
-    records = predict(args.model, collect_images(args.images), family=args.family, base=args.base,
-                      instruction=args.instruction, constrained=args.constrained, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, max_string_length=args.max_string_length,
-                      max_items=args.max_items)
+    records = predict(
+        args.model,
+        collect_images(args.images),
+        family=args.family,
+        base=args.base,
+        instruction=args.instruction,
+        constrained=args.constrained,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_string_length=args.max_string_length,
+        max_items=args.max_items,
+    )
     for record in records:
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     return records

@@ -28,12 +28,18 @@ from finetune.errors import UserError
 from finetune.loading import resolve_model
 
 # metrics.json keys → model-index metric types and the names shown on the Hub
-CARD_METRICS = {"json_exact_match": "JSON exact match", "field_f1": "field F1 (Donut)",
-                "ted_accuracy": "nTED accuracy (Donut)", "anls_star": "ANLS*", "valid_json_rate": "valid JSON rate"}
+CARD_METRICS = {
+    "json_exact_match": "JSON exact match",
+    "field_f1": "field F1 (Donut)",
+    "ted_accuracy": "nTED accuracy (Donut)",
+    "anls_star": "ANLS*",
+    "valid_json_rate": "valid JSON rate",
+}
 
 
-def build_publish_folder(run_dir: str | Path, repo_id: str, *, merged: bool = False,
-                         license: str = "apache-2.0") -> Path:
+def build_publish_folder(
+    run_dir: str | Path, repo_id: str, *, merged: bool = False, license: str = "apache-2.0"
+) -> Path:
     """Write the exact folder an upload sends; returns it."""
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file() or not (run / "final").is_dir():
@@ -68,16 +74,36 @@ def model_card(run: Path, recipe: dict, *, repo_id: str, adapter: bool, kind: st
     dataset = str(data.get(split) or data.get("train") or "custom")
     dataset_id = dataset[3:].split(":")[0] if dataset.startswith("hf:") else None
     base = recipe.get("model", {}).get("path")
-    eval_results = [EvalResult(task_type="image-text-to-text", task_name="document to JSON extraction",
-                               dataset_type=dataset_id or "custom", dataset_name=dataset_id or Path(dataset).name,
-                               dataset_split=split, metric_type=key, metric_name=name, metric_value=float(after[key]))
-                    for key, name in CARD_METRICS.items() if isinstance(after.get(key), (int, float))]
+    eval_results = [
+        EvalResult(
+            task_type="image-text-to-text",
+            task_name="document to JSON extraction",
+            dataset_type=dataset_id or "custom",
+            dataset_name=dataset_id or Path(dataset).name,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=name,
+            metric_value=float(after[key]),
+        )
+        for key, name in CARD_METRICS.items()
+        if isinstance(after.get(key), (int, float))
+    ]
     card_data = ModelCardData(
-        base_model=base, library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text",
-        license=license, datasets=[dataset_id] if dataset_id else None, model_name=repo_id,
-        tags=["document-understanding", "json-extraction", "vision-language", recipe.get("model", {}).get("family"),
-              kind],
-        eval_results=eval_results or None)
+        base_model=base,
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="image-text-to-text",
+        license=license,
+        datasets=[dataset_id] if dataset_id else None,
+        model_name=repo_id,
+        tags=[
+            "document-understanding",
+            "json-extraction",
+            "vision-language",
+            recipe.get("model", {}).get("family"),
+            kind,
+        ],
+        eval_results=eval_results or None,
+    )
     text = "---\n" + card_data.to_yaml() + "\n---\n\n" + _card_text(run, recipe, repo_id, adapter, after, before)
     return ModelCard(text)
 
@@ -87,44 +113,93 @@ def _card_text(run: Path, recipe: dict, repo_id: str, adapter: bool, after: dict
     info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
     report = json.loads((run / "data_report.json").read_text()) if (run / "data_report.json").is_file() else {}
     prompt = json.loads((run / "final" / "prompt.json").read_text())
-    lines = [f"# {repo_id}", "",
-             (f"{'A LoRA adapter for' if adapter else 'A fine-tune of'} `{model.get('path')}` that reads document "
-             f"images into JSON, trained with the `finetune` toolkit."), "", "## Training", "",
-             f"- Model family: `{model.get('family')}`; base checkpoint `{model.get('path')}`.",
-             (f"- Training samples: {report.get('train', {}).get('kept', 'n/a')} "
-             f"(validated before training; {sum(report.get('train', {}).get('skipped', {}).values())} skipped)."),
-             (f"- Hardware: {info.get('device', 'n/a')} × {info.get('processes', 'n/a')} "
-             f"({info.get('engine', 'n/a')}, mixed precision {info.get('mixed_precision', 'n/a')}); "
-             f"{info.get('optimizer_steps', 'n/a')} optimizer steps in {info.get('seconds', 'n/a')} s."), "",
-             "| stage | groups | learning rates |", "|---|---|---|"]
+    lines = [
+        f"# {repo_id}",
+        "",
+        (
+            f"{'A LoRA adapter for' if adapter else 'A fine-tune of'} `{model.get('path')}` that reads document "
+            f"images into JSON, trained with the `finetune` toolkit."
+        ),
+        "",
+        "## Training",
+        "",
+        f"- Model family: `{model.get('family')}`; base checkpoint `{model.get('path')}`.",
+        (
+            f"- Training samples: {report.get('train', {}).get('kept', 'n/a')} "
+            f"(validated before training; {sum(report.get('train', {}).get('skipped', {}).values())} skipped)."
+        ),
+        (
+            f"- Hardware: {info.get('device', 'n/a')} × {info.get('processes', 'n/a')} "
+            f"({info.get('engine', 'n/a')}, mixed precision {info.get('mixed_precision', 'n/a')}); "
+            f"{info.get('optimizer_steps', 'n/a')} optimizer steps in {info.get('seconds', 'n/a')} s."
+        ),
+        "",
+        "| stage | groups | learning rates |",
+        "|---|---|---|",
+    ]
     for stage in recipe.get("stages") or []:
         groups = ", ".join(f"{g}: {m}" for g, m in stage["groups"].items())
         rates = ", ".join(f"{g} {lr:g}" for g, lr in (stage.get("lr") or {}).items())
         lines.append(f"| {stage['name']} | {groups} | {rates} |")
-    lines += ["", "The full resolved recipe is `training_recipe.yaml` in this repository.", "", "## Evaluation", "",
-              (f"Generated JSON on the `{recipe.get('eval', {}).get('split', 'val')}` split "
-              f"({after.get('num_samples', 'n/a')} documents), before and after fine-tuning:"), "",
-              "| metric | before | after |", "|---|---|---|"]
+    lines += [
+        "",
+        "The full resolved recipe is `training_recipe.yaml` in this repository.",
+        "",
+        "## Evaluation",
+        "",
+        (
+            f"Generated JSON on the `{recipe.get('eval', {}).get('split', 'val')}` split "
+            f"({after.get('num_samples', 'n/a')} documents), before and after fine-tuning:"
+        ),
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+    ]
     for key, name in CARD_METRICS.items():
         if key in after:
             lines.append(f"| {name} | {_pct(before.get(key))} | {_pct(after.get(key))} |")
     instruction = prompt["instruction"]
     family = model.get("family")
-    load = (f'base = family.load_model("{model.get("path")}")\nmodel = PeftModel.from_pretrained(base, "{repo_id}")'
-            if adapter else f'model = family.load_model("{repo_id}")')
-    lines += ["", "## Usage", "", "The model expects the prompt it was trained with (also in `prompt.json`):", "",
-              "```text", instruction, "```", "", ("With transformers (through the toolkit's model family, which "
-              "loads the processor and chat format):"), "", "```python",
-              *(["from peft import PeftModel"] if adapter else []), "from finetune.models import get_family", "",
-              f'family = get_family("{family}")', load,
-              f'processor = family.load_processor("{repo_id}")', "```", "",
-              "Or from the command line: `python -m finetune.predict --model <downloaded folder> scans/*.png`.", "",
-              "With vLLM:", "", "```bash"]
+    load = (
+        f'base = family.load_model("{model.get("path")}")\nmodel = PeftModel.from_pretrained(base, "{repo_id}")'
+        if adapter
+        else f'model = family.load_model("{repo_id}")'
+    )
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "The model expects the prompt it was trained with (also in `prompt.json`):",
+        "",
+        "```text",
+        instruction,
+        "```",
+        "",
+        ("With transformers (through the toolkit's model family, which loads the processor and chat format):"),
+        "",
+        "```python",
+        *(["from peft import PeftModel"] if adapter else []),
+        "from finetune.models import get_family",
+        "",
+        f'family = get_family("{family}")',
+        load,
+        f'processor = family.load_processor("{repo_id}")',
+        "```",
+        "",
+        "Or from the command line: `python -m finetune.predict --model <downloaded folder> scans/*.png`.",
+        "",
+        "With vLLM:",
+        "",
+        "```bash",
+    ]
     if adapter:
         lines += [f"vllm serve {model.get('path')} --enable-lora --lora-modules extractor={repo_id}", "```"]
     elif family == "mississippi":  # vLLM's H2OVL loader reads the original layout, kept in original/
-        lines += [f"huggingface-cli download {repo_id} --local-dir reader", ("vllm serve reader/original "
-                  "--trust-remote-code"), "```"]
+        lines += [
+            f"huggingface-cli download {repo_id} --local-dir reader",
+            ("vllm serve reader/original --trust-remote-code"),
+            "```",
+        ]
     else:
         lines += [f"vllm serve {repo_id}", "```"]
     lines += ["", "Send the prompt above with the document image as the user turn.", ""]
@@ -135,8 +210,15 @@ def _pct(value) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
 
 
-def publish(run_dir: str | Path, repo_id: str, *, merged: bool = False, dry_run: bool = False,
-            private: bool = False, license: str = "apache-2.0") -> Path:
+def publish(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    merged: bool = False,
+    dry_run: bool = False,
+    private: bool = False,
+    license: str = "apache-2.0",
+) -> Path:
     """Build the folder and, unless dry-run or offline, upload it with `huggingface_hub`."""
     folder = build_publish_folder(run_dir, repo_id, merged=merged, license=license)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -148,8 +230,12 @@ def publish(run_dir: str | Path, repo_id: str, *, merged: bool = False, dry_run:
 
     api = HfApi()  # token from HF_TOKEN or the saved login; never passed around or written here
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                      commit_message=f"Upload {'merged model' if merged else folder.name} from finetune")
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=f"Upload {'merged model' if merged else folder.name} from finetune",
+    )
     print(f"uploaded {folder} to https://huggingface.co/{repo_id}")
     return folder
 
@@ -164,8 +250,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--license", default="apache-2.0")
     args = parser.parse_args(argv)
-    return publish(args.run, args.repo, merged=args.merged, dry_run=args.dry_run, private=args.private,
-                   license=args.license)
+    return publish(
+        args.run, args.repo, merged=args.merged, dry_run=args.dry_run, private=args.private, license=args.license
+    )
 
 
 if __name__ == "__main__":

@@ -82,45 +82,59 @@ def check_family_groups(recipe: Recipe, *, source: str = "<recipe>", lines: dict
     if family not in FAMILY_GROUPS:
         where = _where(source, lines, "model.family")
         raise RecipeError(f"{where}: model.family: unknown family '{family}'{_suggest(family, sorted(FAMILY_GROUPS))}")
-    given = [k for k, v in (("stages", recipe.stages), ("schedule", recipe.schedule),
-                            ("tuning.groups", recipe.tuning.groups)) if v is not None]
+    given = [
+        k
+        for k, v in (("stages", recipe.stages), ("schedule", recipe.schedule), ("tuning.groups", recipe.tuning.groups))
+        if v is not None
+    ]
     if len(given) > 1:
-        raise RecipeError(f"{_where(source, lines, given[-1])}: {' and '.join(given)} both give the training "
-                          f"modes; keep one (set the other to null)")
+        raise RecipeError(
+            f"{_where(source, lines, given[-1])}: {' and '.join(given)} both give the training "
+            f"modes; keep one (set the other to null)"
+        )
     names = [stage.name for stage in recipe.stages or []]
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise RecipeError(f"{_where(source, lines, f'stages.{i}.name')}: stages.{i}.name: '{name}' is used by "
-                              f"an earlier stage; stage names must be unique")
+            raise RecipeError(
+                f"{_where(source, lines, f'stages.{i}.name')}: stages.{i}.name: '{name}' is used by "
+                f"an earlier stage; stage names must be unique"
+            )
     groups = FAMILY_GROUPS[family]
     named = {f"tuning.groups.{g}": g for g in recipe.tuning.groups or {}}
     named.update({f"optim.lr.{g}": g for g in (recipe.optim.lr if isinstance(recipe.optim.lr, dict) else {})})
     named.update({f"tuning.lora.targets.{g}": g for g in recipe.tuning.lora.targets})
     for key, group in named.items():
         if group not in groups:
-            raise RecipeError(f"{_where(source, lines, key)}: {key}: '{family}' has no group '{group}'"
-                              f"{_suggest(group, list(groups))}")
+            raise RecipeError(
+                f"{_where(source, lines, key)}: {key}: '{family}' has no group '{group}'{_suggest(group, list(groups))}"
+            )
     if recipe.stages is None and recipe.schedule is None:
         modes = recipe.tuning.groups or DEFAULT_GROUPS
         missing = [g for g in groups if g not in modes]
         if missing:
-            raise RecipeError(f"{_where(source, lines, 'tuning.groups')}: tuning.groups: give a mode (frozen, full, "
-                              f"lora) for every group of '{family}': missing {', '.join(missing)}")
+            raise RecipeError(
+                f"{_where(source, lines, 'tuning.groups')}: tuning.groups: give a mode (frozen, full, "
+                f"lora) for every group of '{family}': missing {', '.join(missing)}"
+            )
         if isinstance(recipe.optim.lr, dict):
             without = [g for g, m in modes.items() if m != "frozen" and g not in recipe.optim.lr]
             if without:
-                raise RecipeError(f"{_where(source, lines, 'optim.lr')}: optim.lr: no learning rate for trainable "
-                                  f"group(s) {', '.join(without)}")
+                raise RecipeError(
+                    f"{_where(source, lines, 'optim.lr')}: optim.lr: no learning rate for trainable "
+                    f"group(s) {', '.join(without)}"
+                )
     for i, stage in enumerate(recipe.stages or []):
         for key, message in stage_problems(stage, groups, recipe.optim.lr):
             if key == "(optim.lr)":  # the stage has no lr of its own: the gap is in optim.lr
-                raise RecipeError(f"{_where(source, lines, 'optim.lr')}: optim.lr (used by stages.{i}, which has no "
-                                  f"lr): {message}")
+                raise RecipeError(
+                    f"{_where(source, lines, 'optim.lr')}: optim.lr (used by stages.{i}, which has no lr): {message}"
+                )
             raise RecipeError(f"{_where(source, lines, f'stages.{i}.{key}')}: stages.{i}.{key}: {message}")
     shares = sum(stage.fraction or 0 for stage in recipe.stages or [])
     if shares > 1 + 1e-9:
-        raise RecipeError(f"{_where(source, lines, 'stages')}: stages: the fractions of the train budget add up to "
-                          f"{shares:g} (> 1)")
+        raise RecipeError(
+            f"{_where(source, lines, 'stages')}: stages: the fractions of the train budget add up to {shares:g} (> 1)"
+        )
 
 
 def check_recipe_files(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
@@ -169,14 +183,17 @@ def _apply_override(raw: dict, override: str, source: Path) -> None:
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):  # an entry of a list, by index: stages.1.lr=1e-4
             if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(f"{source}: override {key}: '{'.'.join(parts[:i])}' has no entry {part} "
-                                  f"(entries 0-{len(node) - 1})")
+                raise RecipeError(
+                    f"{source}: override {key}: '{'.'.join(parts[:i])}' has no entry {part} (entries 0-{len(node) - 1})"
+                )
             node = node[int(part)]
             continue
         if node.get(part) is None and parts[i + 1].isdigit():
-            raise RecipeError(f"{source}: override {key}: '{'.'.join(parts[: i + 1])}' is not set in the recipe, so "
-                              f"it has no entry {parts[i + 1]} (a `schedule:` preset expands when the run starts: "
-                              f"copy the expanded stages from a run's recipe.yaml to change them)")
+            raise RecipeError(
+                f"{source}: override {key}: '{'.'.join(parts[: i + 1])}' is not set in the recipe, so "
+                f"it has no entry {parts[i + 1]} (a `schedule:` preset expands when the run starts: "
+                f"copy the expanded stages from a run's recipe.yaml to change them)"
+            )
         if part not in node or node[part] is None:
             # Overriding one entry of a defaulted mapping (tuning.groups.llm=full) keeps the other defaults.
             default = _default_at(parts[: i + 1])

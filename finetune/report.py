@@ -146,8 +146,13 @@ def json_diff_html(gold: Any, prediction: Any) -> tuple[str, str]:
 def _sort_key(record: dict) -> tuple:
     # Failures first; among them invalid JSON, then lower field F1 / TED accuracy; missing scores sort as worst.
     f1, ted = record.get("field_f1"), record.get("ted_accuracy")
-    return (bool(record.get("exact_match")), bool(record.get("valid_json")),
-            -1.0 if f1 is None else f1, -1.0 if ted is None else ted, record.get("index", 0))
+    return (
+        bool(record.get("exact_match")),
+        bool(record.get("valid_json")),
+        -1.0 if f1 is None else f1,
+        -1.0 if ted is None else ted,
+        record.get("index", 0),
+    )
 
 
 def _card(record: dict) -> str:
@@ -204,8 +209,11 @@ def _headline(metrics: dict, records: list[dict]) -> tuple[str, float | None]:
 
 
 def _metric_table(metrics: dict) -> str:
-    rows = [f'<tr><td>{escape(str(k))}</td><td class="v">{escape(_fmt(str(k), v))}</td></tr>'
-            for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    rows = [
+        f'<tr><td>{escape(str(k))}</td><td class="v">{escape(_fmt(str(k), v))}</td></tr>'
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     return f'<table class="metrics">{"".join(rows)}</table>' if rows else "<p>No scalar metrics.</p>"
 
 
@@ -216,9 +224,11 @@ def _field_bars(per_field: dict) -> str:
     for field, acc in sorted(per_field.items(), key=lambda kv: (kv[1], kv[0])):  # worst fields first
         acc = min(max(float(acc), 0.0), 1.0)
         level = "low" if acc < 0.5 else "mid" if acc < 0.8 else ""
-        rows.append(f'<div class="bar-row"><span class="bar-name" title="{escape(str(field))}">{escape(str(field))}'
-                    f'</span><div class="bar-track"><div class="bar-fill {level}" style="width:{100 * acc:.1f}%">'
-                    f'</div></div><span class="bar-val">{100 * acc:.1f}%</span></div>')
+        rows.append(
+            f'<div class="bar-row"><span class="bar-name" title="{escape(str(field))}">{escape(str(field))}'
+            f'</span><div class="bar-track"><div class="bar-fill {level}" style="width:{100 * acc:.1f}%">'
+            f'</div></div><span class="bar-val">{100 * acc:.1f}%</span></div>'
+        )
     return "".join(rows)
 
 
@@ -227,8 +237,10 @@ def render_report(records: list[dict], metrics: dict, *, title: str = "Evaluatio
     headline_name, headline_value = _headline(metrics, records)
     headline_text = "n/a" if headline_value is None else f"{100 * headline_value:.1f}%"
     cards = "\n".join(_card(r) for r in sorted(records, key=_sort_key))
-    legend = ('<p class="legend"><span class="diff-changed">changed</span><span class="diff-missing">missing</span>'
-              '<span class="diff-extra">extra</span><span class="diff-invalid">invalid JSON</span></p>')
+    legend = (
+        '<p class="legend"><span class="diff-changed">changed</span><span class="diff-missing">missing</span>'
+        '<span class="diff-extra">extra</span><span class="diff-invalid">invalid JSON</span></p>'
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)}</title><style>{CSS}</style></head>

@@ -59,8 +59,10 @@ def _schema(node: Any, seen: list | None) -> dict:
         known = seen is not None and objects
         schema = {
             "type": ["object", "null"] if nullable else "object",
-            "properties": {key: _schema(value, [o[key] for o in objects if key in o] if known else None)
-                           for key, value in node.items()},
+            "properties": {
+                key: _schema(value, [o[key] for o in objects if key in o] if known else None)
+                for key, value in node.items()
+            },
             "required": [k for k in node if all(k in o for o in objects)] if known else list(node),
             "additionalProperties": False,
         }
@@ -73,8 +75,10 @@ def _schema(node: Any, seen: list | None) -> dict:
             kinds = sorted({json_type(i) for i in items if not isinstance(i, (dict, list))} | {"null"})
             item_schema = {"type": kinds if len(kinds) > 1 else ["string", "number", "boolean", "null"]}
         return {"type": ["array", "null"] if nullable else "array", "items": item_schema}
-    kinds = {json_type(v) for v in present if not isinstance(v, (dict, list))} or {json_type("" if node is None else node)}
-    return {"type": sorted(kinds) + ["null"]}
+    kinds = {json_type(v) for v in present if not isinstance(v, (dict, list))} or {
+        json_type("" if node is None else node)
+    }
+    return {"type": [*sorted(kinds), "null"]}
 
 
 def conforms(value: Any, schema: dict) -> bool:

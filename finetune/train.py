@@ -16,8 +16,8 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from finetune.errors import UserError  # noqa: E402
-from finetune.recipe import load_recipe, parse_cli  # noqa: E402
+from finetune.errors import UserError
+from finetune.recipe import load_recipe, parse_cli
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,17 +19,57 @@ REPO = Path(__file__).resolve().parent.parent
 # 32k-row head (10%).
 # "0.8b" / "2b" are the real shapes (random init) for a GPU.
 MODELS = {
-    "tiny": {"llm": "llama", "image_size": 56, "patch_size": 14, "vision_hidden": 32, "vision_layers": 1,
-             "text_hidden": 64, "text_layers": 1},
-    "small": {"llm": "llama", "image_size": 448, "patch_size": 14, "vision_hidden": 384, "vision_layers": 6,
-              "vision_heads": 6, "text_hidden": 512, "text_layers": 6, "text_heads": 8, "text_kv_heads": 4,
-              "text_intermediate": 1408, "vocab_size": 2560},
-    "0.8b": {"llm": "llama", "image_size": 448, "patch_size": 14, "vision_hidden": 1024, "vision_layers": 24,
-             "vision_heads": 16, "text_hidden": 1536, "text_layers": 16, "text_heads": 16, "text_kv_heads": 8,
-             "text_intermediate": 4096, "vocab_size": 32000},
-    "2b": {"llm": "mistral", "image_size": 448, "patch_size": 14, "vision_hidden": 1024, "vision_layers": 24,
-           "vision_heads": 16, "text_hidden": 2560, "text_layers": 24, "text_heads": 32, "text_kv_heads": 8,
-           "text_intermediate": 6912, "vocab_size": 32010},
+    "tiny": {
+        "llm": "llama",
+        "image_size": 56,
+        "patch_size": 14,
+        "vision_hidden": 32,
+        "vision_layers": 1,
+        "text_hidden": 64,
+        "text_layers": 1,
+    },
+    "small": {
+        "llm": "llama",
+        "image_size": 448,
+        "patch_size": 14,
+        "vision_hidden": 384,
+        "vision_layers": 6,
+        "vision_heads": 6,
+        "text_hidden": 512,
+        "text_layers": 6,
+        "text_heads": 8,
+        "text_kv_heads": 4,
+        "text_intermediate": 1408,
+        "vocab_size": 2560,
+    },
+    "0.8b": {
+        "llm": "llama",
+        "image_size": 448,
+        "patch_size": 14,
+        "vision_hidden": 1024,
+        "vision_layers": 24,
+        "vision_heads": 16,
+        "text_hidden": 1536,
+        "text_layers": 16,
+        "text_heads": 16,
+        "text_kv_heads": 8,
+        "text_intermediate": 4096,
+        "vocab_size": 32000,
+    },
+    "2b": {
+        "llm": "mistral",
+        "image_size": 448,
+        "patch_size": 14,
+        "vision_hidden": 1024,
+        "vision_layers": 24,
+        "vision_heads": 16,
+        "text_hidden": 2560,
+        "text_layers": 24,
+        "text_heads": 32,
+        "text_kv_heads": 8,
+        "text_intermediate": 6912,
+        "vocab_size": 32010,
+    },
 }
 
 
@@ -117,8 +157,13 @@ def machine() -> str:
 def run_child(script: str, config: dict, env: dict | None = None) -> dict:
     """Run `script --child CONFIG` in a fresh process (clean memory peak, nothing shared) and return its last
     stdout line as JSON; its stderr passes through, so progress and errors stay visible."""
-    result = subprocess.run([sys.executable, script, "--child", json.dumps(config)], check=False, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, script, "--child", json.dumps(config)],
+        check=False,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if result.returncode != 0:
         raise SystemExit(f"{Path(script).name}: child {config.get('role', '')} failed (exit {result.returncode})")
     return json.loads(result.stdout.strip().splitlines()[-1])

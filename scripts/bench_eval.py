@@ -51,42 +51,69 @@ def main() -> None:
     torch.manual_seed(0)
     processor = family.load_processor(str(checkpoint), max_tiles_per_image=6)
     skeleton = derive_skeleton(r.target for r in read_records(data / "test.jsonl"))
-    instruction = render_instruction("Extract the fields from the form image and structure them into JSON format:",
-                                     skeleton)
-    samples, _ = prepare_samples(data / "test.jsonl", split="test", family=family, processor=processor,
-                                 instruction_text=instruction, skeleton=skeleton, max_length=1 << 16)
+    instruction = render_instruction(
+        "Extract the fields from the form image and structure them into JSON format:", skeleton
+    )
+    samples, _ = prepare_samples(
+        data / "test.jsonl",
+        split="test",
+        family=family,
+        processor=processor,
+        instruction_text=instruction,
+        skeleton=skeleton,
+        max_length=1 << 16,
+    )
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(family.load_model(str(checkpoint)).eval())
     constraint = JsonConstraint.for_model(model, family, processor, skeleton, max_string_length=8)
 
     def run(batch_size: int, constrained: bool) -> dict:
-        common = {"family": family, "processor": processor, "instruction_text": instruction, "accelerator": accelerator,
-                      "max_new_tokens": args.max_new_tokens, "constraint": constraint if constrained else None,
-                      "skeleton": skeleton}
+        common = {
+            "family": family,
+            "processor": processor,
+            "instruction_text": instruction,
+            "accelerator": accelerator,
+            "max_new_tokens": args.max_new_tokens,
+            "constraint": constraint if constrained else None,
+            "skeleton": skeleton,
+        }
         evaluate(model, samples[:batch_size], batch_size=batch_size, **common)  # warm-up
         start = time.perf_counter()
         result = evaluate(model, samples, batch_size=batch_size, **common)
         seconds = time.perf_counter() - start
-        tokens = sum(len(processor.tokenizer(r["text"], add_special_tokens=False)["input_ids"]) + 1
-                     for r in result.predictions)  # + the stop token
-        return {"batch": batch_size, "constrained": constrained, "seconds": seconds,
-                "samples_per_s": len(samples) / seconds, "tokens_per_s": tokens / seconds,
-                "valid_json": result.metrics["valid_json_rate"], "schema": result.metrics["schema_conformance_rate"]}
+        tokens = sum(
+            len(processor.tokenizer(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in result.predictions
+        )  # + the stop token
+        return {
+            "batch": batch_size,
+            "constrained": constrained,
+            "seconds": seconds,
+            "samples_per_s": len(samples) / seconds,
+            "tokens_per_s": tokens / seconds,
+            "valid_json": result.metrics["valid_json_rate"],
+            "schema": result.metrics["schema_conformance_rate"],
+        }
 
     rows = [run(1, False), run(8, False), run(1, True), run(8, True)]
     average = sum(s.length for s in samples) // len(samples)
-    print(f"{len(samples)} samples, {average} tokens each on average (prompt + answer), "
-          f"max_new_tokens {args.max_new_tokens}, {torch.get_num_threads()} threads")
+    print(
+        f"{len(samples)} samples, {average} tokens each on average (prompt + answer), "
+        f"max_new_tokens {args.max_new_tokens}, {torch.get_num_threads()} threads"
+    )
     print("| batch | constrained | seconds | samples/s | generated tokens/s | valid JSON | schema-valid |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {'yes' if r['constrained'] else 'no'} | {r['seconds']:.1f} | {r['samples_per_s']:.2f} "
-              f"| {r['tokens_per_s']:.1f} | {r['valid_json']:.0%} | {r['schema']:.0%} |")
+        print(
+            f"| {r['batch']} | {'yes' if r['constrained'] else 'no'} | {r['seconds']:.1f} | {r['samples_per_s']:.2f} "
+            f"| {r['tokens_per_s']:.1f} | {r['valid_json']:.0%} | {r['schema']:.0%} |"
+        )
     base = {(r["batch"], r["constrained"]): r for r in rows}
-    print(f"batched / one at a time: {base[(8, False)]['samples_per_s'] / base[(1, False)]['samples_per_s']:.2f}× "
-          f"samples/s unconstrained, {base[(8, True)]['samples_per_s'] / base[(1, True)]['samples_per_s']:.2f}× "
-          f"constrained; constrained / unconstrained tokens/s at batch 8: "
-          f"{base[(8, True)]['tokens_per_s'] / base[(8, False)]['tokens_per_s']:.2f}×")
+    print(
+        f"batched / one at a time: {base[(8, False)]['samples_per_s'] / base[(1, False)]['samples_per_s']:.2f}× "
+        f"samples/s unconstrained, {base[(8, True)]['samples_per_s'] / base[(1, True)]['samples_per_s']:.2f}× "
+        f"constrained; constrained / unconstrained tokens/s at batch 8: "
+        f"{base[(8, True)]['tokens_per_s'] / base[(8, False)]['tokens_per_s']:.2f}×"
+    )
 
 
 if __name__ == "__main__":

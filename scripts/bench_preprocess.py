@@ -2,14 +2,13 @@
 
     python scripts/bench_preprocess.py [--repeats 5] [--out runs/bench-preprocess]
 
-Pages: a thermal receipt photo, A4 scans at 150 and 300 dpi, and a wide digital table, each a synthetic
-document scaled to that size and saved the way such pages usually arrive (JPEG for photos and scans, PNG for
-the digital table). For H2OVL-Mississippi (448 px tiles, up to 6 + thumbnail) each phase of what the training
-dataset does per image is timed on its own — decode, grid resize, crop, thumbnail, to-tensor + normalise — and
-the whole (decode + the family's `preprocess`, which also converts to RGB) is timed once more as one call. LLaVA-OneVision's image processor
-(transformers' PIL implementation, anyres tiles of 384 px) is timed whole for comparison. One thread, as in a
-data-loader worker; the best of `--repeats` runs per phase (the least disturbed by other work on the machine).
-"""
+Pages: a thermal receipt photo, A4 scans at 150 and 300 dpi, and a wide digital table, each a synthetic document
+scaled to that size and saved the way such pages usually arrive (JPEG for photos and scans, PNG for the digital
+table). For H2OVL-Mississippi (448 px tiles, up to 6 + thumbnail) each phase of what the training dataset does per
+image is timed on its own — decode, grid resize, crop, thumbnail, to-tensor + normalise — and the whole (decode +
+the family's `preprocess`, which also converts to RGB) is timed once more as one call. LLaVA-OneVision's image
+processor (transformers' PIL implementation, anyres tiles of 384 px) is timed whole for comparison. One thread, as
+in a data-loader worker; the best of `--repeats` runs per phase (the least disturbed by other work on the machine)."""
 
 from __future__ import annotations
 
@@ -47,8 +46,9 @@ def write_pages(out: Path, scale: float = 1.0) -> dict[str, Path]:
         path = out / f"page{index}-{width}x{height}.{fmt.lower().replace('jpeg', 'jpg')}"
         if not path.exists():
             page, _ = make_document(random.Random(f"bench/{index}"), "invoices")
-            page.resize((width, height), Image.Resampling.BICUBIC).save(path, fmt, **(
-                {"quality": 90} if fmt == "JPEG" else {}))
+            page.resize((width, height), Image.Resampling.BICUBIC).save(
+                path, fmt, **({"quality": 90} if fmt == "JPEG" else {})
+            )
         files[name] = path
     return files
 
@@ -74,15 +74,27 @@ def mississippi_phases(path: Path, repeats: int) -> dict[str, float]:
     grid = hi.choose_grid(image.width, image.height, hi.target_grids(1, 6), tile)
     cols, rows = grid
     resize, resized = best_of(repeats, lambda: image.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC))
-    crop, tiles = best_of(repeats, lambda: [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
-                                            for r in range(rows) for c in range(cols)])
-    thumbnail, thumb = best_of(repeats, lambda: image.resize((tile, tile), Image.Resampling.BICUBIC)
-                               if cols * rows > 1 else None)
+    crop, tiles = best_of(
+        repeats,
+        lambda: [
+            resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
+        ],
+    )
+    thumbnail, thumb = best_of(
+        repeats, lambda: image.resize((tile, tile), Image.Resampling.BICUBIC) if cols * rows > 1 else None
+    )
     tiles = tiles + ([thumb] if thumb is not None else [])
     normalise, _ = best_of(repeats, lambda: hi._to_tensor(tiles))
     whole, (pixels, _) = best_of(repeats, lambda: hi.preprocess([load_image(path)]))
-    return {"tiles": int(pixels.shape[0]), "decode": decode, "resize": resize, "crop": crop,
-            "thumbnail": thumbnail, "normalise": normalise, "whole": whole}
+    return {
+        "tiles": int(pixels.shape[0]),
+        "decode": decode,
+        "resize": resize,
+        "crop": crop,
+        "thumbnail": thumbnail,
+        "normalise": normalise,
+        "whole": whole,
+    }
 
 
 def llava_whole(path: Path, repeats: int, processor) -> tuple[float, int]:
@@ -97,8 +109,9 @@ def llava_processor(folder: Path):
     from finetune.models import get_family
 
     family = get_family("llava_onevision")
-    family.build_tiny_checkpoint(folder, image_size=384, patch_size=14, grid=(1, 2, 3, 4, 5, 6), vision_layers=1,
-                                 text_layers=1)
+    family.build_tiny_checkpoint(
+        folder, image_size=384, patch_size=14, grid=(1, 2, 3, 4, 5, 6), vision_layers=1, text_layers=1
+    )
     return family.load_processor(str(folder))
 
 
@@ -123,16 +136,43 @@ def main() -> None:
         phases = mississippi_phases(path, args.repeats)
         llava_seconds, llava_tiles = llava_whole(path, args.repeats, llava)
         parts = sum(phases[k] for k in ("decode", "resize", "crop", "thumbnail", "normalise"))
-        results.append({"page": name, "size": size, **phases, "llava_onevision": llava_seconds,
-                        "llava_tiles": llava_tiles})
-        shares = [f"{phases[k] * 1e3:.1f} ({phases[k] / parts:.0%})"
-                  for k in ("decode", "resize", "crop", "thumbnail", "normalise")]
-        rows.append([name, size, str(phases["tiles"]), f"{1 / phases['whole']:.1f}", *shares,
-                     f"{phases['whole'] * 1e3:.1f}", f"{1 / llava_seconds:.1f} ({llava_tiles} tiles)"])
+        results.append(
+            {"page": name, "size": size, **phases, "llava_onevision": llava_seconds, "llava_tiles": llava_tiles}
+        )
+        shares = [
+            f"{phases[k] * 1e3:.1f} ({phases[k] / parts:.0%})"
+            for k in ("decode", "resize", "crop", "thumbnail", "normalise")
+        ]
+        rows.append(
+            [
+                name,
+                size,
+                str(phases["tiles"]),
+                f"{1 / phases['whole']:.1f}",
+                *shares,
+                f"{phases['whole'] * 1e3:.1f}",
+                f"{1 / llava_seconds:.1f} ({llava_tiles} tiles)",
+            ]
+        )
     print(f"\n{machine()}; best of {args.repeats}")
-    print(markdown_table(["page", "pixels", "Mississippi tiles", "images/s", "decode ms", "grid resize ms",
-                          "crop ms", "thumbnail ms", "to tensor + normalise ms", "whole ms",
-                          "LLaVA-OneVision images/s"], rows))
+    print(
+        markdown_table(
+            [
+                "page",
+                "pixels",
+                "Mississippi tiles",
+                "images/s",
+                "decode ms",
+                "grid resize ms",
+                "crop ms",
+                "thumbnail ms",
+                "to tensor + normalise ms",
+                "whole ms",
+                "LLaVA-OneVision images/s",
+            ],
+            rows,
+        )
+    )
     (out / "results.json").write_text(json.dumps({"machine": machine(), "rows": results}, indent=2) + "\n")
 
 

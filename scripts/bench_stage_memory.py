@@ -24,11 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import memory_kib, reset_peak_memory
+from bench_common import memory_kib, reset_peak_memory  # noqa: E402 (after the sys.path set-up)
 
 # Tiles of 224 px, patch 14: 256 patches per tile, 64 image tokens after the pixel shuffle.
-MODEL = {"llm": "llama", "image_size": 224, "patch_size": 14, "vision_hidden": 384, "vision_layers": 6,
-         "text_hidden": 512, "text_layers": 4}
+MODEL = {
+    "llm": "llama",
+    "image_size": 224,
+    "patch_size": 14,
+    "vision_hidden": 384,
+    "vision_layers": 6,
+    "text_hidden": 512,
+    "text_layers": 4,
+}
 
 
 def child(config: dict) -> dict:
@@ -46,10 +53,18 @@ def child(config: dict) -> dict:
     family = get_family("mississippi")
     processor = family.load_processor(config["checkpoint"], max_tiles_per_image=6)
     skeleton = derive_skeleton(record.target for record in read_records(config["data"]))
-    instruction = render_instruction("Extract the details from the invoice image and structure them into JSON "
-                                     "format:", skeleton)
-    samples, _ = prepare_samples(config["data"], split="train", family=family, processor=processor,
-                                 instruction_text=instruction, skeleton=skeleton, max_length=8192)
+    instruction = render_instruction(
+        "Extract the details from the invoice image and structure them into JSON format:", skeleton
+    )
+    samples, _ = prepare_samples(
+        config["data"],
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=instruction,
+        skeleton=skeleton,
+        max_length=8192,
+    )
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction)
     batch = Collator(family, processor.tokenizer.pad_token_id)([dataset[i] for i in range(config["batch_size"])])
     batch.pop("index")
@@ -97,13 +112,21 @@ def child(config: dict) -> dict:
         step()
     seconds = (time.perf_counter() - start) / config["steps"]
     peak = memory_kib("VmHWM")
-    return {"vision": config["vision"], "checkpointing": config["checkpointing"],
-            "input_grad_hooks": bool(config.get("input_grad_hooks")),
-            "trainable_params": sum(plan.trainable.values()), "tiles": int(batch["pixel_values"].shape[0]),
-            "tokens": int(batch["attention_mask"].sum()), "settled_mib": settled / 1024,
-            "saved_for_backward_mib": sum(kept.values()) / 2**20, "gradients_mib": grad_bytes / 2**20,
-            "optimizer_state_mib": state_bytes / 2**20,
-            "step_peak_above_mib": (peak - settled) / 1024, "peak_mib": peak / 1024, "s_per_step": seconds}
+    return {
+        "vision": config["vision"],
+        "checkpointing": config["checkpointing"],
+        "input_grad_hooks": bool(config.get("input_grad_hooks")),
+        "trainable_params": sum(plan.trainable.values()),
+        "tiles": int(batch["pixel_values"].shape[0]),
+        "tokens": int(batch["attention_mask"].sum()),
+        "settled_mib": settled / 1024,
+        "saved_for_backward_mib": sum(kept.values()) / 2**20,
+        "gradients_mib": grad_bytes / 2**20,
+        "optimizer_state_mib": state_bytes / 2**20,
+        "step_peak_above_mib": (peak - settled) / 1024,
+        "peak_mib": peak / 1024,
+        "s_per_step": seconds,
+    }
 
 
 def main() -> None:
@@ -131,24 +154,39 @@ def main() -> None:
     runs = [(checkpointing, vision, False) for checkpointing in (False, True) for vision in ("frozen", "full")]
     runs.append((True, "frozen", True))  # the frozen tower with the input-grad hooks left in place
     for checkpointing, vision, hooks in runs:
-        config = {"checkpoint": str(checkpoint), "data": str(data / "train.jsonl"), "vision": vision,
-                  "checkpointing": checkpointing, "steps": args.steps, "batch_size": args.batch_size,
-                  "input_grad_hooks": hooks}
+        config = {
+            "checkpoint": str(checkpoint),
+            "data": str(data / "train.jsonl"),
+            "vision": vision,
+            "checkpointing": checkpointing,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "input_grad_hooks": hooks,
+        }
         # Tensors above 64 KiB get their own mmap, so freed memory leaves the process and the resident size
         # follows what is alive (glibc would otherwise keep freed arenas and blur the peaks).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        result = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True,
-                                text=True, check=True, env=env)
+        result = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    print("| vision | grad. checkpointing | trainable params | tiles / tokens per batch | kept for backward (MiB) "
-          "| gradients (MiB) | Adam state (MiB) | resident after step 1 (MiB) | step peak above it (MiB) | s / step |")
+    print(
+        "| vision | grad. checkpointing | trainable params | tiles / tokens per batch | kept for backward (MiB) "
+        "| gradients (MiB) | Adam state (MiB) | resident after step 1 (MiB) | step peak above it (MiB) | s / step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         hooks = " (input-grad hooks kept)" if r["input_grad_hooks"] else ""
-        print(f"| {r['vision']}{hooks} | {'on' if r['checkpointing'] else 'off'} | {r['trainable_params'] / 1e6:.1f} M "
-              f"| {r['tiles']} / {r['tokens']:,} | {r['saved_for_backward_mib']:,.0f} | {r['gradients_mib']:,.0f} "
-              f"| {r['optimizer_state_mib']:,.0f} | {r['settled_mib']:,.0f} | {r['step_peak_above_mib']:,.0f} "
-              f"| {r['s_per_step']:.2f} |")
+        print(
+            f"| {r['vision']}{hooks} | {'on' if r['checkpointing'] else 'off'} | {r['trainable_params'] / 1e6:.1f} M "
+            f"| {r['tiles']} / {r['tokens']:,} | {r['saved_for_backward_mib']:,.0f} | {r['gradients_mib']:,.0f} "
+            f"| {r['optimizer_state_mib']:,.0f} | {r['settled_mib']:,.0f} | {r['step_peak_above_mib']:,.0f} "
+            f"| {r['s_per_step']:.2f} |"
+        )
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -22,13 +22,12 @@ The trainers take turns for `--rounds` rounds and each rate is the median over i
 real tokens/s): this VM's speed drifts by 10-20% over minutes, so one run each would compare different machines.
 
 Reported over the steps after the warm-up: samples/s, tokens/s over all positions the batches computed, real
-(non-padding) tokens/s, the padding share, achieved FLOP/s and MFU; peak memory over training (set-up excluded). FLOPs are model FLOPs: the
-forward and backward of each sample alone (no padding, full attention scores, logits at every position, no
-checkpoint recomputation), counted by `torch.utils.flop_counter` on eager attention for the trainable set at
-hand; work a trainer skips (the causal half of the scores, logits without a label) still counts, as MFU
-conventionally does, so model FLOP/s exceeds what the hardware executes for ours. The peak is the best fp32 (or bf16) matmul rate measured in
-this run.
-"""
+(non-padding) tokens/s, the padding share, achieved FLOP/s and MFU; peak memory over training (set-up excluded).
+FLOPs are model FLOPs: the forward and backward of each sample alone (no padding, full attention scores, logits at
+every position, no checkpoint recomputation), counted by `torch.utils.flop_counter` on eager attention for the
+trainable set at hand; work a trainer skips (the causal half of the scores, logits without a label) still counts, as
+MFU conventionally does, so model FLOP/s exceeds what the hardware executes for ours. The peak is the best fp32 (or
+bf16) matmul rate measured in this run."""
 
 from __future__ import annotations
 
@@ -59,21 +58,34 @@ def summarise(name: str, result: dict, warmup: int, flops: dict, peak_flops: flo
     else:
         model_flops = tokens * flops["flops_per_token"]
     achieved = model_flops / seconds
-    return {"trainer": name, "steps": len(timed), "seconds": seconds, "samples_per_s": samples / seconds,
-            "tokens_per_s": positions / seconds, "real_tokens_per_s": tokens / seconds,
-            "padding": (positions - tokens) / positions, "tokens_per_sample": tokens / samples,
-            "peak_mib": result["peak_mib"],
-            "flops_per_s": achieved, "mfu": achieved / peak_flops,
-            "first_loss": result["steps"][0]["loss"], "last_loss": result["steps"][-1]["loss"],
-            **({"default_order_padding": result["default_order_padding"]} if "default_order_padding" in result else {})}
+    return {
+        "trainer": name,
+        "steps": len(timed),
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": positions / seconds,
+        "real_tokens_per_s": tokens / seconds,
+        "padding": (positions - tokens) / positions,
+        "tokens_per_sample": tokens / samples,
+        "peak_mib": result["peak_mib"],
+        "flops_per_s": achieved,
+        "mfu": achieved / peak_flops,
+        "first_loss": result["steps"][0]["loss"],
+        "last_loss": result["steps"][-1]["loss"],
+        **({"default_order_padding": result["default_order_padding"]} if "default_order_padding" in result else {}),
+    }
 
 
 def combine(runs: list[dict]) -> dict:
     """One trainer's rounds: the median of each figure (memory peak included), with the range of real tokens/s."""
-    row = {key: (statistics.median(r[key] for r in runs) if isinstance(value, float) else value)
-           for key, value in runs[0].items()}
-    row["real_tokens_per_s_range"] = (min(r["real_tokens_per_s"] for r in runs),
-                                      max(r["real_tokens_per_s"] for r in runs))
+    row = {
+        key: (statistics.median(r[key] for r in runs) if isinstance(value, float) else value)
+        for key, value in runs[0].items()
+    }
+    row["real_tokens_per_s_range"] = (
+        min(r["real_tokens_per_s"] for r in runs),
+        max(r["real_tokens_per_s"] for r in runs),
+    )
     return row
 
 
@@ -85,13 +97,21 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="as the recipes (InternVL's LoRA recipe)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="each trainer runs this many times, in turn (ours, bare, trl, ours, ...): the machine's "
-                             "speed drifts over minutes, so one run per trainer would compare different machines")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="each trainer runs this many times, in turn (ours, bare, trl, ours, ...): the machine's "
+        "speed drifts over minutes, so one run per trainer would compare different machines",
+    )
     parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--samples", type=int, default=400,
-                        help="training set size: length grouping sorts mega-batches of up to 50 batches, which a "
-                             "set of only steps × batch samples would not fill")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=400,
+        help="training set size: length grouping sorts mega-batches of up to 50 batches, which a "
+        "set of only steps × batch samples would not fill",
+    )
     parser.add_argument("--trainers", default=",".join(TRAINERS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
@@ -119,16 +139,29 @@ def main() -> None:
     data_dir = out / f"invoices-{samples}"
     if not (data_dir / "train.jsonl").exists():  # deterministic by seed: the same data every run
         write_dataset(data_dir, seed=0, n_train=samples, n_val=1, n_test=1, preset="invoices")
-    config = {"checkpoint": str(checkpoint), "data": str(data_dir / "train.jsonl"), "out": str(out),
-              "tuning": args.tuning, "checkpointing": args.checkpointing, "batch_size": args.batch_size,
-              "total_steps": total, "device": args.device, "precision": args.precision, "attn": args.attn,
-              "threads": args.threads, "lora_dropout": args.lora_dropout}
+    config = {
+        "checkpoint": str(checkpoint),
+        "data": str(data_dir / "train.jsonl"),
+        "out": str(out),
+        "tuning": args.tuning,
+        "checkpointing": args.checkpointing,
+        "batch_size": args.batch_size,
+        "total_steps": total,
+        "device": args.device,
+        "precision": args.precision,
+        "attn": args.attn,
+        "threads": args.threads,
+        "lora_dropout": args.lora_dropout,
+    }
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     peak = run_child(__file__, {**config, "role": "peak"}, env)
     flops = run_child(__file__, {**config, "role": "flops"}, env)
-    print(f"matmul peak {peak['flops'] / 1e9:,.1f} GFLOP/s ({args.precision}, {peak['size']}²); model "
-          f"{flops['flops_per_token'] / 1e6:,.2f} MFLOP per token for forward + backward "
-          f"({flops['samples']} samples, {flops['tiles']} tiles, {flops['tokens']:,} tokens)", file=sys.stderr)
+    print(
+        f"matmul peak {peak['flops'] / 1e9:,.1f} GFLOP/s ({args.precision}, {peak['size']}²); model "
+        f"{flops['flops_per_token'] / 1e6:,.2f} MFLOP per token for forward + backward "
+        f"({flops['samples']} samples, {flops['tiles']} tiles, {flops['tokens']:,} tokens)",
+        file=sys.stderr,
+    )
     runs = {name: [] for name in trainers}
     for _ in range(args.rounds):
         for name in trainers:
@@ -137,31 +170,66 @@ def main() -> None:
     rows = [combine(runs[name]) for name in trainers]
 
     lora = f" (dropout {args.lora_dropout:g})" if args.tuning == "lora" else ""
-    print(f"\n{args.model} model, {args.tuning}{lora}, checkpointing {'on' if args.checkpointing else 'off'}, batch "
-          f"{args.batch_size}, {args.steps} timed steps after {args.warmup_steps}, median of {args.rounds} rounds; "
-          f"{machine()}")
+    print(
+        f"\n{args.model} model, {args.tuning}{lora}, checkpointing {'on' if args.checkpointing else 'off'}, batch "
+        f"{args.batch_size}, {args.steps} timed steps after {args.warmup_steps}, median of {args.rounds} rounds; "
+        f"{machine()}"
+    )
     base = next((r for r in rows if r["trainer"] == "bare"), rows[0])
     table = []
     for r in rows:
-        table.append([r["trainer"], f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
-                      "{:,.0f} ({:,.0f}–{:,.0f})".format(r["real_tokens_per_s"], *r["real_tokens_per_s_range"]),
-                      f"{r['padding']:.1%}", f"{r['tokens_per_sample']:,.0f}",
-                      f"{r['peak_mib']:,.0f}", f"{r['flops_per_s'] / 1e9:,.1f}", f"{r['mfu']:.1%}",
-                      (f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}× / "
-                       f"{r['flops_per_s'] / base['flops_per_s']:.2f}×"),
-                      f"{r['first_loss']:.3f} → {r['last_loss']:.3f}"])
-    print(markdown_table(["trainer", "samples/s", "tokens/s", "real tokens/s (range)", "padding", "real tokens per sample",
-                          "peak memory (MiB)", "model GFLOP/s", "MFU", f"vs {base['trainer']}: real tokens/s / FLOP/s",
-                          "loss first → last"], table))
+        table.append(
+            [
+                r["trainer"],
+                f"{r['samples_per_s']:.2f}",
+                f"{r['tokens_per_s']:,.0f}",
+                "{:,.0f} ({:,.0f}–{:,.0f})".format(r["real_tokens_per_s"], *r["real_tokens_per_s_range"]),
+                f"{r['padding']:.1%}",
+                f"{r['tokens_per_sample']:,.0f}",
+                f"{r['peak_mib']:,.0f}",
+                f"{r['flops_per_s'] / 1e9:,.1f}",
+                f"{r['mfu']:.1%}",
+                (
+                    f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}× / "
+                    f"{r['flops_per_s'] / base['flops_per_s']:.2f}×"
+                ),
+                f"{r['first_loss']:.3f} → {r['last_loss']:.3f}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "trainer",
+                "samples/s",
+                "tokens/s",
+                "real tokens/s (range)",
+                "padding",
+                "real tokens per sample",
+                "peak memory (MiB)",
+                "model GFLOP/s",
+                "MFU",
+                f"vs {base['trainer']}: real tokens/s / FLOP/s",
+                "loss first → last",
+            ],
+            table,
+        )
+    )
     by_name = {r["trainer"]: r for r in rows}
     if "ours" in by_name and "trl" in by_name:
         ours, trl = by_name["ours"], by_name["trl"]
-        print(f"ours / trl: real tokens/s {ours['real_tokens_per_s'] / trl['real_tokens_per_s']:.2f}×, model "
-              f"FLOP/s {ours['flops_per_s'] / trl['flops_per_s']:.2f}×, peak memory "
-              f"{ours['peak_mib'] / trl['peak_mib']:.2f}×; TRL's default random batches of these data would be "
-              f"{trl['default_order_padding']:.1%} padding (ours {ours['padding']:.1%})")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "machine": machine(), "peak": peak,
-                                                  "flops": flops, "rows": rows, "runs": runs}, indent=2) + "\n")
+        print(
+            f"ours / trl: real tokens/s {ours['real_tokens_per_s'] / trl['real_tokens_per_s']:.2f}×, model "
+            f"FLOP/s {ours['flops_per_s'] / trl['flops_per_s']:.2f}×, peak memory "
+            f"{ours['peak_mib'] / trl['peak_mib']:.2f}×; TRL's default random batches of these data would be "
+            f"{trl['default_order_padding']:.1%} padding (ours {ours['padding']:.1%})"
+        )
+    (out / "results.json").write_text(
+        json.dumps(
+            {"args": vars(args), "machine": machine(), "peak": peak, "flops": flops, "rows": rows, "runs": runs},
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

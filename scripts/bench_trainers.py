@@ -10,8 +10,10 @@ from pathlib import Path
 from bench_common import matmul_peak_flops, peak_memory_mib, reset_peak_memory
 
 INSTRUCTION = "Extract the details from the invoice image and structure them into JSON format:"
-GROUPS = {"lora": {"vision": "frozen", "projector": "frozen", "llm": "lora"},
-          "full": {"vision": "full", "projector": "full", "llm": "full"}}
+GROUPS = {
+    "lora": {"vision": "frozen", "projector": "frozen", "llm": "lora"},
+    "full": {"vision": "full", "projector": "full", "llm": "full"},
+}
 LR = 1e-5
 
 
@@ -36,8 +38,15 @@ def _samples(config: dict):
     processor = family.load_processor(config["checkpoint"])
     skeleton = derive_skeleton(record.target for record in read_records(config["data"]))
     instruction = render_instruction(INSTRUCTION, skeleton)
-    samples, report = prepare_samples(config["data"], split="train", family=family, processor=processor,
-                                      instruction_text=instruction, skeleton=skeleton, max_length=16384)
+    samples, report = prepare_samples(
+        config["data"],
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=instruction,
+        skeleton=skeleton,
+        max_length=16384,
+    )
     if report.kept != report.read:
         raise RuntimeError(report.summary())
     return family, processor, instruction, samples, skeleton
@@ -54,8 +63,9 @@ def _model(config: dict, family, *, checkpointing: bool | None = None):
     model.config.use_cache = False
     if config["checkpointing"] if checkpointing is None else checkpointing:
         enable_gradient_checkpointing(model)
-    model, _ = apply_tuning(model, family, TuningSection(lora={"dropout": config["lora_dropout"]}),
-                            groups=GROUPS[config["tuning"]])
+    model, _ = apply_tuning(
+        model, family, TuningSection(lora={"dropout": config["lora_dropout"]}), groups=GROUPS[config["tuning"]]
+    )
     return model.to(config["device"]).train(), torch
 
 
@@ -138,24 +148,33 @@ def child_flops(config: dict) -> dict:
             v, a, b = np.linalg.solve(matrix, np.array([f for _, _, f in counted[:3]], dtype=np.float64))
             t, n, f = counted[3]
             if b > 0 and abs(v * n + a * t + b * t * t - f) <= 1e-6 * f:  # b: attention is counted
+
                 def flops_of(t, n):
                     return v * n + a * t + b * t * t
+
     if flops_of is None:  # the fit cannot be trusted (or too few distinct shapes): count every sample
         exact = {(t, n): f for t, n, f in counted}
         total = sum(exact.get((t, n)) or count(dataset[i]) for t, n, i in shapes)
     else:
         total = sum(flops_of(t, n) for t, n, _ in shapes)
     tokens = sum(t for t, _, _ in shapes)
-    return {"flops_per_token": total / tokens, "samples": len(shapes), "tokens": tokens,
-            "tiles": sum(n for _, n, _ in shapes), "fitted": flops_of is not None,
-            "coefficients": [float(v), float(a), float(b)] if flops_of is not None else None}
+    return {
+        "flops_per_token": total / tokens,
+        "samples": len(shapes),
+        "tokens": tokens,
+        "tiles": sum(n for _, n, _ in shapes),
+        "fitted": flops_of is not None,
+        "coefficients": [float(v), float(a), float(b)] if flops_of is not None else None,
+    }
 
 
 def _row_shapes(batch: dict, processor) -> list[list[int]]:
     """[real tokens, tiles] of each row of a batch (tiles from the row's image tokens)."""
     image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1)
-    return [[int(t), int(i) // processor.settings.tokens_per_tile]
-            for t, i in zip(batch["attention_mask"].sum(dim=1), image_tokens)]
+    return [
+        [int(t), int(i) // processor.settings.tokens_per_tile]
+        for t, i in zip(batch["attention_mask"].sum(dim=1), image_tokens, strict=True)
+    ]
 
 
 def child_ours(config: dict) -> dict:
@@ -164,30 +183,53 @@ def child_ours(config: dict) -> dict:
     from finetune.training.runner import FineTuneRecipe
 
     run_dir = Path(config["out"]) / "ours-run"
-    recipe = validate_recipe({
-        "model": {"family": "mississippi", "path": config["checkpoint"], "attn_implementation": config["attn"]},
-        "data": {"train": config["data"], "prompt": {"instruction": INSTRUCTION}, "max_length": 16384},
-        "tuning": {"groups": GROUPS[config["tuning"]], "gradient_checkpointing": config["checkpointing"],
-                   "lora": {"dropout": config["lora_dropout"]}},
-        "optim": {"lr": LR, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
-        "train": {"max_steps": config["total_steps"], "batch_size": config["batch_size"], "log_every": 1,
-                  "precision": config["precision"], "seed": 0},
-        "eval": {"before_training": False, "after_training": False},
-        "output": {"dir": str(run_dir), "if_exists": "overwrite"},
-    }, source="bench_train")
+    recipe = validate_recipe(
+        {
+            "model": {"family": "mississippi", "path": config["checkpoint"], "attn_implementation": config["attn"]},
+            "data": {"train": config["data"], "prompt": {"instruction": INSTRUCTION}, "max_length": 16384},
+            "tuning": {
+                "groups": GROUPS[config["tuning"]],
+                "gradient_checkpointing": config["checkpointing"],
+                "lora": {"dropout": config["lora_dropout"]},
+            },
+            "optim": {"lr": LR, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
+            "train": {
+                "max_steps": config["total_steps"],
+                "batch_size": config["batch_size"],
+                "log_every": 1,
+                "precision": config["precision"],
+                "seed": 0,
+            },
+            "eval": {"before_training": False, "after_training": False},
+            "output": {"dir": str(run_dir), "if_exists": "overwrite"},
+        },
+        source="bench_train",
+    )
     job = FineTuneRecipe(recipe)
     job.setup()
     # Observe (not change) each micro-batch on its way into the forward, for the FLOPs of the samples it holds.
     shapes, forward_inputs = [], job.family.training_inputs
-    job.family.training_inputs = lambda batch: (shapes.append(_row_shapes(batch, job.processor)),
-                                                forward_inputs(batch))[1]
+    job.family.training_inputs = lambda batch: (
+        shapes.append(_row_shapes(batch, job.processor)),
+        forward_inputs(batch),
+    )[1]
     reset_peak_memory(config["device"])
     job.train()
     steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return {"steps": [{"seconds": s["seconds"], "samples": s["samples"], "tokens": s["tokens"],
-                       "positions": s["tokens"] + s["padded_positions"], "loss": s["loss"], "rows": rows}
-                      for s, rows in zip(steps, shapes, strict=True)],
-            "peak_mib": peak_memory_mib(config["device"])}
+    return {
+        "steps": [
+            {
+                "seconds": s["seconds"],
+                "samples": s["samples"],
+                "tokens": s["tokens"],
+                "positions": s["tokens"] + s["padded_positions"],
+                "loss": s["loss"],
+                "rows": rows,
+            }
+            for s, rows in zip(steps, shapes, strict=True)
+        ],
+        "peak_mib": peak_memory_mib(config["device"]),
+    }
 
 
 def child_bare(config: dict) -> dict:
@@ -199,9 +241,12 @@ def child_bare(config: dict) -> dict:
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction)
     # The batches our trainer draws for seed 0: the same sampler, generator and collator.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config["batch_size"], generator=torch.Generator().manual_seed(0),
+        dataset,
+        batch_size=config["batch_size"],
+        generator=torch.Generator().manual_seed(0),
         sampler=EpochLengthGroupedSampler(dataset.lengths, batch_size=config["batch_size"], seed=0),
-        collate_fn=Collator(family, processor.tokenizer.pad_token_id, padding_side="right"))
+        collate_fn=Collator(family, processor.tokenizer.pad_token_id, padding_side="right"),
+    )
     model, _ = _model(config, family)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
@@ -222,8 +267,16 @@ def child_bare(config: dict) -> dict:
         loss = loss.item()
         _sync(config)
         now = time.perf_counter()
-        steps.append({"seconds": now - last, "samples": int(mask.shape[0]), "tokens": int(mask.sum()),
-                      "positions": int(mask.numel()), "loss": loss, "rows": rows})
+        steps.append(
+            {
+                "seconds": now - last,
+                "samples": int(mask.shape[0]),
+                "tokens": int(mask.sum()),
+                "positions": int(mask.numel()),
+                "loss": loss,
+                "rows": rows,
+            }
+        )
         last = now
     return {"steps": steps, "peak_mib": peak_memory_mib(config["device"])}
 
@@ -233,7 +286,7 @@ def _trl_processor(processor):
     from transformers import ProcessorMixin
 
     class H2OVLProcessorForTRL(ProcessorMixin):
-        attributes = ["tokenizer"]  # noqa: RUF012 (transformers reads it as a class attribute)
+        attributes = ["tokenizer"]  # noqa: RUF012 (ProcessorMixin's own class attribute)
         tokenizer_class = "AutoTokenizer"
 
         def __init__(self, tokenizer, inner=None):
@@ -264,24 +317,58 @@ def child_trl(config: dict) -> dict:
 
     family, processor, instruction, samples, skeleton = _samples(config)
     records = list(read_records(config["data"]))
-    dataset = Dataset.from_list([{
-        "images": [load_image(ref) for ref in record.images],
-        "prompt": [{"role": "user", "content": [{"type": "image"}] * len(record.images) + [{"type": "text", "text": instruction}]}],
-        "completion": [{"role": "assistant", "content": [{"type": "text", "text": canonical_json(record.target, skeleton)}]}],
-    } for record in records])
+    dataset = Dataset.from_list(
+        [
+            {
+                "images": [load_image(ref) for ref in record.images],
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}] * len(record.images) + [{"type": "text", "text": instruction}],
+                    }
+                ],
+                "completion": [
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "text", "text": canonical_json(record.target, skeleton)}],
+                    }
+                ],
+            }
+            for record in records
+        ]
+    )
     model = family.load_model(config["checkpoint"], attn_implementation=config["attn"]).to(config["device"])
     peft_config = None
     if config["tuning"] == "lora":  # the adapter our tuning code builds: same rank, alpha, dropout, targets
         lora = LoraSection(dropout=config["lora_dropout"])
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=family.lora_target_regex(lora_targets(family, lora, ["llm"])))
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=family.lora_target_regex(lora_targets(family, lora, ["llm"])),
+        )
     args = SFTConfig(
-        output_dir=str(Path(config["out"]) / "trl-run"), per_device_train_batch_size=config["batch_size"],
-        max_steps=config["total_steps"], learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, activation_checkpointing=config["checkpointing"],
-        activation_checkpointing_kwargs={"use_reentrant": False}, max_length=None, completion_only_loss=True,
-        use_cpu=config["device"] == "cpu", bf16=config["precision"] == "bf16", save_strategy="no",
-        report_to="none", logging_steps=1, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+        output_dir=str(Path(config["out"]) / "trl-run"),
+        per_device_train_batch_size=config["batch_size"],
+        max_steps=config["total_steps"],
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        activation_checkpointing=config["checkpointing"],
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        max_length=None,
+        completion_only_loss=True,
+        use_cpu=config["device"] == "cpu",
+        bf16=config["precision"] == "bf16",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
     from finetune.training.sampler import EpochLengthGroupedSampler
 
     # The batches ours and the bare loop draw (per-token speed depends on sequence length, so other samples would
@@ -293,23 +380,36 @@ def child_trl(config: dict) -> dict:
             return order
 
     trainer_class = SameBatchesSFTTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset,
-                            processing_class=_trl_processor(processor), peft_config=peft_config)
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=_trl_processor(processor),
+        peft_config=peft_config,
+    )
 
     batches, steps = [], []
     collate = trainer.data_collator
     # Padding of TRL's default batches (a random order over the whole set) for as many samples as the run trains.
     batch_size, draws = config["batch_size"], config["total_steps"] * config["batch_size"]
     random_order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:draws].tolist()
-    masks = [collate([dataset[i] for i in random_order[j:j + batch_size]])["attention_mask"]
-             for j in range(0, draws, batch_size)]
+    masks = [
+        collate([dataset[i] for i in random_order[j : j + batch_size]])["attention_mask"]
+        for j in range(0, draws, batch_size)
+    ]
     default_padding = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
     def counting_collator(examples):  # TRL builds the batch; we only read its mask
         batch = collate(examples)
         mask = batch["attention_mask"]
-        batches.append({"samples": int(mask.shape[0]), "tokens": int(mask.sum()), "positions": int(mask.numel()),
-                        "rows": _row_shapes(batch, processor)})
+        batches.append(
+            {
+                "samples": int(mask.shape[0]),
+                "tokens": int(mask.sum()),
+                "positions": int(mask.numel()),
+                "rows": _row_shapes(batch, processor),
+            }
+        )
         return batch
 
     trainer.data_collator = counting_collator
@@ -329,10 +429,14 @@ def child_trl(config: dict) -> dict:
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    for step, batch, loss in zip(steps, batches, losses):
+    for step, batch, loss in zip(steps, batches, losses, strict=False):
         step.update(batch, loss=loss)
-    return {"steps": steps, "peak_mib": peak_memory_mib(config["device"]), "trainable_params": trainable,
-            "default_order_padding": default_padding}
+    return {
+        "steps": steps,
+        "peak_mib": peak_memory_mib(config["device"]),
+        "trainable_params": trainable,
+        "default_order_padding": default_padding,
+    }
 
 
 CHILDREN = {"peak": child_peak, "flops": child_flops, "ours": child_ours, "bare": child_bare, "trl": child_trl}

@@ -18,7 +18,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.synthetic.invoices import PRESETS, write_dataset  # noqa: E402
+from finetune.synthetic.invoices import PRESETS, write_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,13 +29,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-val", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=32)
     parser.add_argument("--preset", choices=PRESETS, default="invoices")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing train/val/test.jsonl in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing train/val/test.jsonl in --out")
     args = parser.parse_args(argv)
 
     try:
-        paths = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-                              n_test=args.n_test, preset=args.preset, overwrite=args.overwrite)
+        paths = write_dataset(
+            args.out,
+            seed=args.seed,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            n_test=args.n_test,
+            preset=args.preset,
+            overwrite=args.overwrite,
+        )
     except FileExistsError as err:
         parser.exit(1, f"error: {err}\n")
     counts = {"train": args.n_train, "val": args.n_val, "test": args.n_test}

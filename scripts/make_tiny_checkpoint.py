@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.models import FAMILIES, get_family  # noqa: E402
+from finetune.models import FAMILIES, get_family
 
 
 def main() -> None:

@@ -68,9 +68,15 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def run_train(args: list[str], *, processes: int = 1, timeout: int = 600, check: bool = True,
-              accelerate_config: str | None = None, extra_launch_args: tuple[str, ...] = ()
-              ) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str],
+    *,
+    processes: int = 1,
+    timeout: int = 600,
+    check: bool = True,
+    accelerate_config: str | None = None,
+    extra_launch_args: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """`accelerate launch finetune/train.py ARGS` as a user runs it (2 processes: gloo on CPU). With
     `accelerate_config` (a file under recipes/accelerate/), the launch uses that checked-in config."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
@@ -86,10 +92,19 @@ def run_train(args: list[str], *, processes: int = 1, timeout: int = 600, check:
         else:
             launch.append("--cpu")
     launch += list(extra_launch_args)
-    result = subprocess.run(launch + [str(REPO / "finetune" / "train.py"), *args], cwd=REPO, env=env, check=False,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [*launch, str(REPO / "finetune" / "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -15,15 +15,36 @@ pytestmark = pytest.mark.slow
 
 
 def run_script(name: str, *args: str, timeout: int = 600) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=REPO, check=False)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_bench_train_compares_the_trainers(tmp_path):
-    stdout = run_script("bench_train.py", "--model", "tiny", "--steps", "2", "--warmup-steps", "1", "--rounds", "1",
-                        "--batch-size", "2", "--samples", "12", "--out", str(tmp_path))
+    stdout = run_script(
+        "bench_train.py",
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "2",
+        "--samples",
+        "12",
+        "--out",
+        str(tmp_path),
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {row["trainer"]: row for row in results["rows"]}
     assert set(rows) == {"ours", "bare", "trl"}
@@ -46,8 +67,23 @@ def test_bench_preprocess_times_every_page(tmp_path):
 
 
 def test_bench_learn_records_a_learning_curve(tmp_path):
-    stdout = run_script("bench_learn.py", "--preset", "digits", "--steps", "4", "--eval-every", "2",
-                        "--eval-samples", "4", "--train-samples", "16", "--batch-size", "4", "--out", str(tmp_path))
+    stdout = run_script(
+        "bench_learn.py",
+        "--preset",
+        "digits",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-samples",
+        "4",
+        "--train-samples",
+        "16",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path),
+    )
     curve = json.loads((tmp_path / "results.json").read_text())["curve"]
     assert [point["step"] for point in curve] == [2, 4]
     assert all(0 <= point["field_f1"] <= 1 and point["minutes"] > 0 for point in curve)

@@ -28,8 +28,14 @@ def processor(family, tiny_llava):
 
 
 def prepare(source, family, processor, **kwargs):
-    options = dict(split="train", family=family, processor=processor, instruction_text=INSTRUCTION,
-                   skeleton=SKELETON, max_length=4096)
+    options = dict(
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=INSTRUCTION,
+        skeleton=SKELETON,
+        max_length=4096,
+    )
     options.update(kwargs)
     return prepare_samples(source, **options)
 
@@ -45,7 +51,9 @@ def test_only_answer_json_and_end_of_turn_carry_labels(family, processor, simple
     item = dataset[0]
     tokenizer = processor.tokenizer
     answer = canonical_json(samples[0].target, SKELETON)
-    expected = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    expected = tokenizer(answer, add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ]
     labelled = [t for t in item["labels"] if t != IGNORE_INDEX]
     assert labelled == expected
     # The labelled tokens are exactly the last ones, and they equal the input ids there.
@@ -68,7 +76,7 @@ def test_padding_never_carries_labels_and_padding_side(family, processor, simple
         batch = Collator(family, pad, padding_side=side)(items)
         mask, labels = batch["attention_mask"], batch["labels"]
         assert (labels[mask == 0] == IGNORE_INDEX).all()
-        for row, item in zip(range(4), items):
+        for row, item in zip(range(4), items, strict=True):
             real = batch["input_ids"][row][mask[row] == 1].tolist()
             assert real == item["input_ids"]
         edge = mask[:, 0] if side == "left" else mask[:, -1]
@@ -81,8 +89,9 @@ def test_counted_length_equals_processed_length(family, processor, tmp_path, siz
     for i, size in enumerate(sizes):
         paths.append(f"img{i}.png")
         Image.new("RGB", size, "white").save(tmp_path / paths[-1])
-    source = write_jsonl(tmp_path / "d.jsonl", [{"image": paths if len(paths) > 1 else paths[0],
-                                                 "target": {"number": "1"}}])
+    source = write_jsonl(
+        tmp_path / "d.jsonl", [{"image": paths if len(paths) > 1 else paths[0], "target": {"number": "1"}}]
+    )
     samples, _ = prepare(source, family, processor)
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=INSTRUCTION)
     assert len(dataset[0]["input_ids"]) == samples[0].length  # __getitem__ also asserts this itself
@@ -90,8 +99,7 @@ def test_counted_length_equals_processed_length(family, processor, tmp_path, siz
 
 def test_over_length_samples_are_dropped_and_counted_never_truncated(family, processor, tmp_path):
     Image.new("RGB", (64, 64), "white").save(tmp_path / "a.png")
-    rows = [{"image": "a.png", "target": {"number": "1"}},
-            {"image": "a.png", "target": {"number": "9" * 400}}]
+    rows = [{"image": "a.png", "target": {"number": "1"}}, {"image": "a.png", "target": {"number": "9" * 400}}]
     source = write_jsonl(tmp_path / "d.jsonl", rows)
     full, _ = prepare(source, family, processor)
     limit = full[0].length + 5  # the short sample fits, the long one does not
@@ -134,8 +142,12 @@ def test_lenient_mode_skips_and_counts_every_bad_sample(family, processor, bad_d
     source = write_jsonl(bad_data / "d.jsonl", [good] + [row for row, _ in BAD_ROWS] + [good])
     samples, report = prepare(source, family, processor, on_bad_sample="skip")
     assert len(samples) == 2 and report.read == 8 and report.kept == 2
-    assert report.skipped == {"missing image": 1, "unreadable image": 1, "target not a JSON object": 1,
-                              "malformed record": 3}
+    assert report.skipped == {
+        "missing image": 1,
+        "unreadable image": 1,
+        "target not a JSON object": 1,
+        "malformed record": 3,
+    }
     assert report.examples["missing image"] == f"{source}:2"
 
 
@@ -153,8 +165,10 @@ def test_unusual_images_load_as_rgb(tmp_path):
 
 def test_sources_iterable_and_imagefolder(family, processor, tmp_path):
     Image.new("RGB", (40, 40), "white").save(tmp_path / "a.png")
-    rows = [{"image": Image.new("RGB", (40, 40)), "target": {"number": "1"}},
-            {"image": str(tmp_path / "a.png"), "target": {"number": "2"}}]
+    rows = [
+        {"image": Image.new("RGB", (40, 40)), "target": {"number": "1"}},
+        {"image": str(tmp_path / "a.png"), "target": {"number": "2"}},
+    ]
     samples, report = prepare(rows, family, processor)
     assert [s.target["number"] for s in samples] == ["1", "2"] and report.kept == 2
 

@@ -11,16 +11,29 @@ from finetune.eval import evaluate_model, main
 
 
 @pytest.mark.parametrize("docs_fixture, max_new_tokens", [("simple_docs", 96), ("invoice_docs", 400)])
-def test_constrained_decoding_makes_a_random_model_write_valid_json(tiny_mississippi, request, tmp_path,
-                                                                   docs_fixture, max_new_tokens):
+def test_constrained_decoding_makes_a_random_model_write_valid_json(
+    tiny_mississippi, request, tmp_path, docs_fixture, max_new_tokens
+):
     """A randomly initialised model almost never writes JSON; with the grammar every answer parses and conforms to
     the answer schema — for flat forms and for invoices (nested objects, lists of line items, numbers)."""
     docs = request.getfixturevalue(docs_fixture)
-    common = {"family": "mississippi", "instruction": "Extract the fields:", "max_new_tokens": max_new_tokens,
-              "batch_size": 4, "report": False}
+    common = {
+        "family": "mississippi",
+        "instruction": "Extract the fields:",
+        "max_new_tokens": max_new_tokens,
+        "batch_size": 4,
+        "report": False,
+    }
     free = evaluate_model(str(tiny_mississippi), str(docs["test"]), out_dir=tmp_path / "free", **common)
-    bound = evaluate_model(str(tiny_mississippi), str(docs["test"]), out_dir=tmp_path / "bound",
-                           constrained=True, max_string_length=8, max_items=2, **common)
+    bound = evaluate_model(
+        str(tiny_mississippi),
+        str(docs["test"]),
+        out_dir=tmp_path / "bound",
+        constrained=True,
+        max_string_length=8,
+        max_items=2,
+        **common,
+    )
     assert free["valid_json_rate"] < 0.5
     assert bound["valid_json_rate"] == 1.0 and bound["schema_conformance_rate"] == 1.0
     rows = [json.loads(line) for line in (tmp_path / "bound" / "predictions.jsonl").read_text().splitlines()]
@@ -29,16 +42,24 @@ def test_constrained_decoding_makes_a_random_model_write_valid_json(tiny_mississ
     assert all(len(row["prediction"][first_key] or "") <= 8 for row in rows)  # the decoding bound held
 
 
-def test_eval_cli_on_a_run_folder_and_on_its_adapter(tiny_llava, simple_docs, tmp_path, fresh_accelerate_state,
-                                                     capsys):
+def test_eval_cli_on_a_run_folder_and_on_its_adapter(tiny_llava, simple_docs, tmp_path, fresh_accelerate_state, capsys):
     from finetune.recipe import load_recipe
     from finetune.training.runner import FineTuneRecipe
 
     run = tmp_path / "run"
-    overrides = ["model.family=llava_onevision", f"model.path={tiny_llava}", f"data.train={simple_docs['train']}",
-                 f"data.val={simple_docs['val']}", f"data.test={simple_docs['test']}", f"output.dir={run}",
-                 "tuning.groups={vision: frozen, projector: frozen, llm: lora}", "train.max_steps=2",
-                 "eval.before_training=false", "eval.after_training=false", "eval.max_new_tokens=8"]
+    overrides = [
+        "model.family=llava_onevision",
+        f"model.path={tiny_llava}",
+        f"data.train={simple_docs['train']}",
+        f"data.val={simple_docs['val']}",
+        f"data.test={simple_docs['test']}",
+        f"output.dir={run}",
+        "tuning.groups={vision: frozen, projector: frozen, llm: lora}",
+        "train.max_steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "eval.max_new_tokens=8",
+    ]
     job = FineTuneRecipe(load_recipe("quickstart", overrides))
     job.setup()
     job.train()
@@ -46,17 +67,25 @@ def test_eval_cli_on_a_run_folder_and_on_its_adapter(tiny_llava, simple_docs, tm
 
     metrics = main(["--model", str(run), "--data", "test", "--max-new-tokens", "8", "--out", str(tmp_path / "e1")])
     out = capsys.readouterr().out
-    printed = json.loads(out[out.index("{"):])  # the CLI prints the scalar metrics as JSON
+    printed = json.loads(out[out.index("{") :])  # the CLI prints the scalar metrics as JSON
     assert printed["num_samples"] == metrics["num_samples"] == 4 and "per_field_accuracy" not in printed
     for name in ("metrics.json", "predictions.jsonl", "report.html"):
         assert (tmp_path / "e1" / name).is_file(), name
     saved = json.loads((tmp_path / "e1" / "metrics.json").read_text())
-    for key in ("json_exact_match", "field_f1", "ted_accuracy", "anls_star", "valid_json_rate",
-                "schema_conformance_rate", "per_field_accuracy"):
+    for key in (
+        "json_exact_match",
+        "field_f1",
+        "ted_accuracy",
+        "anls_star",
+        "valid_json_rate",
+        "schema_conformance_rate",
+        "per_field_accuracy",
+    ):
         assert key in saved, key
     # The adapter folder alone: base from adapter_config.json, family from the base's config, prompt.json used.
-    again = evaluate_model(str(run / "final"), str(simple_docs["test"]), out_dir=tmp_path / "e2", max_new_tokens=8,
-                           report=False)
+    again = evaluate_model(
+        str(run / "final"), str(simple_docs["test"]), out_dir=tmp_path / "e2", max_new_tokens=8, report=False
+    )
     first = [json.loads(x)["text"] for x in (tmp_path / "e1" / "predictions.jsonl").read_text().splitlines()]
     second = [json.loads(x)["text"] for x in (tmp_path / "e2" / "predictions.jsonl").read_text().splitlines()]
     assert first == second and again["num_samples"] == 4
@@ -74,11 +103,24 @@ def test_evaluation_during_training_keeps_the_best_model(tiny_mississippi, simpl
     from tests.conftest import run_train
 
     out = tmp_path / "run"
-    args = ["recipe=quickstart", f"model.path={tiny_mississippi}", f"data.train={simple_docs['train']}",
-            f"data.val={simple_docs['val']}", "data.test=null", f"output.dir={out}", "train.max_steps=6",
-            "train.batch_size=4", "eval.every_steps=2", "eval.during_training_samples=3", "eval.max_new_tokens=24",
-            "eval.constrained=true", "eval.max_string_length=6", "eval.best_metric=valid_json_rate",
-            "tracking.report_to=[tensorboard]", "eval.before_training=false"]
+    args = [
+        "recipe=quickstart",
+        f"model.path={tiny_mississippi}",
+        f"data.train={simple_docs['train']}",
+        f"data.val={simple_docs['val']}",
+        "data.test=null",
+        f"output.dir={out}",
+        "train.max_steps=6",
+        "train.batch_size=4",
+        "eval.every_steps=2",
+        "eval.during_training_samples=3",
+        "eval.max_new_tokens=24",
+        "eval.constrained=true",
+        "eval.max_string_length=6",
+        "eval.best_metric=valid_json_rate",
+        "tracking.report_to=[tensorboard]",
+        "eval.before_training=false",
+    ]
     result = run_train(args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [d["step"] for d in metrics["during"]] == [2, 4, 6]
@@ -99,8 +141,21 @@ def test_bench_eval_script_runs(tmp_path):
 
     from tests.conftest import REPO
 
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_eval.py"), "--samples", "2",
-                             "--max-new-tokens", "4", "--out", str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_eval.py"),
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| batch | constrained |" in result.stdout and result.stdout.count("\n| ") >= 5

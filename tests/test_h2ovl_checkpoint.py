@@ -55,8 +55,13 @@ def _prompt_ids(tokenizer_dir: Path, tiles: int) -> torch.Tensor:
 # --- building and loading ------------------------------------------------------------------------------------------
 def test_tiny_checkpoint_has_the_hub_layout(tiny):
     names = {p.name for p in tiny.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     cfg = json.loads((tiny / "config.json").read_text())
     mistral = cfg["llm_config"]["model_type"] == "mistral"
     assert cfg["architectures"] == ["H2OVLChatModel"] and cfg["model_type"] == "h2ovl_chat"
@@ -65,13 +70,21 @@ def test_tiny_checkpoint_has_the_hub_layout(tiny):
     assert cfg["llm_config"]["architectures"] == (["MistralForCausalLM"] if mistral else ["LlamaForCausalLM"])
     assert cfg["vision_config"]["architectures"] == ["InternVisionModel"]
     assert cfg["use_msac"] is mistral
-    assert (cfg["template"], cfg["force_image_size"], cfg["downsample_ratio"], cfg["ps_version"],
-            cfg["select_layer"], cfg["use_thumbnail"], cfg["min_dynamic_patch"], cfg["max_dynamic_patch"]) == \
-        ("h2ogpt2", 56, 0.5, "v2", -1, True, 1, 6)
+    assert (
+        cfg["template"],
+        cfg["force_image_size"],
+        cfg["downsample_ratio"],
+        cfg["ps_version"],
+        cfg["select_layer"],
+        cfg["use_thumbnail"],
+        cfg["min_dynamic_patch"],
+        cfg["max_dynamic_patch"],
+    ) == ("h2ogpt2", 56, 0.5, "v2", -1, True, 1, 6)
     assert h2c.tokens_per_tile(cfg) == TOKENS_PER_TILE
     keys = set(load_file(tiny / "model.safetensors"))
-    assert all(k.startswith(("vision_model.", "mlp1.", "language_model.model.", "language_model.lm_head."))
-               for k in keys)
+    assert all(
+        k.startswith(("vision_model.", "mlp1.", "language_model.model.", "language_model.lm_head.")) for k in keys
+    )
     assert "vision_model.encoder.layers.1.attn.qkv.weight" in keys and "mlp1.3.bias" in keys
     tok_cfg = json.loads((tiny / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "chat_template" in tok_cfg
@@ -119,8 +132,12 @@ def _reference_logits(state: dict, cfg: dict, ids: torch.Tensor, pixels: torch.T
     vc = cfg["vision_config"]
     c, heads, eps = vc["hidden_size"], vc["num_attention_heads"], vc["layer_norm_eps"]
     w = {k: v.float() for k, v in state.items()}
-    x = F.conv2d(pixels, w["vision_model.embeddings.patch_embedding.weight"],
-                 w["vision_model.embeddings.patch_embedding.bias"], stride=vc["patch_size"])
+    x = F.conv2d(
+        pixels,
+        w["vision_model.embeddings.patch_embedding.weight"],
+        w["vision_model.embeddings.patch_embedding.bias"],
+        stride=vc["patch_size"],
+    )
     b = x.shape[0]
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([w["vision_model.embeddings.class_embedding"].expand(b, 1, c), x], dim=1)
@@ -135,8 +152,11 @@ def _reference_logits(state: dict, cfg: dict, ids: torch.Tensor, pixels: torch.T
         y = F.linear(att.transpose(1, 2).reshape(b, n, c), w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
         x = x + y * w[p + "ls1"]
         y = F.layer_norm(x, (c,), w[p + "norm2.weight"], w[p + "norm2.bias"], eps)
-        y = F.linear(F.gelu(F.linear(y, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])),
-                     w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
+        y = F.linear(
+            F.gelu(F.linear(y, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])),
+            w[p + "mlp.fc2.weight"],
+            w[p + "mlp.fc2.bias"],
+        )
         x = x + y * w[p + "ls2"]
     x = x[:, 1:]
     side, s = int((n - 1) ** 0.5), cfg["downsample_ratio"]
@@ -145,14 +165,14 @@ def _reference_logits(state: dict, cfg: dict, ids: torch.Tensor, pixels: torch.T
     x = x.reshape(b, int(side * s), int(side * s), int(c / s / s)).permute(0, 2, 1, 3)
     x = x.reshape(b, -1, x.shape[-1])
     x = F.layer_norm(x, (x.shape[-1],), w["mlp1.0.weight"], w["mlp1.0.bias"], 1e-5)
-    features = F.linear(F.gelu(F.linear(x, w["mlp1.1.weight"], w["mlp1.1.bias"])), w["mlp1.3.weight"],
-                        w["mlp1.3.bias"])
+    features = F.linear(F.gelu(F.linear(x, w["mlp1.1.weight"], w["mlp1.1.bias"])), w["mlp1.3.weight"], w["mlp1.3.bias"])
 
     llm_cfg = {k: v for k, v in cfg["llm_config"].items() if k != "torch_dtype"}
     config_class = MistralConfig if llm_cfg["model_type"] == "mistral" else LlamaConfig
     llm = AutoModelForCausalLM.from_config(config_class(**llm_cfg), dtype=torch.float32)
-    llm.load_state_dict({k.removeprefix("language_model."): v for k, v in w.items()
-                         if k.startswith("language_model.")}, strict=True)
+    llm.load_state_dict(
+        {k.removeprefix("language_model."): v for k, v in w.items() if k.startswith("language_model.")}, strict=True
+    )
     embeds = llm.get_input_embeddings()(ids).clone()
     embeds[ids == image_token_id] = features.reshape(-1, features.shape[-1])
     return llm(inputs_embeds=embeds).logits
@@ -174,8 +194,9 @@ def test_native_forward_matches_internvl_definition(tiny, tmp_path):
     ids, pixels = _prompt_ids(folder, 2), torch.randn(2, 3, 56, 56, generator=generator)
     with torch.no_grad():
         native = model(input_ids=ids, pixel_values=pixels).logits
-        reference = _reference_logits(load_file(folder / "model.safetensors"), cfg, ids, pixels,
-                                      model.config.image_token_id)
+        reference = _reference_logits(
+            load_file(folder / "model.safetensors"), cfg, ids, pixels, model.config.image_token_id
+        )
     torch.testing.assert_close(native, reference, rtol=2e-5, atol=2e-5)  # a q/k swap is ~5e-4
 
 
@@ -193,7 +214,7 @@ def test_round_trip_is_bit_identical(tiny, tmp_path):
     copied = h2.copy_tokenizer_files(tiny, out)
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(copied)
     again = h2.load_h2ovl(out)
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -209,8 +230,7 @@ def test_mapping_functions_are_exact_inverses(tiny):
 def test_save_original_with_a_given_state_dict_and_dtype(tiny, tmp_path):
     model = h2.load_h2ovl(tiny)
     state = {k: v * 2 for k, v in model.state_dict().items()}
-    out = h2.save_original(model, tmp_path / "o", h2c.read_original_config(tiny), state_dict=state,
-                           dtype=torch.float32)
+    out = h2.save_original(model, tmp_path / "o", h2c.read_original_config(tiny), state_dict=state, dtype=torch.float32)
     saved = load_file(out / "model.safetensors")
     assert saved["mlp1.1.weight"].dtype == torch.float32
     torch.testing.assert_close(saved["mlp1.1.weight"], 2 * model.model.multi_modal_projector.linear_1.weight)
@@ -221,7 +241,7 @@ def test_native_save_loads_through_load_h2ovl(tiny, tmp_path):
     model = h2.load_h2ovl(tiny)
     model.save_pretrained(tmp_path / "native")
     again = h2.load_h2ovl(tmp_path / "native")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -251,8 +271,12 @@ def test_missing_tensor_is_named(tiny, tmp_path):
 
 def test_renamed_tensor_is_named(tiny, tmp_path):
     folder = _copy(tiny, tmp_path / "renamed")
-    _edit_weights(folder, lambda s: s.__setitem__("vision_model.encoder.layers.0.norm_1.weight",
-                                                  s.pop("vision_model.encoder.layers.0.norm1.weight")))
+    _edit_weights(
+        folder,
+        lambda s: s.__setitem__(
+            "vision_model.encoder.layers.0.norm_1.weight", s.pop("vision_model.encoder.layers.0.norm1.weight")
+        ),
+    )
     with pytest.raises(UserError) as e:
         h2.load_h2ovl(folder)
     message = _one_line_error(e)
@@ -275,8 +299,9 @@ def test_unmappable_keys_raise_in_the_mapping_functions():
     with pytest.raises(UserError, match=r"no place in the original .*model\.vision_tower\.layernorm\.weight"):
         h2.native_to_original({"model.vision_tower.layernorm.weight": torch.zeros(2)})
     with pytest.raises(UserError, match=r"missing model\.vision_tower\.encoder\.layer\.0\.attention\.v_proj\.weight"):
-        h2.native_to_original({f"model.vision_tower.encoder.layer.0.attention.{n}_proj.weight": torch.zeros(2, 2)
-                               for n in "qk"})
+        h2.native_to_original(
+            {f"model.vision_tower.encoder.layer.0.attention.{n}_proj.weight": torch.zeros(2, 2) for n in "qk"}
+        )
 
 
 def test_non_h2ovl_config_is_refused(tiny, tmp_path):
@@ -291,14 +316,17 @@ def test_non_h2ovl_config_is_refused(tiny, tmp_path):
         assert "not an H2OVL-Mississippi checkpoint" in message and "internvl_chat" in message
 
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda c: c["vision_config"].update(qk_normalization=True), "vision_config.qk_normalization"),
-    (lambda c: c.update(ps_version="v1"), "ps_version"),
-    (lambda c: c.update(select_layer=-7), "select_layer"),
-    (lambda c: c["llm_config"].update(architectures=["Qwen2ForCausalLM"]), "llm_config.architectures"),
-    (lambda c: c["llm_config"].update(tie_word_embeddings=True), "llm_config.tie_word_embeddings"),
-    (lambda c: c.update(use_llm_lora=16), "use_llm_lora"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: c["vision_config"].update(qk_normalization=True), "vision_config.qk_normalization"),
+        (lambda c: c.update(ps_version="v1"), "ps_version"),
+        (lambda c: c.update(select_layer=-7), "select_layer"),
+        (lambda c: c["llm_config"].update(architectures=["Qwen2ForCausalLM"]), "llm_config.architectures"),
+        (lambda c: c["llm_config"].update(tie_word_embeddings=True), "llm_config.tie_word_embeddings"),
+        (lambda c: c.update(use_llm_lora=16), "use_llm_lora"),
+    ],
+)
 def test_unsupported_settings_name_the_field(tiny, edit, field):
     cfg = h2c.read_original_config(tiny)
     edit(cfg)
@@ -317,8 +345,11 @@ def test_chat_template_is_h2ogpt2(tiny):
     from transformers import AutoTokenizer, PreTrainedConfig
 
     tok = AutoTokenizer.from_pretrained(tiny, config=PreTrainedConfig())
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it"}]},
-                {"role": "assistant", "content": '{"a": 1}'}, {"role": "user", "content": "More"}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it"}]},
+        {"role": "assistant", "content": '{"a": 1}'},
+        {"role": "user", "content": "More"},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == '<|prompt|><image>\nRead it<|end|><|answer|>{"a": 1}<|end|><|prompt|>More<|end|><|answer|>'
     ids = tok("<|prompt|>x<|end|>")["input_ids"]

@@ -104,8 +104,9 @@ def test_tie_rule_on_crafted_sizes():
 
 def _reference_order(mn, mx, prior=None):
     """The reference's candidate list: a set sorted by tile count (inner order = CPython's set order)."""
-    grids = set((i, j) for n in range(mn, mx + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                if mn <= i * j <= mx)
+    grids = set(
+        (i, j) for n in range(mn, mx + 1) for i in range(1, n + 1) for j in range(1, n + 1) if mn <= i * j <= mx
+    )
     grids = sorted(grids, key=lambda x: x[0] * x[1])
     if prior is not None:
         grids = [g for g in grids if prior[0] % g[0] != 0 and prior[1] % g[1] != 0]
@@ -113,8 +114,22 @@ def _reference_order(mn, mx, prior=None):
 
 
 def test_candidate_order_matches_reference_choice():
-    assert target_grids(1, 6) == [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (2, 2), (4, 1), (1, 5), (5, 1),
-                                  (1, 6), (2, 3), (3, 2), (6, 1)]
+    assert target_grids(1, 6) == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (1, 3),
+        (3, 1),
+        (1, 4),
+        (2, 2),
+        (4, 1),
+        (1, 5),
+        (5, 1),
+        (1, 6),
+        (2, 3),
+        (3, 2),
+        (6, 1),
+    ]
     assert target_grids(3, 6, prior=(1, 1)) == [(2, 2), (2, 3), (3, 2)]
     assert target_grids(3, 6, prior=(2, 2)) == [] and target_grids(4, 3) == []
     configs = [(mn, mx, None) for mn in (1, 2, 3) for mx in range(mn, 13)]
@@ -144,7 +159,7 @@ def test_tiles_are_row_major_with_thumbnail_last():
     tiles, grid = tile_image(_quadrants(64), 1, 6, tile_size=32)
     assert grid == (2, 2) and len(tiles) == 5
     expected = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-    for tile, colour in zip(tiles[:4], expected):
+    for tile, colour in zip(tiles[:4], expected, strict=True):
         assert np.all(np.asarray(tile) == np.asarray(colour, dtype=np.uint8))
     thumb = np.asarray(tiles[4])
     assert [tuple(thumb[y, x]) for y, x in ((0, 0), (0, 31), (31, 0), (31, 31))] == expected
@@ -167,7 +182,7 @@ def test_msac_order_pass2_pass1_thumbnail():
     pass1 = [((c + 0.5) / 3, (r + 0.5) / 2) for r in range(2) for c in range(3)]
     expected = pass2 + pass1 + [(0.5, 0.5)]
     assert len(tiles) == 13 == count_tiles(w, h, use_msac=True, tile_size=28)
-    for tile, (ex, ey) in zip(tiles, expected):
+    for tile, (ex, ey) in zip(tiles, expected, strict=True):
         mean = np.asarray(tile, np.float64).mean(axis=(0, 1)) / 255
         assert abs(mean[0] - ex) < 0.02 and abs(mean[1] - ey) < 0.02, (mean, ex, ey)
 
@@ -197,7 +212,7 @@ def test_count_tiles_matches_preprocess_sweep():
 def test_white_image_normalisation():
     # 50x50 at tile 28: a = 1, area 2500 > 0.5*28²*4 = 1568 → (2,2) + thumbnail = 5 tiles, all pure white.
     pv, counts = preprocess([Image.new("RGB", (50, 50), "white")], tile_size=28)
-    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]  # ≈ 2.2489, 2.4286, 2.6400
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]  # ≈ 2.2489, 2.4286, 2.6400
     assert counts == [5] and pv.shape == (5, 3, 28, 28) and pv.dtype == torch.float32
     for c in range(3):
         assert torch.allclose(pv[:, c], torch.full_like(pv[:, c], expected[c]), atol=1e-5)
@@ -205,8 +220,9 @@ def test_white_image_normalisation():
 
 def test_non_rgb_inputs_are_converted():
     # 20x20 at tile 28: area 400 <= 1568 → (1,1), one tile each; both are white once converted to RGB.
-    pv, counts = preprocess([Image.new("L", (20, 20), 255), Image.new("RGBA", (20, 20), (255, 255, 255, 0))],
-                            tile_size=28)
+    pv, counts = preprocess(
+        [Image.new("L", (20, 20), 255), Image.new("RGBA", (20, 20), (255, 255, 255, 0))], tile_size=28
+    )
     assert counts == [1, 1] and pv.shape == (2, 3, 28, 28)
     white = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(pv[:, :, 10, 10], white.expand(2, 3), atol=1e-5)

@@ -17,29 +17,39 @@ from finetune.training.tuning import apply_tuning
 
 
 def test_predicting_positions_are_those_before_a_label_in_any_row():
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX],
-                           [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7]])
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7]]
+    )
     assert predicting_positions(labels).tolist() == [1, 2, 3]
 
 
-@pytest.mark.parametrize("family_name, checkpoint", [("mississippi", "tiny_mississippi"),
-                                                     ("llava_onevision", "tiny_llava")])
+@pytest.mark.parametrize(
+    "family_name, checkpoint", [("mississippi", "tiny_mississippi"), ("llava_onevision", "tiny_llava")]
+)
 def test_trainer_loss_equals_transformers_loss_with_padding_mask(family_name, checkpoint, invoice_docs, request):
     family = get_family(family_name)
     path = str(request.getfixturevalue(checkpoint))
     processor = family.load_processor(path)
     skeleton = derive_skeleton(r.target for r in read_records(invoice_docs["train"]))
     instruction = render_instruction("Read the invoice as JSON:", skeleton)
-    samples, _ = prepare_samples(invoice_docs["train"], split="train", family=family, processor=processor,
-                                 instruction_text=instruction, skeleton=skeleton, max_length=16384)
+    samples, _ = prepare_samples(
+        invoice_docs["train"],
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=instruction,
+        skeleton=skeleton,
+        max_length=16384,
+    )
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction)
     batch = Collator(family, processor.tokenizer.pad_token_id, padding_side="right")([dataset[i] for i in range(3)])
     batch.pop("index")
     padding = 1 - batch["attention_mask"].float().mean().item()
     assert padding > 0.02, "the batch must hold sequences of unequal length"
 
-    model, _ = apply_tuning(family.load_model(path), family,
-                            TuningSection(groups={"vision": "full", "projector": "full", "llm": "full"}))
+    model, _ = apply_tuning(
+        family.load_model(path), family, TuningSection(groups={"vision": "full", "projector": "full", "llm": "full"})
+    )
     model.eval()  # no dropout: both passes must compute the same function
     label_tokens = (batch["labels"] != IGNORE_INDEX).sum()
 
@@ -62,8 +72,10 @@ def test_trainer_loss_equals_transformers_loss_with_padding_mask(family_name, ch
 def test_training_inputs_refuse_a_left_padded_batch():
     # Without the mask, the real tokens of a left-padded row would attend to the pads before them.
     family = get_family("mississippi")
-    right = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1],
-                                                                                           [1, 1, 0, 0]])}
+    right = {
+        "input_ids": torch.ones(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+    }
     assert "attention_mask" not in family.training_inputs(right)
     left = {**right, "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
     with pytest.raises(ValueError, match="right-padded"):

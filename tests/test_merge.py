@@ -20,11 +20,26 @@ def trained_run(request, tiny_mississippi, tiny_llava, simple_docs, tmp_path, fr
 
     checkpoint = {"mississippi": tiny_mississippi, "llava_onevision": tiny_llava}[request.param]
     run = tmp_path / "run"
-    job = FineTuneRecipe(load_recipe("quickstart", [
-        f"model.family={request.param}", f"model.path={checkpoint}", f"data.train={simple_docs['train']}",
-        f"data.val={simple_docs['val']}", f"data.test={simple_docs['test']}", f"output.dir={run}",
-        "tuning.groups={vision: frozen, projector: full, llm: lora}", "tuning.lora.dropout=0", "optim.lr=5e-2",
-        "train.max_steps=3", "train.batch_size=4", "eval.before_training=false", "eval.after_training=false"]))
+    job = FineTuneRecipe(
+        load_recipe(
+            "quickstart",
+            [
+                f"model.family={request.param}",
+                f"model.path={checkpoint}",
+                f"data.train={simple_docs['train']}",
+                f"data.val={simple_docs['val']}",
+                f"data.test={simple_docs['test']}",
+                f"output.dir={run}",
+                "tuning.groups={vision: frozen, projector: full, llm: lora}",
+                "tuning.lora.dropout=0",
+                "optim.lr=5e-2",
+                "train.max_steps=3",
+                "train.batch_size=4",
+                "eval.before_training=false",
+                "eval.after_training=false",
+            ],
+        )
+    )
     job.setup()
     job.train()
     job.save_final()
@@ -60,11 +75,21 @@ def test_merged_model_gives_the_same_answers_as_base_plus_adapter(trained_run, s
     from finetune.data.dataset import Collator, DocumentDataset, prepare_samples
 
     prompt = json.loads((merged / "prompt.json").read_text())
-    samples, _ = prepare_samples(simple_docs["test"], split="test", family=fam, processor=processor,
-                                 instruction_text=prompt["instruction"], skeleton=prompt["skeleton"], max_length=4096)
+    samples, _ = prepare_samples(
+        simple_docs["test"],
+        split="test",
+        family=fam,
+        processor=processor,
+        instruction_text=prompt["instruction"],
+        skeleton=prompt["skeleton"],
+        max_length=4096,
+    )
     batch = Collator(fam, processor.tokenizer.pad_token_id)(
-        [DocumentDataset(samples, family=fam, processor=processor, instruction_text=prompt["instruction"])[i]
-         for i in range(2)])
+        [
+            DocumentDataset(samples, family=fam, processor=processor, instruction_text=prompt["instruction"])[i]
+            for i in range(2)
+        ]
+    )
     batch.pop("index")
     with torch.no_grad():
         expected, got, untouched = (m(**batch).logits for m in (with_adapter, merged_model, base))
@@ -97,14 +122,26 @@ def test_predict_reads_files_folders_and_globs_as_json_lines(trained_run, simple
     _, _, run = trained_run
     folder = tmp_path / "inbox"
     folder.mkdir()
-    for name, source in zip("abc", sorted((simple_docs["test"].parent / "images").glob("test_*.png"))):
+    for name, source in zip("abc", sorted((simple_docs["test"].parent / "images").glob("test_*.png")), strict=True):
         shutil.copy(source, folder / f"{name}.png")
     (folder / "notes.txt").write_text("not an image")
     images = collect_images([str(folder / "c.png"), str(folder), str(folder / "[ab].png")])
     assert [Path(p).name for p in images] == ["c.png", "a.png", "b.png"]  # in the given order, no repeats, no .txt
 
-    records = main(["--model", str(run), "--max-new-tokens", "48", "--batch-size", "2", "--constrained",
-                    "--max-string-length", "4", str(folder)])
+    records = main(
+        [
+            "--model",
+            str(run),
+            "--max-new-tokens",
+            "48",
+            "--batch-size",
+            "2",
+            "--constrained",
+            "--max-string-length",
+            "4",
+            str(folder),
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines == records and [Path(r["image"]).name for r in lines] == ["a.png", "b.png", "c.png"]
     assert all(r["valid_json"] and isinstance(r["prediction"], dict) for r in lines)  # constrained: always JSON
@@ -126,17 +163,33 @@ def test_merged_model_has_what_vllms_loader_reads(trained_run, tmp_path):
     if family == "llava_onevision":  # vLLM reads the native transformers layout: config, weights, processor files
         config = json.loads((merged / "config.json").read_text())
         assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
-        for name in ("model.safetensors", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
-                     "chat_template.jinja"):
+        for name in (
+            "model.safetensors",
+            "preprocessor_config.json",
+            "processor_config.json",
+            "tokenizer.json",
+            "chat_template.jinja",
+        ):
             assert (merged / name).is_file(), name
-        assert json.loads((merged / "processor_config.json").read_text())["processor_class"] == \
-            "LlavaOnevisionProcessor"
+        assert (
+            json.loads((merged / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+        )
         return
     original = merged / "original"
     config = json.loads((original / "config.json").read_text())
     assert config["model_type"] == "h2ovl_chat" and config["architectures"] == ["H2OVLChatModel"]
-    for key in ("select_layer", "force_image_size", "downsample_ratio", "template", "dynamic_image_size",
-                "use_thumbnail", "ps_version", "min_dynamic_patch", "max_dynamic_patch", "use_msac"):
+    for key in (
+        "select_layer",
+        "force_image_size",
+        "downsample_ratio",
+        "template",
+        "dynamic_image_size",
+        "use_thumbnail",
+        "ps_version",
+        "min_dynamic_patch",
+        "max_dynamic_patch",
+        "use_msac",
+    ):
         assert key in config, key
     vision, llm = PretrainedConfig(**config["vision_config"]), PretrainedConfig(**config["llm_config"])
     assert llm.architectures[0] in ("LlamaForCausalLM", "MistralForCausalLM") and vision.hidden_size > 0

@@ -222,7 +222,11 @@ def test_schema_from_skeleton_shape():
 def test_conforms():
     schema = schema_from_skeleton(SKELETON)
     good = {
-        "name": None, "total": 3, "paid": True, "items": [{"n": "a", "q": 1.5}], "tags": [1, "x"],
+        "name": None,
+        "total": 3,
+        "paid": True,
+        "items": [{"n": "a", "q": 1.5}],
+        "tags": [1, "x"],
         "addr": {"city": "東京"},
     }
     assert conforms(good, schema)
@@ -239,8 +243,11 @@ def test_conforms():
 def test_schema_refined_by_the_training_targets_accepts_the_targets_themselves():
     """The skeleton is the union of all targets' keys and their first-seen types; the targets tell which keys are
     optional, which types occur and where containers may be null."""
-    targets = [{"a": "x", "tax": None}, {"a": "y", "tax": 3.5, "note": "n", "items": [{"q": 1}]},
-               {"a": "z", "items": None}]
+    targets = [
+        {"a": "x", "tax": None},
+        {"a": "y", "tax": 3.5, "note": "n", "items": [{"q": 1}]},
+        {"a": "z", "items": None},
+    ]
     skeleton = {"a": "", "tax": "", "note": "", "items": [{"q": 0}]}
     schema = schema_from_skeleton(skeleton, targets)
     assert all(conforms(t, schema) for t in targets)
@@ -298,7 +305,13 @@ def test_score_empty_input():
     metrics, samples = score([], [], skeleton={"a": ""})
     assert samples == []
     assert metrics["num_samples"] == 0
-    for key in ("json_exact_match", "field_f1", "ted_accuracy", "anls_star", "valid_json_rate",
-                "schema_conformance_rate"):
+    for key in (
+        "json_exact_match",
+        "field_f1",
+        "ted_accuracy",
+        "anls_star",
+        "valid_json_rate",
+        "schema_conformance_rate",
+    ):
         assert metrics[key] == 0.0
     assert metrics["per_field_accuracy"] == {}

@@ -28,8 +28,15 @@ def tiny(request, family, tmp_path_factory):
 
 
 def samples_for(source, family, processor):
-    samples, report = prepare_samples(source, split="train", family=family, processor=processor,
-                                      instruction_text=INSTRUCTION, skeleton=SKELETON, max_length=8192)
+    samples, _report = prepare_samples(
+        source,
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=INSTRUCTION,
+        skeleton=SKELETON,
+        max_length=8192,
+    )
     return samples, DocumentDataset(samples, family=family, processor=processor, instruction_text=INSTRUCTION)
 
 
@@ -82,8 +89,9 @@ def test_only_answer_and_end_token_carry_labels(family, tiny, simple_docs):
     item = dataset[0]
     labelled = [t for t in item["labels"] if t != IGNORE_INDEX]
     assert processor.tokenizer.decode(labelled) == (
-        '{"number":"%s","total":"%s"}<|end|>' % (samples[0].target["number"], samples[0].target["total"]))
-    assert item["labels"][-len(labelled):] == item["input_ids"][-len(labelled):]
+        '{{"number":"{}","total":"{}"}}<|end|>'.format(samples[0].target["number"], samples[0].target["total"])
+    )
+    assert item["labels"][-len(labelled) :] == item["input_ids"][-len(labelled) :]
 
 
 def test_full_training_gives_every_trainable_parameter_a_gradient(family, tiny, simple_docs):
@@ -91,8 +99,11 @@ def test_full_training_gives_every_trainable_parameter_a_gradient(family, tiny, 
     _, dataset = samples_for(simple_docs["train"], family, processor)
     batch = Collator(family, processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     batch.pop("index")
-    model, _ = apply_tuning(family.load_model(str(tiny)), family,
-                            TuningSection(groups={"vision": "full", "projector": "full", "llm": "full"}))
+    model, _ = apply_tuning(
+        family.load_model(str(tiny)),
+        family,
+        TuningSection(groups={"vision": "full", "projector": "full", "llm": "full"}),
+    )
     model(**batch).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
@@ -109,8 +120,11 @@ def test_gradient_checkpointing_with_frozen_vision(family, tiny, simple_docs):
         model = family.load_model(str(tiny))
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model, _ = apply_tuning(model, family, TuningSection(
-            groups={"vision": "frozen", "projector": "full", "llm": "lora"}, lora={"dropout": 0.0}))
+        model, _ = apply_tuning(
+            model,
+            family,
+            TuningSection(groups={"vision": "frozen", "projector": "full", "llm": "lora"}, lora={"dropout": 0.0}),
+        )
         model.train()
         model(**batch).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -164,8 +178,9 @@ def test_original_layout_records_the_trained_tiling_and_survives_a_second_round(
         assert original.tiles_for([size]) == processor.tiles_for([size])
 
     again = family.load_model(str(tmp_path / "first"))
-    family.save_pretrained(again, family.load_processor(str(tmp_path / "first")), tmp_path / "second",
-                           source_path=str(tmp_path / "first"))
+    family.save_pretrained(
+        again, family.load_processor(str(tmp_path / "first")), tmp_path / "second", source_path=str(tmp_path / "first")
+    )
     assert (tmp_path / "second" / "original" / "model.safetensors").exists()
 
 
@@ -181,6 +196,7 @@ def test_a_tokenizer_without_chat_template_gets_h2ogpt2(family, tiny, tmp_path):
     tokenizer.save_pretrained(folder)
     assert AutoTokenizer.from_pretrained(folder, config=PretrainedConfig()).chat_template is None
     processor = family.load_processor(str(folder))
-    text = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|prompt|>hi<|end|><|answer|>"

@@ -21,18 +21,41 @@ def tiny(request, tmp_path_factory):
 
 
 def args(tiny, docs, out, **overrides):
-    values = {"model.path": str(tiny), "data.train": str(docs["train"]), "data.val": str(docs["train"]),
-              "data.test": "null", "output.dir": str(out), "eval.max_new_tokens": 32, "eval.batch_size": 8,
-              "train.precision": "fp32", "tuning.gradient_checkpointing": False, "train.checkpoint_every": "null",
-              "optim.warmup_ratio": 0.0, "train.log_every": 1, **overrides}
+    values = {
+        "model.path": str(tiny),
+        "data.train": str(docs["train"]),
+        "data.val": str(docs["train"]),
+        "data.test": "null",
+        "output.dir": str(out),
+        "eval.max_new_tokens": 32,
+        "eval.batch_size": 8,
+        "train.precision": "fp32",
+        "tuning.gradient_checkpointing": False,
+        "train.checkpoint_every": "null",
+        "optim.warmup_ratio": 0.0,
+        "train.log_every": 1,
+        **overrides,
+    }
     return ["recipe=invoices"] + [f"{k}={v}" for k, v in values.items()]
 
 
 def test_full_fine_tune_overfits_eight_forms(tiny, simple_docs, tmp_path):
     out = tmp_path / "full"
-    run_train(args(tiny, simple_docs, out, **{
-        "tuning.groups": "{vision: full, projector: full, llm: full}", "optim.lr": 1e-3, "optim.weight_decay": 0.0,
-        "train.max_steps": 300, "train.batch_size": 8, "train.grad_accum": 1}))
+    run_train(
+        args(
+            tiny,
+            simple_docs,
+            out,
+            **{
+                "tuning.groups": "{vision: full, projector: full, llm: full}",
+                "optim.lr": 1e-3,
+                "optim.weight_decay": 0.0,
+                "train.max_steps": 300,
+                "train.batch_size": 8,
+                "train.grad_accum": 1,
+            },
+        )
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"]["json_exact_match"] == 0.0
     assert metrics["after"]["json_exact_match"] == 1.0, (out / "predictions.jsonl").read_text()[:2000]
@@ -44,7 +67,18 @@ def test_full_fine_tune_overfits_eight_forms(tiny, simple_docs, tmp_path):
 
 def test_lora_run_completes_and_saves_an_adapter(tiny, simple_docs, tmp_path):
     out = tmp_path / "lora"
-    run_train(args(tiny, simple_docs, out, **{"train.max_steps": 4, "train.batch_size": 4,
-                                              "tuning.gradient_checkpointing": True, "eval.max_new_tokens": 4}))
+    run_train(
+        args(
+            tiny,
+            simple_docs,
+            out,
+            **{
+                "train.max_steps": 4,
+                "train.batch_size": 4,
+                "tuning.gradient_checkpointing": True,
+                "eval.max_new_tokens": 4,
+            },
+        )
+    )
     assert (out / "final" / "adapter_model.safetensors").exists()
     assert json.loads((out / "final" / "prompt.json").read_text())["instruction"].startswith("Extract the details")

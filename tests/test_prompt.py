@@ -13,16 +13,25 @@ def test_skeleton_unions_keys_in_first_seen_order_and_empties_values():
         {"name": "Bob", "total": 3.5, "items": [{"qty": 1, "sku": "X"}], "paid": True, "note": None},
     ]
     skeleton = derive_skeleton(targets)
-    assert skeleton == {"name": "", "items": [{"qty": 0, "price": "", "sku": ""}], "total": 0, "paid": False,
-                        "note": ""}
+    assert skeleton == {
+        "name": "",
+        "items": [{"qty": 0, "price": "", "sku": ""}],
+        "total": 0,
+        "paid": False,
+        "note": "",
+    }
     assert list(skeleton) == ["name", "items", "total", "paid", "note"]
 
 
 def test_instruction_in_model_card_style():
-    text = render_instruction("Extract the details from the form image and structure them into JSON format:",
-                              {"name": "", "items": [{"qty": 0}]})
-    assert text == ('Extract the details from the form image and structure them into JSON format: '
-                    '{"name": "", "items": [{"qty": 0}]}')
+    text = render_instruction(
+        "Extract the details from the form image and structure them into JSON format:",
+        {"name": "", "items": [{"qty": 0}]},
+    )
+    assert text == (
+        "Extract the details from the form image and structure them into JSON format: "
+        '{"name": "", "items": [{"qty": 0}]}'
+    )
 
 
 def test_canonical_json_orders_like_skeleton_then_sorted_and_is_compact():

@@ -25,10 +25,21 @@ def lora_run(tmp_path_factory, tiny_mississippi, simple_docs):
     old = {k: os.environ.get(k) for k in ("HF_TOKEN", "WANDB_API_KEY")}
     os.environ.update(HF_TOKEN=FAKE_HF_TOKEN, WANDB_API_KEY=FAKE_WANDB_KEY)
     try:
-        result = run_train(["recipe=quickstart", f"model.path={tiny_mississippi}", f"data.train={simple_docs['train']}",
-                            f"data.val={simple_docs['val']}", f"data.test={simple_docs['test']}", f"output.dir={run}",
-                            "tuning.groups={vision: frozen, projector: full, llm: lora}", "train.max_steps=3",
-                            "train.batch_size=4", "eval.max_new_tokens=8", "tracking.report_to=[tensorboard]"])
+        result = run_train(
+            [
+                "recipe=quickstart",
+                f"model.path={tiny_mississippi}",
+                f"data.train={simple_docs['train']}",
+                f"data.val={simple_docs['val']}",
+                f"data.test={simple_docs['test']}",
+                f"output.dir={run}",
+                "tuning.groups={vision: frozen, projector: full, llm: lora}",
+                "train.max_steps=3",
+                "train.batch_size=4",
+                "eval.max_new_tokens=8",
+                "tracking.report_to=[tensorboard]",
+            ]
+        )
     finally:
         for key, value in old.items():
             if value is None:
@@ -46,15 +57,25 @@ def test_dry_run_folder_has_everything_a_loader_needs_and_a_parseable_card(lora_
     run, _ = lora_run
     folder = main(["--run", str(run), "--repo", "me/invoice-reader", "--dry-run"])
     assert "dry run: nothing uploaded" in capsys.readouterr().out
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "h2ovl_processor_config.json", "prompt.json", "training_recipe.yaml",
-                 "README.md"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "h2ovl_processor_config.json",
+        "prompt.json",
+        "training_recipe.yaml",
+        "README.md",
+    ):
         assert (folder / name).is_file(), name
     card = ModelCard.load(folder / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "peft" and data["pipeline_tag"] == "image-text-to-text"
-    assert data["base_model"] == json.loads((run / "final" / "adapter_config.json").read_text())[
-        "base_model_name_or_path"] and data["license"] == "apache-2.0"
+    assert (
+        data["base_model"] == json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        and data["license"] == "apache-2.0"
+    )
     metrics = json.loads((run / "metrics.json").read_text())["after"]
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results["json_exact_match"] == metrics["json_exact_match"] and "field_f1" in results
@@ -77,8 +98,9 @@ def test_adapter_reloaded_from_the_published_folder_gives_the_trained_logits(lor
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     with torch.no_grad():
         published = PeftModel.from_pretrained(family.load_model(str(tiny_mississippi)), folder).eval()(**batch).logits
-        trained = PeftModel.from_pretrained(family.load_model(str(tiny_mississippi)),
-                                            run / "final").eval()(**batch).logits
+        trained = (
+            PeftModel.from_pretrained(family.load_model(str(tiny_mississippi)), run / "final").eval()(**batch).logits
+        )
         base = family.load_model(str(tiny_mississippi)).eval()(**batch).logits
     torch.testing.assert_close(published, trained, rtol=0, atol=0)
     assert not torch.allclose(published, base, atol=1e-4)

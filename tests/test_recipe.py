@@ -41,8 +41,10 @@ def test_minimal_recipe_gets_defaults(recipe_file):
 
 
 def test_overrides_are_parsed_as_yaml(recipe_file):
-    recipe = load_recipe(recipe_file, ["train.max_steps=7", "optim.lr={llm: 0.001}", "tuning.groups.llm=full",
-                                       "tracking.report_to=[tensorboard]"])
+    recipe = load_recipe(
+        recipe_file,
+        ["train.max_steps=7", "optim.lr={llm: 0.001}", "tuning.groups.llm=full", "tracking.report_to=[tensorboard]"],
+    )
     assert recipe.train.max_steps == 7
     assert recipe.optim.lr == {"llm": 0.001}
     assert recipe.tuning.groups["llm"] == "full"
@@ -103,7 +105,7 @@ def test_cli_parsing():
     assert parse_cli(["recipe=invoices", "train.max_steps=3"]) == ("invoices", ["train.max_steps=3"])
     with pytest.raises(RecipeError, match="missing recipe="):
         parse_cli(["train.max_steps=3"])
-    with pytest.raises(RecipeError, match="expected recipe=NAME or key.path=value"):
+    with pytest.raises(RecipeError, match=r"expected recipe=NAME or key\.path=value"):
         parse_cli(["invoices"])
 
 
@@ -144,14 +146,22 @@ def test_union_valued_key_is_named_as_written(recipe_file):
 
 
 def test_unknown_group_name_is_caught_at_load_time_with_suggestion(recipe_file):
-    text = recipe_file.read_text().replace("tuning:\n", "tuning:\n  groups: {visoin: full, projector: frozen, llm: lora}\n")
+    text = recipe_file.read_text().replace(
+        "tuning:\n", "tuning:\n  groups: {visoin: full, projector: frozen, llm: lora}\n"
+    )
     recipe_file.write_text(text)
-    with pytest.raises(RecipeError, match=r"r\.yaml:7: tuning\.groups\.visoin: 'llava_onevision' has no group "
-                                          r"'visoin' \(did you mean 'vision'\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"r\.yaml:7: tuning\.groups\.visoin: 'llava_onevision' has no group "
+        r"'visoin' \(did you mean 'vision'\?\)",
+    ):
         load_recipe(recipe_file)
 
 
 def test_unknown_family_is_caught_at_load_time(recipe_file):
-    with pytest.raises(RecipeError, match=r"model\.family: unknown family 'llava_onevison' \(did you mean "
-                                          r"'llava_onevision'\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"model\.family: unknown family 'llava_onevison' \(did you mean "
+        r"'llava_onevision'\?\)",
+    ):
         load_recipe(recipe_file, ["model.family=llava_onevison"])

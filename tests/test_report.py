@@ -27,37 +27,92 @@ def _image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (80
 
 
 def _records(tmp_path: Path) -> list[dict]:
-    img = [_image(tmp_path / f"doc{i}.png", c) for i, c in enumerate(
-        [(250, 250, 240), (220, 235, 250), (250, 225, 225), (230, 250, 230), (245, 235, 210)])]
+    img = [
+        _image(tmp_path / f"doc{i}.png", c)
+        for i, c in enumerate([(250, 250, 240), (220, 235, 250), (250, 225, 225), (230, 250, 230), (245, 235, 210)])
+    ]
     gold = {"number": "INV-1", "total": "10.00", "items": [{"name": "pen", "qty": 2}]}
     return [
         # 0: exact match
-        {"index": 0, "origin": "data/val.jsonl:1", "images": [img[0]], "target": gold, "prediction": gold,
-         "text": '{"number": "INV-1"}', "valid_json": True, "exact_match": True, "field_f1": 1.0,
-         "ted_accuracy": 1.0, "anls_star": 1.0, "schema_valid": True},
+        {
+            "index": 0,
+            "origin": "data/val.jsonl:1",
+            "images": [img[0]],
+            "target": gold,
+            "prediction": gold,
+            "text": '{"number": "INV-1"}',
+            "valid_json": True,
+            "exact_match": True,
+            "field_f1": 1.0,
+            "ted_accuracy": 1.0,
+            "anls_star": 1.0,
+            "schema_valid": True,
+        },
         # 1: mismatch with a changed value, a missing key and an extra key
-        {"index": 1, "origin": "data/val.jsonl:2", "images": [img[1]], "target": gold,
-         "prediction": {"number": "INV-7", "items": [{"name": "pen", "qty": 2}], "bogus": "x"},
-         "text": "...", "valid_json": True, "exact_match": False, "field_f1": 0.4, "ted_accuracy": 0.5},
+        {
+            "index": 1,
+            "origin": "data/val.jsonl:2",
+            "images": [img[1]],
+            "target": gold,
+            "prediction": {"number": "INV-7", "items": [{"name": "pen", "qty": 2}], "bogus": "x"},
+            "text": "...",
+            "valid_json": True,
+            "exact_match": False,
+            "field_f1": 0.4,
+            "ted_accuracy": 0.5,
+        },
         # 2: mismatch inside a list item (compared by position) plus an extra list item; image as {"bytes": ...}
-        {"index": 2, "origin": "data/val.jsonl:3", "images": [{"bytes": Path(img[2]).read_bytes(), "path": None}],
-         "target": gold, "prediction": {"number": "INV-1", "total": "10.00",
-                                        "items": [{"name": "pen", "qty": 3}, {"name": "cap", "qty": 1}]},
-         "text": "...", "valid_json": True, "exact_match": False, "field_f1": 0.8, "ted_accuracy": 0.9},
+        {
+            "index": 2,
+            "origin": "data/val.jsonl:3",
+            "images": [{"bytes": Path(img[2]).read_bytes(), "path": None}],
+            "target": gold,
+            "prediction": {
+                "number": "INV-1",
+                "total": "10.00",
+                "items": [{"name": "pen", "qty": 3}, {"name": "cap", "qty": 1}],
+            },
+            "text": "...",
+            "valid_json": True,
+            "exact_match": False,
+            "field_f1": 0.8,
+            "ted_accuracy": 0.9,
+        },
         # 3: invalid JSON; the raw text itself needs escaping
-        {"index": 3, "origin": "data/val.jsonl:4", "images": [img[3]], "target": gold, "prediction": None,
-         "text": '{"number": "INV-1", <broken & cut', "valid_json": False, "exact_match": False, "field_f1": 0.0},
+        {
+            "index": 3,
+            "origin": "data/val.jsonl:4",
+            "images": [img[3]],
+            "target": gold,
+            "prediction": None,
+            "text": '{"number": "INV-1", <broken & cut',
+            "valid_json": False,
+            "exact_match": False,
+            "field_f1": 0.0,
+        },
         # 4: exact match with unicode and a script tag in a value
-        {"index": 4, "origin": "data/val.jsonl:5", "images": [img[4], img[0]],
-         "target": {"name": "Zoë Müller — 東京 €", "note": "<script>alert(1)</script>"},
-         "prediction": {"name": "Zoë Müller — 東京 €", "note": "<script>alert(1)</script>"},
-         "text": "...", "valid_json": True, "exact_match": True, "field_f1": 1.0},
+        {
+            "index": 4,
+            "origin": "data/val.jsonl:5",
+            "images": [img[4], img[0]],
+            "target": {"name": "Zoë Müller — 東京 €", "note": "<script>alert(1)</script>"},
+            "prediction": {"name": "Zoë Müller — 東京 €", "note": "<script>alert(1)</script>"},
+            "text": "...",
+            "valid_json": True,
+            "exact_match": True,
+            "field_f1": 1.0,
+        },
     ]
 
 
-METRICS = {"json_exact_match": 0.4, "valid_json_rate": 0.8, "field_f1": 0.64, "num_samples": 5,
-           "headline": "json_exact_match",
-           "per_field_accuracy": {"number": 0.8, "total": 0.6, "items.name": 1.0, "items.qty": 0.25}}
+METRICS = {
+    "json_exact_match": 0.4,
+    "valid_json_rate": 0.8,
+    "field_f1": 0.64,
+    "num_samples": 5,
+    "headline": "json_exact_match",
+    "per_field_accuracy": {"number": 0.8, "total": 0.6, "items.name": 1.0, "items.qty": 0.25},
+}
 
 
 def _cards(html: str) -> list[tuple[int, str]]:
@@ -104,7 +159,7 @@ def test_report_content(report):
     assert 'class="diff-invalid">{&quot;number&quot;: &quot;INV-1&quot;, &lt;broken &amp; cut' in card[3]
     for i in (0, 4):
         assert not re.search(r"class=\"diff-", card[i])
-    assert "mismatch" in card[1] and "invalid JSON" in card[3] and 'badge match' in card[0]
+    assert "mismatch" in card[1] and "invalid JSON" in card[3] and "badge match" in card[0]
 
     # thumbnails: embedded JPEGs, long side <= 360 px
     assert html.count('src="data:image/jpeg;base64,') == 6
@@ -139,11 +194,23 @@ def _browser() -> str:
 def _run_browser(exe: str, args: list[str], home: Path) -> subprocess.CompletedProcess:
     """Run headless Chromium; fall back to --headless=new where plain --headless is refused."""
     env = {**os.environ, "HOME": str(home)}  # Chromium writes its profile/crash dirs under HOME
-    base = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-            f"--user-data-dir={home / 'profile'}", "--window-size=1200,1600"]
+    base = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={home / 'profile'}",
+        "--window-size=1200,1600",
+    ]
     for headless in ("--headless", "--headless=new"):
-        result = subprocess.run([exe, headless, *base, *args], check=False, capture_output=True, text=True,
-                                env=env, timeout=BROWSER_TIMEOUT_S)
+        result = subprocess.run(
+            [exe, headless, *base, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=BROWSER_TIMEOUT_S,
+        )
         if result.returncode == 0:
             return result
     pytest.fail(f"chromium failed (rc {result.returncode}): {result.stderr[-2000:]}")

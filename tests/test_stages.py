@@ -54,20 +54,42 @@ def test_explicit_stages_resolve_with_a_learning_rate_per_trainable_group(staged
     assert resolve_stages(recipe, get_family("mississippi"))[0].lr == {"projector": 1e-4}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stages.1.groups.visoin=full", (r"staged\.yaml \(override stages\.1\.groups\.visoin=full\): "
-                                     r"stages\.1\.groups\.visoin: no group 'visoin' \(did you mean 'vision'\?\)")),
-    ("stages.1.lr={projector: 1.0e-4, llm: 1.0e-4}",
-     r"staged\.yaml \(override stages\.1\.lr=.*\): stages\.1\.lr: no learning rate for trainable group\(s\) vision"),
-    ("stages.0.lr={projector: 1.0e-3, llm: 1.0e-3}", r"stages\.0\.lr\.llm: group 'llm' is frozen in this stage"),
-    ("stages.0.groups={vision: frozen, projector: frozen, llm: frozen}", r"stages\.0\.groups: every group is frozen"),
-    ("stages.0.max_steps=10", r"stages\.0: give at most one of epochs, max_steps, fraction \(got max_steps, fraction\)"),
-    ("stages.1.name=align", r"stages\.1\.name: 'align' is used by an earlier stage"),
-    ("tuning.groups={vision: frozen, projector: frozen, llm: lora}",
-     r"stages and tuning\.groups both give the training modes; keep one"),
-    ("schedule=paper", r"staged\.yaml \(override schedule=paper\): stages and schedule both give the training modes"),
-    ("stages.2.lr=1", r"override stages\.2\.lr: 'stages' has no entry 2 \(entries 0-1\)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "stages.1.groups.visoin=full",
+            (
+                r"staged\.yaml \(override stages\.1\.groups\.visoin=full\): "
+                r"stages\.1\.groups\.visoin: no group 'visoin' \(did you mean 'vision'\?\)"
+            ),
+        ),
+        (
+            "stages.1.lr={projector: 1.0e-4, llm: 1.0e-4}",
+            r"staged\.yaml \(override stages\.1\.lr=.*\): stages\.1\.lr: "
+            r"no learning rate for trainable group\(s\) vision",
+        ),
+        ("stages.0.lr={projector: 1.0e-3, llm: 1.0e-3}", r"stages\.0\.lr\.llm: group 'llm' is frozen in this stage"),
+        (
+            "stages.0.groups={vision: frozen, projector: frozen, llm: frozen}",
+            r"stages\.0\.groups: every group is frozen",
+        ),
+        (
+            "stages.0.max_steps=10",
+            r"stages\.0: give at most one of epochs, max_steps, fraction \(got max_steps, fraction\)",
+        ),
+        ("stages.1.name=align", r"stages\.1\.name: 'align' is used by an earlier stage"),
+        (
+            "tuning.groups={vision: frozen, projector: frozen, llm: lora}",
+            r"stages and tuning\.groups both give the training modes; keep one",
+        ),
+        (
+            "schedule=paper",
+            r"staged\.yaml \(override schedule=paper\): stages and schedule both give the training modes",
+        ),
+        ("stages.2.lr=1", r"override stages\.2\.lr: 'stages' has no entry 2 \(entries 0-1\)"),
+    ],
+)
 def test_stage_errors_name_file_line_and_key(staged_file, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(staged_file, [override])
@@ -86,8 +108,9 @@ def test_stage_errors_point_at_the_yaml_line(staged_file):
 def test_a_group_cannot_be_lora_in_one_stage_and_full_in_another(staged_file):
     from finetune.errors import UserError
 
-    recipe = load_recipe(staged_file, ["stages.0.groups={vision: full, projector: full, llm: frozen}",
-                                       "stages.0.lr=1.0e-3"])
+    recipe = load_recipe(
+        staged_file, ["stages.0.groups={vision: full, projector: full, llm: frozen}", "stages.0.lr=1.0e-3"]
+    )
     with pytest.raises(UserError, match="vision are lora in one stage and full in another"):
         resolve_stages(recipe, get_family("mississippi"))
 
@@ -107,22 +130,28 @@ def _paper(family_name: str, checkpoint: Path, tmp_path) -> list[StageSection]:
     train = tmp_path / "t.jsonl"
     train.write_text("")
     recipe_file = tmp_path / "paper.yaml"
-    recipe_file.write_text(f"model: {{family: {family_name}, path: {checkpoint}}}\ndata: {{train: {train}}}\n"
-                           f"schedule: paper\n")
+    recipe_file.write_text(
+        f"model: {{family: {family_name}, path: {checkpoint}}}\ndata: {{train: {train}}}\nschedule: paper\n"
+    )
     return resolve_stages(load_recipe(recipe_file), get_family(family_name))
 
 
 def test_paper_schedule_llava_onevision(tiny_llava, tmp_path):
     align, full = _paper("llava_onevision", tiny_llava, tmp_path)
-    assert align.groups == {"vision": "frozen", "projector": "full", "llm": "frozen"} and align.lr == {"projector": 1e-3}
+    assert align.groups == {"vision": "frozen", "projector": "full", "llm": "frozen"} and align.lr == {
+        "projector": 1e-3
+    }
     assert full.lr == {"vision": 2e-6, "projector": 1e-5, "llm": 1e-5}
     assert align.fraction + full.fraction == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("preset, names", [
-    ("test", ["projector", "projector+llm", "task"]),            # Llama LLM: Mississippi-0.8B's schedule
-    ("test-2b", ["vision+projector", "task"]),                   # Mistral LLM: Mississippi-2B's schedule
-])
+@pytest.mark.parametrize(
+    "preset, names",
+    [
+        ("test", ["projector", "projector+llm", "task"]),  # Llama LLM: Mississippi-0.8B's schedule
+        ("test-2b", ["vision+projector", "task"]),  # Mistral LLM: Mississippi-2B's schedule
+    ],
+)
 def test_paper_schedule_mississippi_follows_the_checkpoint_size(tmp_path, preset, names):
     family = get_family("mississippi")
     checkpoint = family.build_tiny_checkpoint(tmp_path / preset, **family.tiny_presets[preset])
@@ -165,17 +194,24 @@ def test_optim_lr_may_name_groups_a_stage_keeps_frozen(staged_file):
     recipe = load_recipe(staged_file, [rates, "stages.0.lr=null", "stages.1.lr=null"])
     align, tune = resolve_stages(recipe, get_family("mississippi"))
     assert align.lr == {"projector": 1e-4} and tune.lr == {"vision": 2e-5, "projector": 1e-4, "llm": 3e-4}
-    plain = load_recipe(staged_file, [rates, "stages=null", "tuning.groups={vision: frozen, projector: full, llm: lora}"])
+    plain = load_recipe(
+        staged_file, [rates, "stages=null", "tuning.groups={vision: frozen, projector: full, llm: lora}"]
+    )
     assert resolve_stages(plain, get_family("mississippi"))[0].lr == {"projector": 1e-4, "llm": 3e-4}
-    with pytest.raises(RecipeError, match=r"staged\.yaml \(override optim\.lr=.*\): optim\.lr \(used by stages\.1, "
-                                          r"which has no lr\): no learning rate for trainable group\(s\) vision"):
+    with pytest.raises(
+        RecipeError,
+        match=r"staged\.yaml \(override optim\.lr=.*\): optim\.lr \(used by stages\.1, "
+        r"which has no lr\): no learning rate for trainable group\(s\) vision",
+    ):
         load_recipe(staged_file, ["optim.lr={projector: 1.0e-4, llm: 3.0e-4}", "stages.1.lr=null"])
 
 
 def test_stage_data_files_are_checked_at_load_time(staged_file, tmp_path):
     with pytest.raises(RecipeError, match=r"stages\.1\.data\.mix\.1\.source: file not found: .*nope\.jsonl"):
-        mix = (f"stages.1.data={{mix: [{{source: {staged_file.parent / 'train.jsonl'}, weight: 1}},"
-               f" {{source: {tmp_path / 'nope.jsonl'}, weight: 1}}]}}")
+        mix = (
+            f"stages.1.data={{mix: [{{source: {staged_file.parent / 'train.jsonl'}, weight: 1}},"
+            f" {{source: {tmp_path / 'nope.jsonl'}, weight: 1}}]}}"
+        )
         load_recipe(staged_file, [mix])
 
 
@@ -184,17 +220,29 @@ def test_preset_stages_cannot_be_overridden_by_index(staged_file):
         load_recipe(staged_file, ["stages=null", "schedule=paper", "stages.1.max_steps=5"])
 
 
-def test_lora_targets_of_a_later_stage_are_checked_before_the_first(tiny_mississippi, simple_docs, tmp_path,
-                                                                   fresh_accelerate_state):
+def test_lora_targets_of_a_later_stage_are_checked_before_the_first(
+    tiny_mississippi, simple_docs, tmp_path, fresh_accelerate_state
+):
     from finetune.errors import UserError
     from finetune.training.runner import FineTuneRecipe
 
-    stages = ("[{name: a, groups: {vision: frozen, projector: full, llm: frozen}, max_steps: 1},"
-              " {name: b, groups: {vision: lora, projector: frozen, llm: frozen}, max_steps: 1}]")
-    recipe = load_recipe("quickstart", [f"model.path={tiny_mississippi}", f"data.train={simple_docs['train']}",
-                                        f"data.val={simple_docs['val']}", "data.test=null", "tuning.groups=null",
-                                        f"stages={stages}", "tuning.lora.targets={vision: [qkv]}",
-                                        f"output.dir={tmp_path / 'run'}"])
+    stages = (
+        "[{name: a, groups: {vision: frozen, projector: full, llm: frozen}, max_steps: 1},"
+        " {name: b, groups: {vision: lora, projector: frozen, llm: frozen}, max_steps: 1}]"
+    )
+    recipe = load_recipe(
+        "quickstart",
+        [
+            f"model.path={tiny_mississippi}",
+            f"data.train={simple_docs['train']}",
+            f"data.val={simple_docs['val']}",
+            "data.test=null",
+            "tuning.groups=null",
+            f"stages={stages}",
+            "tuning.lora.targets={vision: [qkv]}",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
     job = FineTuneRecipe(recipe)
     with pytest.raises(UserError, match=r"tuning\.lora\.targets\.vision: \['qkv'\] match no module of group 'vision'"):
         job.setup()
@@ -203,8 +251,9 @@ def test_lora_targets_of_a_later_stage_are_checked_before_the_first(tiny_mississ
 def test_mixture_sampler_draws_by_weight_without_early_repeats():
     sizes, weights = [10, 90], [3.0, 1.0]  # the small source is drawn 3× as often as the big one
     lengths = list(range(100))
-    sampler = MixtureSampler(lengths, sizes, weights, samples_per_epoch=400, batch_size=4, seed=1,
-                             group_by_length=False)
+    sampler = MixtureSampler(
+        lengths, sizes, weights, samples_per_epoch=400, batch_size=4, seed=1, group_by_length=False
+    )
     drawn = list(sampler)
     assert len(drawn) == len(sampler) == 400
     from_small = sum(i < 10 for i in drawn)
@@ -220,7 +269,7 @@ def test_mixture_sampler_draws_by_weight_without_early_repeats():
 def test_mixture_sampler_groups_by_length():
     lengths = [1, 100] * 50
     sampler = MixtureSampler(lengths, [50, 50], [1.0, 1.0], samples_per_epoch=100, batch_size=4, seed=0)
-    batches = [list(sampler)[i:i + 4] for i in range(0, 100, 4)]
+    batches = [list(sampler)[i : i + 4] for i in range(0, 100, 4)]
     mixed = sum(len({lengths[i] for i in batch}) > 1 for batch in batches)
     assert mixed <= 2  # sorted mega-batches: almost every batch is all-short or all-long
 
@@ -232,8 +281,15 @@ def mississippi_batch(tiny_mississippi, simple_docs):
     family, checkpoint = get_family("mississippi"), tiny_mississippi
     processor = family.load_processor(str(checkpoint))
     instruction = 'Extract into JSON format: {"number": "", "total": ""}'
-    samples, _ = prepare_samples(simple_docs["train"], split="train", family=family, processor=processor,
-                                 instruction_text=instruction, skeleton={"number": "", "total": ""}, max_length=4096)
+    samples, _ = prepare_samples(
+        simple_docs["train"],
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=instruction,
+        skeleton={"number": "", "total": ""},
+        max_length=4096,
+    )
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction)
     batch = Collator(family, processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     batch.pop("index")
@@ -242,8 +298,7 @@ def mississippi_batch(tiny_mississippi, simple_docs):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("llm_mode", ["full", "lora"])
-def test_a_frozen_vision_tower_builds_no_graph_and_holds_no_optimizer_state(mississippi_batch, checkpointing,
-                                                                           llm_mode):
+def test_a_frozen_vision_tower_builds_no_graph_and_holds_no_optimizer_state(mississippi_batch, checkpointing, llm_mode):
     from finetune.config import TuningSection
     from finetune.training.tuning import apply_tuning, enable_gradient_checkpointing, optimizer_groups
 
@@ -253,8 +308,9 @@ def test_a_frozen_vision_tower_builds_no_graph_and_holds_no_optimizer_state(miss
         model = family.load_model(str(checkpoint))
         if checkpointing:
             enable_gradient_checkpointing(model)
-        model, _ = apply_tuning(model, family, TuningSection(), groups={"vision": vision_mode, "projector": "full",
-                                                                        "llm": llm_mode})
+        model, _ = apply_tuning(
+            model, family, TuningSection(), groups={"vision": vision_mode, "projector": "full", "llm": llm_mode}
+        )
         model.train()
         tower = next(m for n, m in model.named_modules() if n.endswith("model.vision_tower"))
         handle = tower.register_forward_hook(lambda mod, args, out, mode=vision_mode: outputs.__setitem__(mode, out))
@@ -284,8 +340,12 @@ def test_vision_lora_weights_receive_gradients_under_checkpointing(mississippi_b
     family, checkpoint, batch = mississippi_batch
     model = family.load_model(str(checkpoint))
     enable_gradient_checkpointing(model)
-    model, _ = apply_tuning(model, family, TuningSection(lora={"dropout": 0.0}),
-                            groups={"vision": "lora", "projector": "frozen", "llm": "frozen"})
+    model, _ = apply_tuning(
+        model,
+        family,
+        TuningSection(lora={"dropout": 0.0}),
+        groups={"vision": "lora", "projector": "frozen", "llm": "frozen"},
+    )
     model.train()
     optimizer = torch.optim.AdamW(optimizer_groups(model, family, lambda g: 1e-2, 0.0))
     for _ in range(2):  # B starts at zero, so A's gradient is zero until the first step moved B

@@ -17,11 +17,21 @@ pytestmark = pytest.mark.slow
 
 def base_args(checkpoint, docs, out, **overrides):
     args = {
-        "model.family": "mississippi", "model.path": str(checkpoint), "tuning.groups": "null",
-        "data.train": str(docs["train"]), "data.val": str(docs["val"]), "data.test": "null",
-        "output.dir": str(out), "eval.max_new_tokens": 8, "eval.before_training": False,
-        "eval.after_training": False, "optim.warmup_ratio": 0.0, "optim.scheduler": "constant",
-        "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": "null",
+        "model.family": "mississippi",
+        "model.path": str(checkpoint),
+        "tuning.groups": "null",
+        "data.train": str(docs["train"]),
+        "data.val": str(docs["val"]),
+        "data.test": "null",
+        "output.dir": str(out),
+        "eval.max_new_tokens": 8,
+        "eval.before_training": False,
+        "eval.after_training": False,
+        "optim.warmup_ratio": 0.0,
+        "optim.scheduler": "constant",
+        "train.batch_size": 2,
+        "train.log_every": 1,
+        "train.checkpoint_every": "null",
     }
     args.update(overrides)
     return ["recipe=quickstart"] + [f"{k}={v}" for k, v in args.items()]
@@ -31,18 +41,21 @@ THREE_STAGES = (
     "[{name: projector, groups: {vision: frozen, projector: full, llm: frozen}, lr: 1.0e-3, max_steps: 2},"
     " {name: vision, groups: {vision: full, projector: full, llm: frozen}, lr: {vision: 2.0e-4, projector: 5.0e-4},"
     "  max_steps: 2, data: {mix: [{source: TRAIN, weight: 3}, {source: VAL, weight: 1}], samples_per_epoch: 6}},"
-    " {name: llm, groups: {vision: frozen, projector: frozen, llm: full}, lr: 3.0e-4, epochs: 1}]")
+    " {name: llm, groups: {vision: frozen, projector: frozen, llm: full}, lr: 3.0e-4, epochs: 1}]"
+)
 
 
-def test_each_stage_trains_exactly_its_groups_at_its_learning_rates(tiny_mississippi, simple_docs, tmp_path,
-                                                                    fresh_accelerate_state):
+def test_each_stage_trains_exactly_its_groups_at_its_learning_rates(
+    tiny_mississippi, simple_docs, tmp_path, fresh_accelerate_state
+):
     from finetune.recipe import load_recipe
     from finetune.training.runner import FineTuneRecipe
 
     stages = THREE_STAGES.replace("TRAIN", str(simple_docs["train"])).replace("VAL", str(simple_docs["val"]))
     out = tmp_path / "run"
-    recipe = load_recipe("quickstart", base_args(tiny_mississippi, simple_docs, out, stages=stages,
-                                                 **{"eval.after_training": True})[1:])
+    recipe = load_recipe(
+        "quickstart", base_args(tiny_mississippi, simple_docs, out, stages=stages, **{"eval.after_training": True})[1:]
+    )
     job = FineTuneRecipe(recipe)
     job.setup()
 
@@ -66,8 +79,11 @@ def test_each_stage_trains_exactly_its_groups_at_its_learning_rates(tiny_mississ
         # (Adam moments) only for what the stage trains.
         lrs = {g["name"].removesuffix(".no_decay"): g["lr"] for g in job.optimizer.param_groups}
         assert lrs == expected_lr[index]
-        trainable = {id(p) for n, p in job.accelerator.unwrap_model(job.model).named_parameters()
-                     if stage.groups[job.family.group_of(n)] != "frozen"}
+        trainable = {
+            id(p)
+            for n, p in job.accelerator.unwrap_model(job.model).named_parameters()
+            if stage.groups[job.family.group_of(n)] != "frozen"
+        }
         assert {id(p) for p in job.optimizer.state} == trainable
         seen["before"] = after
 
@@ -78,8 +94,9 @@ def test_each_stage_trains_exactly_its_groups_at_its_learning_rates(tiny_mississ
     assert [r["stage"] for r in log] == ["projector"] * 2 + ["vision"] * 2 + ["llm"] * 4  # epochs: 1 = 8 / 2
     for record in log:  # the logged learning rate of every group, every step, is the recipe's (constant schedule)
         index = ["projector", "vision", "llm"].index(record["stage"])
-        assert {k.removeprefix("lr/").removesuffix(".no_decay"): v for k, v in record.items()
-                if k.startswith("lr/")} == expected_lr[index]
+        assert {
+            k.removeprefix("lr/").removesuffix(".no_decay"): v for k, v in record.items() if k.startswith("lr/")
+        } == expected_lr[index]
     # The mixed stage drew its 6 samples per epoch from both sources (train and val, 8 samples each).
     mix = job.data.stage_samples[1]
     assert mix.source_sizes == [8, 8] and mix.weights == [3, 1] and len(job.data.loader(1).sampler) == 6
@@ -92,8 +109,16 @@ def test_each_stage_trains_exactly_its_groups_at_its_learning_rates(tiny_mississ
 
 def test_paper_schedule_runs_its_stages_in_one_job(tiny_mississippi, simple_docs, tmp_path):
     out = tmp_path / "paper"
-    result = run_train(base_args(tiny_mississippi, simple_docs, out, stages="null", schedule="paper",
-                                 **{"train.max_steps": 10, "eval.after_training": True}))
+    result = run_train(
+        base_args(
+            tiny_mississippi,
+            simple_docs,
+            out,
+            stages="null",
+            schedule="paper",
+            **{"train.max_steps": 10, "eval.after_training": True},
+        )
+    )
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = {}
     for record in log:
@@ -106,21 +131,33 @@ def test_paper_schedule_runs_its_stages_in_one_job(tiny_mississippi, simple_docs
     assert set(metrics["stages"]) == {"stage1-projector", "stage2-projector+llm"} and "after" in metrics
 
 
-TWO_STAGES = ("[{name: align, groups: {vision: frozen, projector: full, llm: frozen}, lr: 1.0e-3, max_steps: 2},"
-              " {name: tune, groups: {vision: lora, projector: full, llm: lora}, lr: 1.0e-2, max_steps: 4}]")
+TWO_STAGES = (
+    "[{name: align, groups: {vision: frozen, projector: full, llm: frozen}, lr: 1.0e-3, max_steps: 2},"
+    " {name: tune, groups: {vision: lora, projector: full, llm: lora}, lr: 1.0e-2, max_steps: 4}]"
+)
 
 
-@pytest.mark.parametrize("resume_at, state", [
-    ("step_000004", {"global_step": 4, "stage": 1, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}),
-    # The end of stage 1: the adapters do not exist yet in this checkpoint; the resumed run creates them.
-    ("step_000002", {"global_step": 2, "stage": 0, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}),
-])
+@pytest.mark.parametrize(
+    "resume_at, state",
+    [
+        ("step_000004", {"global_step": 4, "stage": 1, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}),
+        # The end of stage 1: the adapters do not exist yet in this checkpoint; the resumed run creates them.
+        ("step_000002", {"global_step": 2, "stage": 0, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}),
+    ],
+)
 def test_resume_in_stage_two_equals_an_uninterrupted_run(tiny_mississippi, simple_docs, tmp_path, resume_at, state):
     """Stage 2 adds LoRA (with dropout) on the vision tower and the LLM: the resumed run must rebuild the adapters,
     the stage's optimizer and schedule, and the data position, and end bit-identical."""
-    overrides = {"stages": TWO_STAGES, "tuning.lora.dropout": 0.1, "train.checkpoint_every": 2,
-                 "train.keep_checkpoints": 5, "train.batch_size": 3, "train.grad_accum": 2,
-                 "optim.scheduler": "cosine", "optim.warmup_steps": 1}
+    overrides = {
+        "stages": TWO_STAGES,
+        "tuning.lora.dropout": 0.1,
+        "train.checkpoint_every": 2,
+        "train.keep_checkpoints": 5,
+        "train.batch_size": 3,
+        "train.grad_accum": 2,
+        "optim.scheduler": "cosine",
+        "optim.warmup_steps": 1,
+    }
     full = tmp_path / "full"
     run_train(base_args(tiny_mississippi, simple_docs, full, **overrides))
     assert json.loads((full / "checkpoints" / resume_at / "trainer_state.json").read_text()) == state
@@ -128,10 +165,11 @@ def test_resume_in_stage_two_equals_an_uninterrupted_run(tiny_mississippi, simpl
     resumed = tmp_path / "resumed"
     later = [p.name for p in (full / "checkpoints").iterdir() if p.name > resume_at]
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "train_log.jsonl", *later))
-    result = run_train(base_args(tiny_mississippi, simple_docs, resumed, **overrides,
-                                 **{"output.if_exists": "resume"}))
+    result = run_train(base_args(tiny_mississippi, simple_docs, resumed, **overrides, **{"output.if_exists": "resume"}))
     stage, step = state["stage"] + 1, state["stage_step"]
-    assert f"at step {state['global_step']}: stage {stage} '{['align', 'tune'][stage - 1]}' step {step}/" in result.stdout
+    assert (
+        f"at step {state['global_step']}: stage {stage} '{['align', 'tune'][stage - 1]}' step {step}/" in result.stdout
+    )
     a = load_file(full / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(".vision_tower." in k and "lora_B" in k for k in a)
@@ -139,25 +177,34 @@ def test_resume_in_stage_two_equals_an_uninterrupted_run(tiny_mississippi, simpl
         assert torch.equal(a[key], b[key]), key
 
 
-def test_weights_trained_before_the_adapters_exist_are_saved_with_them(tiny_mississippi, simple_docs, tmp_path,
-                                                                      fresh_accelerate_state):
+def test_weights_trained_before_the_adapters_exist_are_saved_with_them(
+    tiny_mississippi, simple_docs, tmp_path, fresh_accelerate_state
+):
     """Stage 1 trains the projector fully (no PEFT yet); stage 2 adds LLM LoRA and freezes the projector: the
     saved adapter must carry stage 1's projector, not the base checkpoint's."""
     from finetune.recipe import load_recipe
     from finetune.training.runner import FineTuneRecipe
 
-    stages = ("[{name: projector, groups: {vision: frozen, projector: full, llm: frozen}, lr: 1.0e-2, max_steps: 3},"
-              " {name: lora, groups: {vision: frozen, projector: frozen, llm: lora}, lr: 1.0e-2, max_steps: 2}]")
-    job = FineTuneRecipe(load_recipe("quickstart", base_args(tiny_mississippi, simple_docs, tmp_path / "run",
-                                                             stages=stages)[1:]))
+    stages = (
+        "[{name: projector, groups: {vision: frozen, projector: full, llm: frozen}, lr: 1.0e-2, max_steps: 3},"
+        " {name: lora, groups: {vision: frozen, projector: frozen, llm: lora}, lr: 1.0e-2, max_steps: 2}]"
+    )
+    job = FineTuneRecipe(
+        load_recipe("quickstart", base_args(tiny_mississippi, simple_docs, tmp_path / "run", stages=stages)[1:])
+    )
     job.setup()
     after_stage_1 = {}
 
     def keep_projector(job, index):
         if index == 0:
             model = job.accelerator.unwrap_model(job.model)
-            after_stage_1.update({n.removeprefix("model.multi_modal_projector."): p.detach().clone()
-                                  for n, p in model.named_parameters() if "multi_modal_projector" in n})
+            after_stage_1.update(
+                {
+                    n.removeprefix("model.multi_modal_projector."): p.detach().clone()
+                    for n, p in model.named_parameters()
+                    if "multi_modal_projector" in n
+                }
+            )
 
     job.train(on_stage_end=keep_projector)
     saved = load_file(job.save_final() / "adapter_model.safetensors")
@@ -173,19 +220,29 @@ def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_doc
     """The same 2-stage recipe on 2 processes with gradient accumulation and warmup + cosine: DDP, ZeRO-2 and ZeRO-3
     (weights really partitioned: persistence threshold 0) log the same losses and learning rates and end with the
     same adapter; under ZeRO a run resumed in the middle of stage 2 ends where the uninterrupted one did."""
-    overrides = {"stages": TWO_STAGES.replace("lora, projector: full, llm: lora}, lr: 1.0e-2",
-                                              "frozen, projector: full, llm: lora}, lr: 1.0e-2"),
-                 "tuning.lora.dropout": 0.0, "eval.after_training": True, "train.grad_accum": 2,
-                 "train.batch_size": 1, "optim.scheduler": "cosine", "optim.warmup_steps": 1,
-                 "train.checkpoint_every": 2, "train.keep_checkpoints": 5}
+    overrides = {
+        "stages": TWO_STAGES.replace(
+            "lora, projector: full, llm: lora}, lr: 1.0e-2", "frozen, projector: full, llm: lora}, lr: 1.0e-2"
+        ),
+        "tuning.lora.dropout": 0.0,
+        "eval.after_training": True,
+        "train.grad_accum": 2,
+        "train.batch_size": 1,
+        "optim.scheduler": "cosine",
+        "optim.warmup_steps": 1,
+        "train.checkpoint_every": 2,
+        "train.keep_checkpoints": 5,
+    }
     zero3_json = json.loads((REPO / "recipes" / "accelerate" / "ds_zero3.json").read_text())
     zero3_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(zero3_json))
     runs = {
         "ddp": {},
         "zero2": {"accelerate_config": "zero2.yaml"},
-        "zero3": {"accelerate_config": "zero3.yaml",
-                  "extra_launch_args": ("--deepspeed_config_file", str(tmp_path / "zero3.json"))},
+        "zero3": {
+            "accelerate_config": "zero3.yaml",
+            "extra_launch_args": ("--deepspeed_config_file", str(tmp_path / "zero3.json")),
+        },
     }
     logs, adapters = {}, {}
     for name, launch in runs.items():
@@ -199,8 +256,11 @@ def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_doc
             continue
         resumed = tmp_path / f"{name}-resumed"
         shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final", "step_000006", "metrics.json"))
-        result = run_train(base_args(tiny_mississippi, simple_docs, resumed, **overrides,
-                                     **{"output.if_exists": "resume"}), processes=2, **launch)
+        result = run_train(
+            base_args(tiny_mississippi, simple_docs, resumed, **overrides, **{"output.if_exists": "resume"}),
+            processes=2,
+            **launch,
+        )
         assert "at step 4: stage 2 'tune' step 2/4" in result.stdout
         again = load_file(resumed / "final" / "adapter_model.safetensors")
         for key, value in adapters[name].items():
@@ -208,9 +268,10 @@ def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_doc
     assert len(logs["ddp"]) == 6
     for name in ("zero2", "zero3"):
         assert [r["loss"] for r in logs[name]] == pytest.approx([r["loss"] for r in logs["ddp"]], rel=1e-5), name
-        for mine, ddp in zip(logs[name], logs["ddp"]):
+        for mine, ddp in zip(logs[name], logs["ddp"], strict=True):
             assert {k: v for k, v in mine.items() if k.startswith("lr/")} == pytest.approx(
-                {k: v for k, v in ddp.items() if k.startswith("lr/")}), name
+                {k: v for k, v in ddp.items() if k.startswith("lr/")}
+            ), name
         assert adapters[name].keys() == adapters["ddp"].keys()
         for key, value in adapters["ddp"].items():
             torch.testing.assert_close(adapters[name][key], value, rtol=1e-3, atol=1e-3)

@@ -18,11 +18,14 @@ from finetune.synthetic.invoices import make_document, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MONEY = re.compile(r"^\d+\.\d{2}$")
-INVOICE_KEYS = {"invoice_number", "date", "seller", "buyer", "items", "subtotal", "tax", "total",
-                "currency"}
+INVOICE_KEYS = {"invoice_number", "date", "seller", "buyer", "items", "subtotal", "tax", "total", "currency"}
 RECEIPT_KEYS = {"store", "date", "items", "total"}
-PRESET_KEYS = {"simple": [{"number", "total"}], "digits": [{"number"}], "form": [{"name", "date", "total"}],
-               "invoices": [INVOICE_KEYS, RECEIPT_KEYS]}
+PRESET_KEYS = {
+    "simple": [{"number", "total"}],
+    "digits": [{"number"}],
+    "form": [{"name", "date", "total"}],
+    "invoices": [INVOICE_KEYS, RECEIPT_KEYS],
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -72,8 +75,7 @@ def test_val_split_does_not_depend_on_n_train(tmp_path):
     write_dataset(tmp_path / "a", seed=3, n_train=1, n_val=2, n_test=1, preset="form")
     write_dataset(tmp_path / "b", seed=3, n_train=4, n_val=2, n_test=1, preset="form")
     for split in ("val", "test"):
-        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == \
-            (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
     for name in ("val_00000.png", "val_00001.png", "test_00000.png"):
         a, b = (tmp_path / run / "images" / name for run in ("a", "b"))
         assert a.read_bytes() == b.read_bytes()
@@ -119,8 +121,7 @@ def test_presets_yield_documented_keys(preset, invoice_targets):
     if preset == "invoices":
         for target in (t for t in docs if "seller" in t):
             assert set(target["seller"]) == set(target["buyer"]) == {"name", "address"}
-            assert all(set(i) == {"description", "quantity", "unit_price", "amount"}
-                       for i in target["items"])
+            assert all(set(i) == {"description", "quantity", "unit_price", "amount"} for i in target["items"])
 
 
 @pytest.mark.parametrize("preset", ["invoices", "form", "simple", "digits"])
@@ -150,8 +151,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         write_dataset(tmp_path, seed=0, n_train=1, n_val=1, n_test=1, preset="simple")
     assert len(read_jsonl(tmp_path / "train.jsonl")) == 3  # untouched
-    paths = write_dataset(tmp_path, seed=0, n_train=1, n_val=1, n_test=1, preset="simple",
-                          overwrite=True)
+    paths = write_dataset(tmp_path, seed=0, n_train=1, n_val=1, n_test=1, preset="simple", overwrite=True)
     assert paths == {s: tmp_path / f"{s}.jsonl" for s in ("train", "val", "test")}
     assert len(read_jsonl(paths["train"])) == 1
     # Images of the larger previous run are gone, so the folder matches the JSONL.
@@ -166,8 +166,22 @@ def test_unknown_preset_is_rejected(tmp_path):
 
 
 def test_cli_runs_from_repo_root(tmp_path):
-    cmd = [sys.executable, "scripts/make_invoices.py", "--out", str(tmp_path), "--seed", "0",
-           "--n-train", "2", "--n-val", "1", "--n-test", "1", "--preset", "simple"]
+    cmd = [
+        sys.executable,
+        "scripts/make_invoices.py",
+        "--out",
+        str(tmp_path),
+        "--seed",
+        "0",
+        "--n-train",
+        "2",
+        "--n-val",
+        "1",
+        "--n-test",
+        "1",
+        "--preset",
+        "simple",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     assert len(result.stdout.splitlines()) == 3 and "train: 2" in result.stdout
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

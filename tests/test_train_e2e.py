@@ -17,10 +17,17 @@ pytestmark = pytest.mark.slow
 
 def base_args(checkpoint, docs, out, **overrides):
     args = {
-        "model.family": "llava_onevision", "model.path": str(checkpoint),
-        "data.train": str(docs["train"]), "data.val": str(docs["val"]), "data.max_length": 2048,
-        "output.dir": str(out), "eval.max_new_tokens": 32, "train.seed": 0, "optim.warmup_ratio": 0.0,
-        "data.test": "null", "train.log_every": 1,
+        "model.family": "llava_onevision",
+        "model.path": str(checkpoint),
+        "data.train": str(docs["train"]),
+        "data.val": str(docs["val"]),
+        "data.max_length": 2048,
+        "output.dir": str(out),
+        "eval.max_new_tokens": 32,
+        "train.seed": 0,
+        "optim.warmup_ratio": 0.0,
+        "data.test": "null",
+        "train.log_every": 1,
     }
     args.update(overrides)
     return ["recipe=quickstart"] + [f"{k}={v}" for k, v in args.items()]
@@ -29,9 +36,21 @@ def base_args(checkpoint, docs, out, **overrides):
 def test_overfit_eight_samples_to_full_exact_match(tiny_llava_quickstart, simple_docs, tmp_path):
     out = tmp_path / "run"
     docs = {"train": simple_docs["train"], "val": simple_docs["train"]}  # evaluate on the 8 training forms
-    run_train(base_args(tiny_llava_quickstart, docs, out, **{
-        "tuning.groups": "{vision: full, projector: full, llm: full}", "optim.lr": 1e-3,
-        "train.max_steps": 300, "train.batch_size": 8, "train.checkpoint_every": "null", "eval.batch_size": 8}))
+    run_train(
+        base_args(
+            tiny_llava_quickstart,
+            docs,
+            out,
+            **{
+                "tuning.groups": "{vision: full, projector: full, llm: full}",
+                "optim.lr": 1e-3,
+                "train.max_steps": 300,
+                "train.batch_size": 8,
+                "train.checkpoint_every": "null",
+                "eval.batch_size": 8,
+            },
+        )
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"]["json_exact_match"] == 0.0
     assert metrics["after"]["json_exact_match"] == 1.0, (out / "predictions.jsonl").read_text()
@@ -41,7 +60,8 @@ def test_overfit_eight_samples_to_full_exact_match(tiny_llava_quickstart, simple
     assert losses[-1] < 0.1 * losses[0]
     # Throughput per log line: every step is one batch of all 8 forms, so the same samples, tokens and padding.
     assert {(r["samples"], r["tokens"], r["padded_positions"]) for r in log} == {
-        (8, log[0]["tokens"], log[0]["padded_positions"])}
+        (8, log[0]["tokens"], log[0]["padded_positions"])
+    }
     assert all(r["seconds"] > 0 and r["tokens"] > 8 * 16 for r in log)  # 16 image tokens per form, at least
     # The run folder holds what ran and what came out.
     for name in ("recipe.yaml", "data_report.json", "metrics.json", "predictions.jsonl", "train_log.jsonl"):
@@ -60,10 +80,23 @@ def test_overfit_eight_samples_to_full_exact_match(tiny_llava_quickstart, simple
 
 def test_bf16_lora_run_with_gradient_checkpointing(tiny_llava, simple_docs, tmp_path):
     out = tmp_path / "bf16"
-    run_train(base_args(tiny_llava, simple_docs, out, **{
-        "tuning.groups": "{vision: frozen, projector: full, llm: lora}", "tuning.gradient_checkpointing": True,
-        "train.precision": "bf16", "train.max_steps": 3, "train.batch_size": 4, "train.grad_accum": 2,
-        "eval.before_training": False, "eval.max_new_tokens": 4}))
+    run_train(
+        base_args(
+            tiny_llava,
+            simple_docs,
+            out,
+            **{
+                "tuning.groups": "{vision: frozen, projector: full, llm: lora}",
+                "tuning.gradient_checkpointing": True,
+                "train.precision": "bf16",
+                "train.max_steps": 3,
+                "train.batch_size": 4,
+                "train.grad_accum": 2,
+                "eval.before_training": False,
+                "eval.max_new_tokens": 4,
+            },
+        )
+    )
     losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(loss == loss and loss < 20 for loss in losses)  # finite
     assert (out / "final" / "adapter_model.safetensors").exists()
@@ -73,19 +106,37 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_pa
     """2N steps == N steps + resume (fresh process) + N steps. LoRA dropout, length grouping, gradient
     accumulation and epoch boundaries inside an optimizer step all depend on restored RNG and data position."""
     full = tmp_path / "full"
-    overrides = {"tuning.groups": "{vision: frozen, projector: frozen, llm: lora}", "tuning.lora.dropout": 0.1, "tuning.lora.r": 4, "optim.lr": 1e-2, "train.max_steps": 6,
-                 "train.batch_size": 3, "train.grad_accum": 2, "train.checkpoint_every": 2,
-                 "train.keep_checkpoints": 5, "eval.before_training": False, "eval.after_training": False}
+    overrides = {
+        "tuning.groups": "{vision: frozen, projector: frozen, llm: lora}",
+        "tuning.lora.dropout": 0.1,
+        "tuning.lora.r": 4,
+        "optim.lr": 1e-2,
+        "train.max_steps": 6,
+        "train.batch_size": 3,
+        "train.grad_accum": 2,
+        "train.checkpoint_every": 2,
+        "train.keep_checkpoints": 5,
+        "eval.before_training": False,
+        "eval.after_training": False,
+    }
     run_train(base_args(tiny_llava, simple_docs, full, **overrides))
 
     resumed = tmp_path / "resumed"
     # Step 2 = 4 micro-batches of 3 batches per epoch: the resume lands mid-epoch (epoch 1, batch 1).
-    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "step_000004", "step_000006",
-                                                                   "train_log.jsonl"))
+    shutil.copytree(
+        full, resumed, ignore=shutil.ignore_patterns("final", "step_000004", "step_000006", "train_log.jsonl")
+    )
     assert json.loads((resumed / "checkpoints" / "step_000002" / "trainer_state.json").read_text()) == {
-        "global_step": 2, "stage": 0, "stage_step": 2, "epoch": 1, "batches_in_epoch": 1}
-    changed = run_train(base_args(tiny_llava, simple_docs, resumed, **{**overrides, "optim.lr": 1e-3,
-                                                                       "output.if_exists": "resume"}), check=False)
+        "global_step": 2,
+        "stage": 0,
+        "stage_step": 2,
+        "epoch": 1,
+        "batches_in_epoch": 1,
+    }
+    changed = run_train(
+        base_args(tiny_llava, simple_docs, resumed, **{**overrides, "optim.lr": 1e-3, "output.if_exists": "resume"}),
+        check=False,
+    )
     assert changed.returncode != 0 and "cannot resume with a different recipe; changed: optim.lr" in changed.stderr
     result = run_train(base_args(tiny_llava, simple_docs, resumed, **overrides, **{"output.if_exists": "resume"}))
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
@@ -97,18 +148,29 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_pa
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     # ...and the second half did train (the comparison is not between two untouched copies).
-    assert any(not torch.equal(a[k], start[k.replace(".weight", ".default.weight")])
-               for k in a if "lora_B" in k)
+    assert any(not torch.equal(a[k], start[k.replace(".weight", ".default.weight")]) for k in a if "lora_B" in k)
     logged = [json.loads(line)["step"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
     assert logged == [3, 4, 5, 6]
 
 
 def test_two_processes_end_with_identical_weights(tiny_llava, simple_docs, tmp_path):
     out = tmp_path / "ddp"
-    result = run_train(base_args(tiny_llava, simple_docs, out, **{
-        "tuning.groups": "{vision: full, projector: full, llm: lora}", "train.max_steps": 4,
-        "train.batch_size": 2, "eval.before_training": False, "eval.max_new_tokens": 4,
-        "tracking.report_to": "[tensorboard]"}), processes=2)
+    result = run_train(
+        base_args(
+            tiny_llava,
+            simple_docs,
+            out,
+            **{
+                "tuning.groups": "{vision: full, projector: full, llm: lora}",
+                "train.max_steps": 4,
+                "train.batch_size": 2,
+                "eval.before_training": False,
+                "eval.max_new_tokens": 4,
+                "tracking.report_to": "[tensorboard]",
+            },
+        ),
+        processes=2,
+    )
     assert "trainable weights identical on all 2 processes" in result.stdout
     assert list(out.glob("**/events.out.tfevents.*")), "tensorboard logged nothing"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -125,16 +187,27 @@ def test_saved_adapter_reloads_with_identical_logits(tiny_llava, simple_docs, tm
     from finetune.training.runner import FineTuneRecipe
 
     out = tmp_path / "run"
-    args = base_args(tiny_llava, simple_docs, out, **{
-        "tuning.groups": "{vision: frozen, projector: full, llm: lora}", "optim.lr": 1e-2, "train.max_steps": 3,
-        "train.batch_size": 4, "eval.before_training": False, "eval.after_training": False})
+    args = base_args(
+        tiny_llava,
+        simple_docs,
+        out,
+        **{
+            "tuning.groups": "{vision: frozen, projector: full, llm: lora}",
+            "optim.lr": 1e-2,
+            "train.max_steps": 3,
+            "train.batch_size": 4,
+            "eval.before_training": False,
+            "eval.after_training": False,
+        },
+    )
     job = FineTuneRecipe(load_recipe("quickstart", args[1:]))
     job.setup()
     job.train()
     final = job.save_final()
 
-    dataset = DocumentDataset(job.train_samples, family=job.family, processor=job.processor,
-                              instruction_text=job.instruction_text)
+    dataset = DocumentDataset(
+        job.train_samples, family=job.family, processor=job.processor, instruction_text=job.instruction_text
+    )
     batch = Collator(job.family, job.processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     batch.pop("index")
     trained = job.accelerator.unwrap_model(job.model).eval()
@@ -146,8 +219,9 @@ def test_saved_adapter_reloads_with_identical_logits(tiny_llava, simple_docs, tm
     assert not torch.allclose(base, expected, atol=1e-3)  # training (adapter + projector) changed the model
     # The adapter folder also carries what is needed to prompt it: processor, tokenizer and chat template.
     processor = job.family.load_processor(str(final))
-    assert processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
-                                         tokenize=False, add_generation_prompt=True).endswith("assistant\n")
+    assert processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "x"}]}], tokenize=False, add_generation_prompt=True
+    ).endswith("assistant\n")
 
 
 def test_existing_run_folder_is_never_reused_silently(tiny_llava, simple_docs, tmp_path, fresh_accelerate_state):
@@ -158,7 +232,7 @@ def test_existing_run_folder_is_never_reused_silently(tiny_llava, simple_docs, t
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     args = base_args(tiny_llava, simple_docs, out, **{"output.if_exists": "error"})
-    with pytest.raises(FileExistsError, match="output.if_exists=resume"):
+    with pytest.raises(FileExistsError, match=r"output\.if_exists=resume"):
         FineTuneRecipe(load_recipe("quickstart", args[1:])).setup()
     assert (out / "metrics.json").read_text() == "{}"
 
@@ -166,11 +240,21 @@ def test_existing_run_folder_is_never_reused_silently(tiny_llava, simple_docs, t
 def test_loss_is_normalised_over_all_tokens_of_a_step_whatever_the_split(tiny_llava, simple_docs, tmp_path):
     """One process × 4 samples, one process × 2 samples × 2 accumulation steps, and two processes × 2 samples
     see the same 4 samples per step: same logged loss, same weights (mean over all label tokens of the step)."""
-    common = {"tuning.groups": "{vision: frozen, projector: frozen, llm: lora}", "tuning.lora.dropout": 0.0,
-              "train.group_by_length": False, "optim.lr": 1e-2, "train.max_steps": 2,
-              "eval.before_training": False, "eval.after_training": False, "optim.max_grad_norm": "null"}
-    layouts = {"single": ({"train.batch_size": 4}, 1), "accumulated": ({"train.batch_size": 2,
-               "train.grad_accum": 2}, 1), "two_processes": ({"train.batch_size": 2}, 2)}
+    common = {
+        "tuning.groups": "{vision: frozen, projector: frozen, llm: lora}",
+        "tuning.lora.dropout": 0.0,
+        "train.group_by_length": False,
+        "optim.lr": 1e-2,
+        "train.max_steps": 2,
+        "eval.before_training": False,
+        "eval.after_training": False,
+        "optim.max_grad_norm": "null",
+    }
+    layouts = {
+        "single": ({"train.batch_size": 4}, 1),
+        "accumulated": ({"train.batch_size": 2, "train.grad_accum": 2}, 1),
+        "two_processes": ({"train.batch_size": 2}, 2),
+    }
     losses, weights, counts = {}, {}, {}
     for name, (extra, processes) in layouts.items():
         out = tmp_path / name

@@ -22,8 +22,15 @@ def family():
 @pytest.fixture(scope="module")
 def batch(family, tiny_llava, simple_docs):
     processor = family.load_processor(str(tiny_llava))
-    samples, _ = prepare_samples(simple_docs["train"], split="train", family=family, processor=processor,
-                                 instruction_text=INSTRUCTION, skeleton={"number": "", "total": ""}, max_length=4096)
+    samples, _ = prepare_samples(
+        simple_docs["train"],
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=INSTRUCTION,
+        skeleton={"number": "", "total": ""},
+        max_length=4096,
+    )
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=INSTRUCTION)
     data = Collator(family, processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     data.pop("index")
@@ -46,8 +53,11 @@ def snapshot(model):
 def test_lora_wraps_only_llm_projections(family, tiny_llava):
     model = family.load_model(str(tiny_llava))
     model, plan = apply_tuning(model, family, TuningSection())
-    wrapped = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
-               for n, _ in model.named_parameters() if ".lora_A." in n}
+    wrapped = {
+        n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+        for n, _ in model.named_parameters()
+        if ".lora_A." in n
+    }
     assert wrapped, "no LoRA layer was created"
     assert all(name.startswith("model.language_model.layers.") for name in wrapped)
     # SigLIP also has q_proj/k_proj/v_proj: a bare target list would have wrapped them.
@@ -60,8 +70,9 @@ def test_lora_wraps_only_llm_projections(family, tiny_llava):
 
 def test_lora_steps_change_only_lora_weights(family, tiny_llava, batch):
     model = family.load_model(str(tiny_llava))
-    model, _ = apply_tuning(model, family, TuningSection(groups={"vision": "frozen", "projector": "frozen",
-                                                                  "llm": "lora"}))
+    model, _ = apply_tuning(
+        model, family, TuningSection(groups={"vision": "frozen", "projector": "frozen", "llm": "lora"})
+    )
     before = snapshot(model)
     train_steps(model, family, batch, {"llm": 1e-2})
     for name, param in model.named_parameters():
@@ -78,7 +89,11 @@ def test_full_with_frozen_vision(family, tiny_llava, batch):
     before = snapshot(model)
     optimizer = train_steps(model, family, batch, {"projector": 1e-3, "llm": 1e-4})
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
-        "llm": 1e-4, "llm.no_decay": 1e-4, "projector": 1e-3, "projector.no_decay": 1e-3}
+        "llm": 1e-4,
+        "llm.no_decay": 1e-4,
+        "projector": 1e-3,
+        "projector.no_decay": 1e-3,
+    }
     for name, param in model.named_parameters():
         group = family.group_of(name)
         if group == "vision":
@@ -87,8 +102,9 @@ def test_full_with_frozen_vision(family, tiny_llava, batch):
             continue  # rows of tokens absent from the batch get no gradient
         else:
             assert not torch.equal(param, before[name]), f"{name} did not train"
-    assert plan.frozen["vision"] == sum(p.numel() for n, p in model.named_parameters()
-                                        if family.group_of(n) == "vision")
+    assert plan.frozen["vision"] == sum(
+        p.numel() for n, p in model.named_parameters() if family.group_of(n) == "vision"
+    )
 
 
 @pytest.mark.parametrize("llm_mode", ["full", "lora"])
@@ -96,8 +112,9 @@ def test_every_trainable_parameter_gets_a_gradient(family, tiny_llava, batch, ll
     """SigLIP's post_layernorm is never used by LLaVA: it must stay frozen, also as a PEFT modules_to_save copy,
     or DDP fails on unused parameters."""
     model = family.load_model(str(tiny_llava))
-    model, _ = apply_tuning(model, family, TuningSection(groups={"vision": "full", "projector": "full",
-                                                                  "llm": llm_mode}))
+    model, _ = apply_tuning(
+        model, family, TuningSection(groups={"vision": "full", "projector": "full", "llm": llm_mode})
+    )
     model(**batch).loss.backward()
     no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
     assert not no_grad, f"trainable parameters without gradient (DDP would hang or need find_unused): {no_grad}"
@@ -106,8 +123,9 @@ def test_every_trainable_parameter_gets_a_gradient(family, tiny_llava, batch, ll
 
 def test_full_projector_inside_lora_run_is_saved_with_adapter(family, tiny_llava, batch):
     model = family.load_model(str(tiny_llava))
-    model, plan = apply_tuning(model, family, TuningSection(groups={"vision": "frozen", "projector": "full",
-                                                                     "llm": "lora"}))
+    model, plan = apply_tuning(
+        model, family, TuningSection(groups={"vision": "frozen", "projector": "full", "llm": "lora"})
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".modules_to_save.default.linear_1." in n for n in trainable)
     assert not any(".original_module." in n for n in trainable)
@@ -119,8 +137,7 @@ def test_groups_must_match_family(family, tiny_llava):
     with pytest.raises(ValueError, match=r"missing \['vision'\]"):
         apply_tuning(model, family, TuningSection(groups={"projector": "full", "llm": "full"}))
     with pytest.raises(ValueError, match="leaves no parameter trainable"):
-        apply_tuning(model, family, TuningSection(groups={"vision": "frozen", "projector": "frozen",
-                                                          "llm": "frozen"}))
+        apply_tuning(model, family, TuningSection(groups={"vision": "frozen", "projector": "frozen", "llm": "frozen"}))
 
 
 def test_multi_image_sample_runs_through_the_model(family, tiny_llava, tmp_path):
@@ -128,10 +145,19 @@ def test_multi_image_sample_runs_through_the_model(family, tiny_llava, tmp_path)
     model = family.load_model(str(tiny_llava))
     for i, size in enumerate([(60, 40), (40, 90)]):
         Image.new("RGB", size, "white").save(tmp_path / f"p{i}.png")
-    rows = [{"image": [str(tmp_path / "p0.png"), str(tmp_path / "p1.png")], "target": {"number": "1"}},
-            {"image": str(tmp_path / "p0.png"), "target": {"number": "2"}}]
-    samples, _ = prepare_samples(rows, split="train", family=family, processor=processor,
-                                 instruction_text=INSTRUCTION, skeleton={"number": ""}, max_length=4096)
+    rows = [
+        {"image": [str(tmp_path / "p0.png"), str(tmp_path / "p1.png")], "target": {"number": "1"}},
+        {"image": str(tmp_path / "p0.png"), "target": {"number": "2"}},
+    ]
+    samples, _ = prepare_samples(
+        rows,
+        split="train",
+        family=family,
+        processor=processor,
+        instruction_text=INSTRUCTION,
+        skeleton={"number": ""},
+        max_length=4096,
+    )
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=INSTRUCTION)
     batch = Collator(family, processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     batch.pop("index")
@@ -147,8 +173,11 @@ def test_gradient_checkpointing_with_frozen_vision_gives_the_same_gradients(fami
         model = family.load_model(str(tiny_llava))
         if checkpointing:
             enable_gradient_checkpointing(model)
-        model, _ = apply_tuning(model, family, TuningSection(
-            groups={"vision": "frozen", "projector": "frozen", "llm": "lora"}, lora={"dropout": 0.0}))
+        model, _ = apply_tuning(
+            model,
+            family,
+            TuningSection(groups={"vision": "frozen", "projector": "frozen", "llm": "lora"}, lora={"dropout": 0.0}),
+        )
         model.train()
         model(**batch).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -161,17 +190,23 @@ def test_gradient_checkpointing_with_frozen_vision_gives_the_same_gradients(fami
 def test_full_llm_inside_a_lora_run_trains_the_whole_llm(family, tiny_llava):
     model = family.load_model(str(tiny_llava))
     llm_size = sum(p.numel() for n, p in model.named_parameters() if family.group_of(n) == "llm")
-    model, plan = apply_tuning(model, family, TuningSection(
-        groups={"vision": "lora", "projector": "frozen", "llm": "full"}))
+    model, plan = apply_tuning(
+        model, family, TuningSection(groups={"vision": "lora", "projector": "frozen", "llm": "full"})
+    )
     assert plan.trainable["llm"] == llm_size  # every LLM weight, as a PEFT modules_to_save copy
     assert plan.trainable["vision"] > 0
 
 
 def test_lora_on_modules_directly_under_a_group_prefix(family, tiny_llava):
     model = family.load_model(str(tiny_llava))
-    model, plan = apply_tuning(model, family, TuningSection(
-        groups={"vision": "frozen", "projector": "lora", "llm": "lora"},
-        lora={"targets": {"projector": ["linear_1", "linear_2"]}}))
+    model, plan = apply_tuning(
+        model,
+        family,
+        TuningSection(
+            groups={"vision": "frozen", "projector": "lora", "llm": "lora"},
+            lora={"targets": {"projector": ["linear_1", "linear_2"]}},
+        ),
+    )
     wrapped = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert "base_model.model.model.multi_modal_projector.linear_1" in wrapped
     assert plan.trainable["projector"] > 0
@@ -182,5 +217,11 @@ def test_a_group_that_would_train_nothing_is_an_error(family, tiny_llava):
 
     model = family.load_model(str(tiny_llava))
     with pytest.raises(UserError, match=r"vision \(lora\) would train no parameter"):
-        apply_tuning(model, family, TuningSection(groups={"vision": "lora", "projector": "frozen", "llm": "lora"},
-                                                  lora={"targets": {"vision": ["no_such_layer"]}}))
+        apply_tuning(
+            model,
+            family,
+            TuningSection(
+                groups={"vision": "lora", "projector": "frozen", "llm": "lora"},
+                lora={"targets": {"vision": ["no_such_layer"]}},
+            ),
+        )

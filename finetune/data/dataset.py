@@ -70,9 +70,20 @@ def load_image(ref: Any) -> Image.Image:
     return image.convert("RGB")
 
 
-def prepare_samples(source, *, split: str, family: ModelFamily, processor, instruction_text: str, skeleton: dict,
-                    max_length: int, on_bad_sample: str = "error", image_column: str = "image",
-                    target_column: str = "target", limit: int | None = None) -> tuple[list[Sample], DataReport]:
+def prepare_samples(
+    source,
+    *,
+    split: str,
+    family: ModelFamily,
+    processor,
+    instruction_text: str,
+    skeleton: dict,
+    max_length: int,
+    on_bad_sample: str = "error",
+    image_column: str = "image",
+    target_column: str = "target",
+    limit: int | None = None,
+) -> tuple[list[Sample], DataReport]:
     """Read, validate and measure one split. Strict (`on_bad_sample="error"`) raises DataError on the first bad
     sample; lenient (`"skip"`) skips it and counts it. Over-length samples are always dropped and counted."""
     report = DataReport(split=split)
@@ -95,8 +106,11 @@ def prepare_samples(source, *, split: str, family: ModelFamily, processor, instr
             skip(record, "malformed record", record.problem)
             continue
         if not isinstance(record.target, dict):
-            skip(record, "target not a JSON object",
-                 f"field '{target_column}' must be a JSON object, got {type(record.target).__name__}")
+            skip(
+                record,
+                "target not a JSON object",
+                f"field '{target_column}' must be a JSON object, got {type(record.target).__name__}",
+            )
             continue
         try:
             sizes = [load_image(ref).size for ref in record.images]
@@ -114,7 +128,7 @@ def prepare_samples(source, *, split: str, family: ModelFamily, processor, instr
             report.skipped[f"longer than max_length={max_length}"] += 1
             report.examples.setdefault(f"longer than max_length={max_length}", f"{record.origin} ({length} tokens)")
             continue
-        samples.append(Sample(record.images, record.target, record.origin, answer_ids + [eot_id], length))
+        samples.append(Sample(record.images, record.target, record.origin, [*answer_ids, eot_id], length))
     report.kept = len(samples)
     return samples, report
 
@@ -122,8 +136,9 @@ def prepare_samples(source, *, split: str, family: ModelFamily, processor, instr
 class DocumentDataset(torch.utils.data.Dataset):
     """Samples → model inputs. Labels cover only the answer's JSON tokens and the end-of-turn token."""
 
-    def __init__(self, samples: list[Sample], *, family: ModelFamily, processor, instruction_text: str,
-                 with_answer: bool = True):
+    def __init__(
+        self, samples: list[Sample], *, family: ModelFamily, processor, instruction_text: str, with_answer: bool = True
+    ):
         self.samples = samples
         self.family = family
         self.processor = processor
@@ -147,8 +162,10 @@ class DocumentDataset(torch.utils.data.Dataset):
             input_ids = input_ids + sample.answer_ids
             labels = labels + sample.answer_ids
             if len(input_ids) != sample.length:
-                raise RuntimeError(f"{sample.origin}: {len(input_ids)} tokens but {sample.length} were counted; "
-                                   f"{self.family.name}.count_prompt_tokens disagrees with its processor")
+                raise RuntimeError(
+                    f"{sample.origin}: {len(input_ids)} tokens but {sample.length} were counted; "
+                    f"{self.family.name}.count_prompt_tokens disagrees with its processor"
+                )
         return {"input_ids": input_ids, "labels": labels, "index": index, **encoded.image_inputs}
 
 

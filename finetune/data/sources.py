@@ -25,8 +25,9 @@ class RawRecord:
     problem: str | None = None  # set when the record itself is malformed (not valid JSON, missing field, ...)
 
 
-def read_records(source: str | Path | Iterable, *, image_column: str = "image",
-                 target_column: str = "target") -> Iterator[RawRecord]:
+def read_records(
+    source: str | Path | Iterable, *, image_column: str = "image", target_column: str = "target"
+) -> Iterator[RawRecord]:
     """Records from a JSONL path, a dataset folder (`save_to_disk` or imagefolder with metadata.jsonl),
     `hf:org/name[:split]`, a `datasets.Dataset`, or an iterable of dicts."""
     if isinstance(source, (str, Path)):

@@ -51,13 +51,25 @@ class ModelFamily(ABC):
         the recipe's `model.processor` settings (unknown ones are errors)."""
 
     @abstractmethod
-    def load_model(self, path: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
-                   attn_implementation: str = "sdpa") -> torch.nn.Module:
+    def load_model(
+        self,
+        path: str,
+        *,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+    ) -> torch.nn.Module:
         """The model, with every checkpoint weight accounted for."""
 
     @abstractmethod
-    def save_pretrained(self, model: torch.nn.Module, processor, out_dir: Path, source_path: str | None = None,
-                        state_dict: dict | None = None) -> None:
+    def save_pretrained(
+        self,
+        model: torch.nn.Module,
+        processor,
+        out_dir: Path,
+        source_path: str | None = None,
+        state_dict: dict | None = None,
+    ) -> None:
         """Save a (merged or fully trained) model with processor, tokenizer and chat template. `source_path`:
         the checkpoint it came from (files we cannot rebuild are copied from it); `state_dict`: gathered weights
         (ZeRO-3 / FSDP)."""
@@ -121,8 +133,9 @@ class ModelFamily(ABC):
         for name, _ in model.named_parameters():
             group = self.group_of(name)
             if group is None:
-                raise ValueError(f"{self.name}: parameter '{name}' belongs to no module group "
-                                 f"(groups: {self.group_prefixes})")
+                raise ValueError(
+                    f"{self.name}: parameter '{name}' belongs to no module group (groups: {self.group_prefixes})"
+                )
             groups[group].append(name)
         return groups
 

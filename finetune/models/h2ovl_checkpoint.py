@@ -55,8 +55,15 @@ from finetune.models.h2ovl_image import IMG_CONTEXT
 
 # Files a checkpoint needs besides its code: configs, weights, tokenizer.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.py"]  # .py: remote code, for original/
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 # --- key mapping ---------------------------------------------------------------------------------------------------
 _V, _NV = r"vision_model\.", "model.vision_tower."
@@ -133,7 +140,7 @@ def original_to_native(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
                 raise UserError(f"tensor {key} has shape {tuple(tensor.shape)}: its first dimension is not 3 × hidden")
             layer, kind = qkv.groups()
             # clone: three views of one storage would make tied-looking parameters
-            for name, part in zip("qkv", torch.chunk(tensor, 3, dim=0)):
+            for name, part in zip("qkv", torch.chunk(tensor, 3, dim=0), strict=True):
                 native[f"model.vision_tower.encoder.layer.{layer}.attention.{name}_proj.{kind}"] = part.clone()
             continue
         new = _rename(key, _TO_NATIVE_C)
@@ -205,7 +212,7 @@ def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f:
                 if key in shapes:
                     raise UserError(f"{file}: tensor {key} is stored twice")
                 shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -242,12 +249,18 @@ def check_layout(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tu
         more = f" (and {len(mismatched) - 6} more)" if len(mismatched) > 6 else ""
         problems.append(f"wrong shape {', '.join(shown)}{more}")
     if problems:
-        raise UserError(f"{where}: weights do not match the H2OVL model its config.json describes: "
-                        + "; ".join(problems))
+        raise UserError(
+            f"{where}: weights do not match the H2OVL model its config.json describes: " + "; ".join(problems)
+        )
 
 
-def load_h2ovl(path: str | Path, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
+def load_h2ovl(
+    path: str | Path,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> InternVLForConditionalGeneration:
     """An original-layout H2OVL checkpoint (local folder or Hub id) as a native `InternVLForConditionalGeneration`.
 
     Every native weight must come from the files: a missing, unexpected (e.g. renamed) or mis-shaped tensor fails
@@ -260,8 +273,9 @@ def load_h2ovl(path: str | Path, *, revision: str | None = None, dtype: torch.dt
     folder = local_folder(path, revision)
     config_file = folder / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "internvl":
-        return InternVLForConditionalGeneration.from_pretrained(folder, dtype=dtype,
-                                                                attn_implementation=attn_implementation)
+        return InternVLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn_implementation
+        )
     original = read_original_config(folder)
     # An empty config: otherwise AutoTokenizer reads config.json, whose auto_map asks whether to run remote code.
     tokenizer = AutoTokenizer.from_pretrained(folder, config=PreTrainedConfig(), trust_remote_code=False)
@@ -275,12 +289,13 @@ def load_h2ovl(path: str | Path, *, revision: str | None = None, dtype: torch.dt
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f:
                 state[key] = f.get_tensor(key)
     native = original_to_native(state)
     del state
     model = InternVLForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=native, dtype=dtype, attn_implementation=attn_implementation)
+        None, config=config, state_dict=native, dtype=dtype, attn_implementation=attn_implementation
+    )
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.config._name_or_path = str(path)
@@ -292,16 +307,21 @@ def load_h2ovl(path: str | Path, *, revision: str | None = None, dtype: torch.dt
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _updated_original_config(original: dict, model, state: Mapping[str, torch.Tensor],
-                             dtype: torch.dtype | None) -> dict:
+def _updated_original_config(
+    original: dict, model, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict:
     config = copy.deepcopy(original)
     llm, vision = config["llm_config"], config["vision_config"]
     text_cfg, vision_cfg = model.config.text_config, model.config.vision_config
     current = [(llm, "vocab_size", int(state["language_model.model.embed_tokens.weight"].shape[0]))]
-    current += [(llm, k, getattr(text_cfg, k)) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                         "num_attention_heads", "num_key_value_heads")]
-    current += [(vision, k, getattr(vision_cfg, k)) for k in ("hidden_size", "intermediate_size",
-                                                              "num_hidden_layers", "num_attention_heads")]
+    current += [
+        (llm, k, getattr(text_cfg, k))
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    ]
+    current += [
+        (vision, k, getattr(vision_cfg, k))
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    ]
     for section, key, value in current:
         if key in section and section[key] != value:  # an absent key keeps its implied default
             section[key] = value
@@ -313,8 +333,14 @@ def _updated_original_config(original: dict, model, state: Mapping[str, torch.Te
     return config
 
 
-def save_original(model, out_dir: str | Path, original_config: dict, *, state_dict: Mapping | None = None,
-                  dtype: torch.dtype | None = None) -> Path:
+def save_original(
+    model,
+    out_dir: str | Path,
+    original_config: dict,
+    *,
+    state_dict: Mapping | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write `config.json` and `model.safetensors` in the original H2OVL layout (qkv fused), which H2OVL's remote
     code (`model.chat`) and vLLM's `H2OVLChatModel` read.
 

@@ -34,8 +34,10 @@ def read_original_config(path: str | Path, revision: str | None = None) -> dict:
         raise UserError(f"{file}: not valid JSON ({e})") from None
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
     if model_type != MODEL_TYPE or (architectures and ARCHITECTURE not in architectures):
-        raise UserError(f"{file}: not an H2OVL-Mississippi checkpoint (model_type {model_type!r}, architectures "
-                        f"{architectures}); expected model_type '{MODEL_TYPE}' / {ARCHITECTURE}")
+        raise UserError(
+            f"{file}: not an H2OVL-Mississippi checkpoint (model_type {model_type!r}, architectures "
+            f"{architectures}); expected model_type '{MODEL_TYPE}' / {ARCHITECTURE}"
+        )
     for key in ("llm_config", "vision_config"):
         if not isinstance(config.get(key), dict):
             raise UserError(f"{file}: '{key}' is missing or not an object")

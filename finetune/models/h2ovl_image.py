@@ -40,8 +40,9 @@ def target_grids(min_tiles: int, max_tiles: int, prior: Grid | None = None) -> l
     """
     if min_tiles < 1 or max_tiles < 1:
         raise ValueError(f"tile counts must be >= 1, got min={min_tiles} max={max_tiles}")
-    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles // c + 1)
-             if min_tiles <= c * r <= max_tiles]
+    grids = [
+        (c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles // c + 1) if min_tiles <= c * r <= max_tiles
+    ]
     grids.sort(key=lambda g: (g[0] * g[1], g[0]))
     if prior is not None:
         grids = [g for g in grids if prior[0] % g[0] != 0 and prior[1] % g[1] != 0]
@@ -96,15 +97,24 @@ def _msac_grids(width: int, height: int, tile_size: int, max_tiles: int) -> tupl
 def _cut(image: Image.Image, grid: Grid, tile_size: int, use_thumbnail: bool) -> list[Image.Image]:
     cols, rows = grid
     resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
-    tiles = [resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
-             for r in range(rows) for c in range(cols)]  # row-major: left→right, then top→bottom
+    tiles = [
+        resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]  # row-major: left→right, then top→bottom
     if use_thumbnail and len(tiles) > 1:
         tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
     return tiles
 
 
-def tile_image(image: Image.Image, min_tiles: int, max_tiles: int, tile_size: int = 448,
-               use_thumbnail: bool = True, prior: Grid | None = None) -> tuple[list[Image.Image], Grid]:
+def tile_image(
+    image: Image.Image,
+    min_tiles: int,
+    max_tiles: int,
+    tile_size: int = 448,
+    use_thumbnail: bool = True,
+    prior: Grid | None = None,
+) -> tuple[list[Image.Image], Grid]:
     """Resize onto the closest grid, cut row-major, append a thumbnail when there is more than one tile."""
     grid = choose_grid(image.width, image.height, target_grids(min_tiles, max_tiles, prior), tile_size)
     return _cut(image, grid, tile_size, use_thumbnail), grid
@@ -126,8 +136,17 @@ def msac_tiles(image: Image.Image, tile_size: int = 448, max_tiles: int = 6) -> 
     return second[:-1] + pass1_tiles + second[-1:]
 
 
-def count_tiles(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 6, use_msac: bool = False,
-                num_images: int = 1, tile_size: int = 448, max_tiles_per_image: int | None = None) -> int:
+def count_tiles(
+    width: int,
+    height: int,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = 6,
+    use_msac: bool = False,
+    num_images: int = 1,
+    tile_size: int = 448,
+    max_tiles_per_image: int | None = None,
+) -> int:
     """Tiles `preprocess` produces for one image of this size, without touching pixels."""
     min_tiles, max_tiles = _effective_range(min_tiles, max_tiles, max_tiles_per_image)
     if use_msac and num_images == 1:
@@ -141,8 +160,9 @@ def count_tiles(width: int, height: int, *, min_tiles: int = 1, max_tiles: int =
 # float copy, three broadcast passes and a transposing copy (the largest share of a page's preprocessing before;
 # BENCHMARKS.md). Equal to the unfolded form within float rounding (5e-7).
 _SCALE = torch.tensor([1 / (255 * s) for s in IMAGENET_STD], dtype=torch.float32, device="cpu").view(1, 3, 1, 1)
-_SHIFT = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dtype=torch.float32,
-                      device="cpu").view(1, 3, 1, 1)
+_SHIFT = torch.tensor(
+    [m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], dtype=torch.float32, device="cpu"
+).view(1, 3, 1, 1)
 
 
 def _to_tensor(tiles: list[Image.Image]) -> torch.Tensor:
@@ -152,8 +172,15 @@ def _to_tensor(tiles: list[Image.Image]) -> torch.Tensor:
     return out.mul_(_SCALE).sub_(_SHIFT)
 
 
-def preprocess(images: list[Image.Image], *, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 6,
-               use_msac: bool = False, max_tiles_per_image: int | None = None) -> tuple[torch.Tensor, list[int]]:
+def preprocess(
+    images: list[Image.Image],
+    *,
+    tile_size: int = 448,
+    min_tiles: int = 1,
+    max_tiles: int = 6,
+    use_msac: bool = False,
+    max_tiles_per_image: int | None = None,
+) -> tuple[torch.Tensor, list[int]]:
     """Images → (pixel_values (total_tiles, 3, tile_size, tile_size) float32, tiles per image).
 
     MSAC applies only to single-image prompts (vLLM's rule); it ignores `min_tiles` (its passes use 1 and 3).

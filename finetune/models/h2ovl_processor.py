@@ -57,9 +57,13 @@ class H2OVLImageSettings:
 
     @classmethod
     def from_original_config(cls, config: dict) -> H2OVLImageSettings:
-        return cls(tile_size=h2ovl_config.tile_size(config), tokens_per_tile=h2ovl_config.tokens_per_tile(config),
-                   min_tiles=int(config.get("min_dynamic_patch", 1)),
-                   max_tiles=int(config.get("max_dynamic_patch", 6)), use_msac=bool(config.get("use_msac", False)))
+        return cls(
+            tile_size=h2ovl_config.tile_size(config),
+            tokens_per_tile=h2ovl_config.tokens_per_tile(config),
+            min_tiles=int(config.get("min_dynamic_patch", 1)),
+            max_tiles=int(config.get("max_dynamic_patch", 6)),
+            use_msac=bool(config.get("use_msac", False)),
+        )
 
 
 class H2OVLProcessor:
@@ -73,8 +77,11 @@ class H2OVLProcessor:
         self.tokenizer = tokenizer
         self.settings = settings
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        missing = [t for t in (h2ovl_image.IMG_START, h2ovl_image.IMG_END, self.image_token)
-                   if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        missing = [
+            t
+            for t in (h2ovl_image.IMG_START, h2ovl_image.IMG_END, self.image_token)
+            if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+        ]
         if missing:
             raise ValueError(f"tokenizer lacks the image tokens {missing}")
 
@@ -82,8 +89,9 @@ class H2OVLProcessor:
     def from_pretrained(cls, path: str, revision: str | None = None, **overrides) -> H2OVLProcessor:
         """Load from a folder or Hub id; `overrides` set image settings (e.g. max_tiles_per_image=4)."""
         # An empty config: AutoTokenizer would otherwise read config.json, whose auto_map points at remote code.
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, config=PretrainedConfig(),
-                                                  trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=revision, config=PretrainedConfig(), trust_remote_code=False
+        )
         settings = cls._read_settings(path, revision)
         unknown = set(overrides) - set(asdict(settings))
         if unknown:
@@ -123,22 +131,39 @@ class H2OVLProcessor:
     def tiles_for(self, image_sizes: list[tuple[int, int]]) -> list[int]:
         """Tiles per image for (width, height) sizes of one prompt, without touching pixels."""
         s = self.settings
-        return [h2ovl_image.count_tiles(w, h, min_tiles=s.min_tiles, max_tiles=s.max_tiles, use_msac=s.use_msac,
-                                        num_images=len(image_sizes), tile_size=s.tile_size,
-                                        max_tiles_per_image=s.max_tiles_per_image) for w, h in image_sizes]
+        return [
+            h2ovl_image.count_tiles(
+                w,
+                h,
+                min_tiles=s.min_tiles,
+                max_tiles=s.max_tiles,
+                use_msac=s.use_msac,
+                num_images=len(image_sizes),
+                tile_size=s.tile_size,
+                max_tiles_per_image=s.max_tiles_per_image,
+            )
+            for w, h in image_sizes
+        ]
 
     def expand(self, text: str, tiles: list[int]) -> str:
         """Replace each `<image>` with its image tokens (as many placeholders as images, or an error)."""
         if text.count(IMAGE_PLACEHOLDER) != len(tiles):
-            raise ValueError(f"text has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders for "
-                             f"{len(tiles)} images")
+            raise ValueError(
+                f"text has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders for {len(tiles)} images"
+            )
         for n in tiles:
-            text = text.replace(IMAGE_PLACEHOLDER,
-                                h2ovl_image.expand_image_placeholder(n, self.settings.tokens_per_tile), 1)
+            text = text.replace(
+                IMAGE_PLACEHOLDER, h2ovl_image.expand_image_placeholder(n, self.settings.tokens_per_tile), 1
+            )
         return text
 
-    def __call__(self, images: list[list[Image.Image]] | list[Image.Image] | None = None,
-                 text: str | list[str] | None = None, return_tensors: str | None = "pt", **tokenizer_kwargs):
+    def __call__(
+        self,
+        images: list[list[Image.Image]] | list[Image.Image] | None = None,
+        text: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+        **tokenizer_kwargs,
+    ):
         texts = [text] if isinstance(text, str) else list(text or [])
         if images and isinstance(images[0], Image.Image):
             images = [images] if len(texts) == 1 else [[image] for image in images]
@@ -147,12 +172,17 @@ class H2OVLProcessor:
             raise ValueError(f"{len(texts)} texts but images for {len(images)}")
         s = self.settings
         pixel_values, expanded = [], []
-        for sample_images, sample_text in zip(images, texts):
+        for sample_images, sample_text in zip(images, texts, strict=True):
             tiles: list[int] = []
             if sample_images:
-                pixels, tiles = h2ovl_image.preprocess(sample_images, tile_size=s.tile_size, min_tiles=s.min_tiles,
-                                                       max_tiles=s.max_tiles, use_msac=s.use_msac,
-                                                       max_tiles_per_image=s.max_tiles_per_image)
+                pixels, tiles = h2ovl_image.preprocess(
+                    sample_images,
+                    tile_size=s.tile_size,
+                    min_tiles=s.min_tiles,
+                    max_tiles=s.max_tiles,
+                    use_msac=s.use_msac,
+                    max_tiles_per_image=s.max_tiles_per_image,
+                )
                 pixel_values.append(pixels)
             expanded.append(self.expand(sample_text, tiles))
         data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **tokenizer_kwargs))

@@ -22,11 +22,25 @@ from finetune.models.tiny_tokenizer import train_tiny_tokenizer
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|prompt|>", "<|answer|>", "<|end|>", "<img>", "</img>", IMG_CONTEXT]
 
 
-def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool = False, image_size: int = 56,
-                     patch_size: int = 14, vision_hidden: int = 32, vision_layers: int = 2, text_hidden: int = 64,
-                     text_layers: int = 2, vision_heads: int = 2, text_heads: int = 4, text_kv_heads: int = 2,
-                     text_intermediate: int | None = None, vocab_size: int | None = None, seed: int = 0,
-                     extra_corpus: Iterable[str] = ()) -> Path:
+def build_tiny_h2ovl(
+    out_dir: str | Path,
+    *,
+    llm: str = "llama",
+    use_msac: bool = False,
+    image_size: int = 56,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    vision_heads: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_intermediate: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    extra_corpus: Iterable[str] = (),
+) -> Path:
     """A tiny randomly initialised checkpoint in the original H2OVL Hub layout (config.json, bfloat16
     model.safetensors in original names, generation_config.json, tokenizer.json + tokenizer_config.json).
 
@@ -40,21 +54,30 @@ def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool 
     over a byte-level tokenizer.json makes transformers 5 warn and fall back).
     """
 
-
     if llm not in ("llama", "mistral"):
         raise ValueError(f"llm must be 'llama' or 'mistral', not {llm!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_positions = 8192
-    tokenizer = train_tiny_tokenizer(SPECIAL_TOKENS, extra_corpus=list(extra_corpus), unk_token="<unk>",
-                                     bos_token="<s>", eos_token="</s>", pad_token="<unk>",
-                                     model_max_length=max_positions)
+    tokenizer = train_tiny_tokenizer(
+        SPECIAL_TOKENS,
+        extra_corpus=list(extra_corpus),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        model_max_length=max_positions,
+    )
     tokenizer.save_pretrained(out_dir)
     (out_dir / "chat_template.jinja").unlink(missing_ok=True)  # old layout: the template lives in tokenizer_config
     tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
     tok_cfg.pop("backend", None)
-    tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
-                   chat_template=H2OGPT2_CHAT_TEMPLATE)
+    tok_cfg.update(
+        tokenizer_class="PreTrainedTokenizerFast",
+        add_bos_token=False,
+        add_eos_token=False,
+        chat_template=H2OGPT2_CHAT_TEMPLATE,
+    )
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
@@ -81,8 +104,7 @@ def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool 
         "eos_token_id": ids["</s>"],
         "pad_token_id": ids["<unk>"],
         "torch_dtype": "bfloat16",
-        **({"sliding_window": None} if mistral else
-           {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}),
+        **({"sliding_window": None} if mistral else {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}),
     }
     vision_config = {
         "architectures": ["InternVisionModel"],
@@ -136,11 +158,15 @@ def build_tiny_h2ovl(out_dir: str | Path, *, llm: str = "llama", use_msac: bool 
     native = native_config(config, ids[IMG_CONTEXT])
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(native)
-    state = {k: v.detach().to(torch.bfloat16).contiguous().clone()
-             for k, v in native_to_original(model.state_dict()).items()}
+    state = {
+        k: v.detach().to(torch.bfloat16).contiguous().clone() for k, v in native_to_original(model.state_dict()).items()
+    }
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": ids["<s>"], "eos_token_id": [ids["</s>"], ids["<|end|>"]],
-                  "pad_token_id": ids["<unk>"]}
+    generation = {
+        "bos_token_id": ids["<s>"],
+        "eos_token_id": [ids["</s>"], ids["<|end|>"]],
+        "pad_token_id": ids["<unk>"],
+    }
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out_dir

@@ -53,9 +53,18 @@ _PASS_THROUGH_FILES = ("video_preprocessor_config.json",)
 class ImageOnlyProcessor(LlavaOnevisionProcessor):
     """LlavaOnevisionProcessor without the video processor (so no torchvision)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
-                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
-                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
         self.num_image_tokens = num_image_tokens
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.image_token = getattr(tokenizer, "image_token", None) or image_token
@@ -110,16 +119,21 @@ class LlavaOnevisionFamily(ModelFamily):
     }
     never_used_parameters = ("model.vision_tower.post_layernorm.",)
     # Modules PEFT saves beside the adapter when their group is `full` in a LoRA run.
-    modules_to_save = {"projector": ("multi_modal_projector",), "vision": ("vision_tower",),
-                       "llm": ("language_model", "lm_head")}
+    modules_to_save = {
+        "projector": ("multi_modal_projector",),
+        "vision": ("vision_tower",),
+        "llm": ("language_model", "lm_head"),
+    }
 
     # --- loading ---------------------------------------------------------------------------------------
     def check_engine(self, zero_stage: int | None) -> None:
         if zero_stage == 3:
             # `image_newline` is a bare parameter read in pack_image_features, outside any submodule's forward, so
             # ZeRO-3's hooks never gather it (generation then fails on an empty tensor).
-            raise UserError("llava_onevision cannot run under DeepSpeed ZeRO-3 (its image_newline parameter is "
-                            "never gathered); use recipes/accelerate/zero2.yaml or fsdp.yaml")
+            raise UserError(
+                "llava_onevision cannot run under DeepSpeed ZeRO-3 (its image_newline parameter is "
+                "never gathered); use recipes/accelerate/zero2.yaml or fsdp.yaml"
+            )
 
     def paper_schedule(self, path: str, revision: str | None = None) -> list[dict[str, Any]]:
         # LLaVA-OneVision (arXiv 2408.03326, training-strategy table): stage 1 (language-image alignment) trains
@@ -128,10 +142,20 @@ class LlavaOnevisionFamily(ModelFamily):
         # fine-tuning: both stages run on the user's data, and the alignment stage is short (10% of the budget)
         # because a released checkpoint's projector is already aligned — it only re-fits to the new documents.
         return [
-            {"name": "align", "groups": {"vision": "frozen", "projector": "full", "llm": "frozen"}, "lr": 1e-3,
-             "fraction": 0.1, "warmup_ratio": 0.03},
-            {"name": "full", "groups": {"vision": "full", "projector": "full", "llm": "full"},
-             "lr": {"vision": 2e-6, "projector": 1e-5, "llm": 1e-5}, "fraction": 0.9, "warmup_ratio": 0.03},
+            {
+                "name": "align",
+                "groups": {"vision": "frozen", "projector": "full", "llm": "frozen"},
+                "lr": 1e-3,
+                "fraction": 0.1,
+                "warmup_ratio": 0.03,
+            },
+            {
+                "name": "full",
+                "groups": {"vision": "full", "projector": "full", "llm": "full"},
+                "lr": {"vision": 2e-6, "projector": 1e-5, "llm": 1e-5},
+                "fraction": 0.9,
+                "warmup_ratio": 0.03,
+            },
         ]
 
     def load_processor(self, path: str, revision: str | None = None, **options) -> ImageOnlyProcessor:
@@ -140,8 +164,13 @@ class LlavaOnevisionFamily(ModelFamily):
         image_processor = AutoImageProcessor.from_pretrained(path, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         processor_kwargs = ImageOnlyProcessor.get_processor_dict(path, revision=revision)[0]
-        known = ("num_image_tokens", "vision_feature_select_strategy", "image_token", "video_token",
-                 "vision_aspect_ratio")
+        known = (
+            "num_image_tokens",
+            "vision_feature_select_strategy",
+            "image_token",
+            "video_token",
+            "vision_aspect_ratio",
+        )
         kwargs = {k: processor_kwargs[k] for k in known if k in processor_kwargs}
         chat_template = processor_kwargs.get("chat_template") or tokenizer.chat_template
         if chat_template is None:
@@ -153,21 +182,24 @@ class LlavaOnevisionFamily(ModelFamily):
         if config.model_type != "llava_onevision":
             raise ValueError(f"{path}: model_type is '{config.model_type}', expected 'llava_onevision'")
         model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, revision=revision, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True)
+            path, revision=revision, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        )
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if problems:
             raise ValueError(f"{path}: checkpoint does not match the model: {problems}")
         return model
 
-    def save_pretrained(self, model, processor, out_dir: Path, source_path: str | None = None,
-                        state_dict: dict | None = None) -> None:
+    def save_pretrained(
+        self, model, processor, out_dir: Path, source_path: str | None = None, state_dict: dict | None = None
+    ) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)
         processor.save_pretrained(out_dir)
         # transformers 5 nests the image processor in processor_config.json; servers and older readers (vLLM's
         # AutoImageProcessor, transformers 4) look for preprocessor_config.json as on the Hub: write both.
         image_config = {**processor.image_processor.to_dict(), "processor_class": "LlavaOnevisionProcessor"}
-        (Path(out_dir) / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2, sort_keys=True)
-                                                                + "\n")
+        (Path(out_dir) / "preprocessor_config.json").write_text(
+            json.dumps(image_config, indent=2, sort_keys=True) + "\n"
+        )
         if source_path and Path(source_path).is_dir():
             for name in _PASS_THROUGH_FILES:
                 if (Path(source_path) / name).exists() and not (out_dir / name).exists():
@@ -176,8 +208,9 @@ class LlavaOnevisionFamily(ModelFamily):
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": instruction}]
-        return processor.apply_chat_template([{"role": "user", "content": content}],
-                                             add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
 
     def end_of_turn_token(self, processor) -> str:
         return "<|im_end|>"
@@ -226,13 +259,30 @@ class LlavaOnevisionFamily(ModelFamily):
     # in ~2 CPU minutes (0% → 100% exact match on held-out forms).
     tiny_presets = {
         "test": {"image_size": 32, "vision_hidden": 32, "text_hidden": 64},
-        "quickstart": {"image_size": 64, "vision_hidden": 128, "vision_layers": 3, "text_hidden": 192,
-                       "text_layers": 3, "grid": (1,)},
+        "quickstart": {
+            "image_size": 64,
+            "vision_hidden": 128,
+            "vision_layers": 3,
+            "text_hidden": 192,
+            "text_layers": 3,
+            "grid": (1,),
+        },
     }
 
-    def build_tiny_checkpoint(self, out_dir: Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
-                              vision_hidden: int = 32, vision_layers: int = 2, text_hidden: int = 64,
-                              text_layers: int = 2, grid: tuple[int, ...] = (1, 2), extra_corpus=()) -> Path:
+    def build_tiny_checkpoint(
+        self,
+        out_dir: Path,
+        *,
+        seed: int = 0,
+        image_size: int = 32,
+        patch_size: int = 8,
+        vision_hidden: int = 32,
+        vision_layers: int = 2,
+        text_hidden: int = 64,
+        text_layers: int = 2,
+        grid: tuple[int, ...] = (1, 2),
+        extra_corpus=(),
+    ) -> Path:
         from finetune.models.tiny_tokenizer import train_tiny_tokenizer
 
         out_dir = Path(out_dir)
@@ -240,7 +290,8 @@ class LlavaOnevisionFamily(ModelFamily):
         tokenizer = train_tiny_tokenizer(
             ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
             extra_corpus=extra_corpus,
-            eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
             extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
             model_max_length=32768,
         )
@@ -248,15 +299,27 @@ class LlavaOnevisionFamily(ModelFamily):
         pinpoints = [[image_size * rows, image_size * cols] for rows in grid for cols in grid]
         config = LlavaOnevisionConfig(
             vision_config={
-                "model_type": "siglip_vision_model", "hidden_size": vision_hidden, "intermediate_size":
-                vision_hidden * 4, "num_hidden_layers": vision_layers, "num_attention_heads": 2,
-                "image_size": image_size, "patch_size": patch_size, "vision_use_head": False,
+                "model_type": "siglip_vision_model",
+                "hidden_size": vision_hidden,
+                "intermediate_size": vision_hidden * 4,
+                "num_hidden_layers": vision_layers,
+                "num_attention_heads": 2,
+                "image_size": image_size,
+                "patch_size": patch_size,
+                "vision_use_head": False,
             },
             text_config={
-                "model_type": "qwen2", "hidden_size": text_hidden, "intermediate_size": text_hidden * 4,
-                "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "vocab_size": len(tokenizer), "max_position_embeddings": 8192, "tie_word_embeddings": False,
-                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                "model_type": "qwen2",
+                "hidden_size": text_hidden,
+                "intermediate_size": text_hidden * 4,
+                "num_hidden_layers": text_layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": len(tokenizer),
+                "max_position_embeddings": 8192,
+                "tie_word_embeddings": False,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
             },
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
@@ -272,12 +335,16 @@ class LlavaOnevisionFamily(ModelFamily):
         model.save_pretrained(out_dir)
 
         image_processor = LlavaOnevisionImageProcessorPil(
-            size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+            size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
             do_convert_rgb=True,
         )
         processor = ImageOnlyProcessor(
-            image_processor, tokenizer, num_image_tokens=(image_size // patch_size) ** 2,
-            vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+            image_processor,
+            tokenizer,
+            num_image_tokens=(image_size // patch_size) ** 2,
+            vision_feature_select_strategy="full",
+            chat_template=CHAT_TEMPLATE,
         )
         processor.save_pretrained(out_dir)
         _to_hub_layout(out_dir)

@@ -52,8 +52,11 @@ class MississippiFamily(ModelFamily):
         "projector": ("linear_1", "linear_2"),
         "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     }
-    modules_to_save = {"projector": ("multi_modal_projector",), "vision": ("vision_tower",),
-                       "llm": ("language_model", "lm_head")}
+    modules_to_save = {
+        "projector": ("multi_modal_projector",),
+        "vision": ("vision_tower",),
+        "llm": ("language_model", "lm_head"),
+    }
     # Mississippi-0.8B: Llama LLM, no MSAC; Mississippi-2B: Mistral LLM, MSAC (both shapes, tiny).
     # Tokens per tile = (tile / patch)² / 4 after the pixel shuffle: 16 for the test shapes, 64 for the quickstart
     # (with 16 the quickstart model had not started to read after 400 steps; with 64 it reads all 48 held-out forms
@@ -62,8 +65,16 @@ class MississippiFamily(ModelFamily):
     tiny_presets = {
         "test": {"llm": "llama", "use_msac": False, **_test_sizes},
         "test-2b": {"llm": "mistral", "use_msac": True, **_test_sizes},
-        "quickstart": {"llm": "llama", "use_msac": False, "image_size": 64, "patch_size": 4, "vision_hidden": 128,
-                       "vision_layers": 3, "text_hidden": 192, "text_layers": 3},
+        "quickstart": {
+            "llm": "llama",
+            "use_msac": False,
+            "image_size": 64,
+            "patch_size": 4,
+            "vision_hidden": 128,
+            "vision_layers": 3,
+            "text_hidden": 192,
+            "text_layers": 3,
+        },
     }
 
     # --- training schedules --------------------------------------------------------------------------------
@@ -76,10 +87,20 @@ class MississippiFamily(ModelFamily):
             # 2B: pre-training trains the vision tower and the MLP with the LLM frozen (4 epochs in the paper);
             # fine-tuning then trains MLP + LLM (InternVL's fine-tune; the paper's ViT setting is unconfirmed).
             return [
-                {"name": "vision+projector", "groups": {"vision": "full", "projector": "full", "llm": "frozen"},
-                 "lr": {"vision": 4e-5, "projector": 2e-4}, "fraction": 0.3, "warmup_ratio": 0.03},
-                {"name": "task", "groups": {"vision": "frozen", "projector": "full", "llm": "full"}, "lr": 4e-5,
-                 "fraction": 0.7, "warmup_ratio": 0.03},
+                {
+                    "name": "vision+projector",
+                    "groups": {"vision": "full", "projector": "full", "llm": "frozen"},
+                    "lr": {"vision": 4e-5, "projector": 2e-4},
+                    "fraction": 0.3,
+                    "warmup_ratio": 0.03,
+                },
+                {
+                    "name": "task",
+                    "groups": {"vision": "frozen", "projector": "full", "llm": "full"},
+                    "lr": 4e-5,
+                    "fraction": 0.7,
+                    "warmup_ratio": 0.03,
+                },
             ]
         # 0.8B: pre-training step 1 trains the MLP alone on ~3% of the data, step 2 the MLP and the LLM jointly,
         # then the OCR / structured-extraction fine-tune (ViT frozen as in InternVL's fine-tune; unconfirmed in
@@ -87,12 +108,27 @@ class MississippiFamily(ModelFamily):
         # step 2 is where general data can be mixed in to limit forgetting (copy the stages from a run's recipe.yaml
         # into the recipe and give stage 2 a `data.mix`).
         return [
-            {"name": "projector", "groups": {"vision": "frozen", "projector": "full", "llm": "frozen"}, "lr": 2e-4,
-             "fraction": 0.1, "warmup_ratio": 0.03},
-            {"name": "projector+llm", "groups": {"vision": "frozen", "projector": "full", "llm": "full"},
-             "lr": 4e-5, "fraction": 0.3, "warmup_ratio": 0.03},
-            {"name": "task", "groups": {"vision": "frozen", "projector": "full", "llm": "full"}, "lr": 4e-5,
-             "fraction": 0.6, "warmup_ratio": 0.03},
+            {
+                "name": "projector",
+                "groups": {"vision": "frozen", "projector": "full", "llm": "frozen"},
+                "lr": 2e-4,
+                "fraction": 0.1,
+                "warmup_ratio": 0.03,
+            },
+            {
+                "name": "projector+llm",
+                "groups": {"vision": "frozen", "projector": "full", "llm": "full"},
+                "lr": 4e-5,
+                "fraction": 0.3,
+                "warmup_ratio": 0.03,
+            },
+            {
+                "name": "task",
+                "groups": {"vision": "frozen", "projector": "full", "llm": "full"},
+                "lr": 4e-5,
+                "fraction": 0.6,
+                "warmup_ratio": 0.03,
+            },
         ]
 
     @staticmethod
@@ -110,25 +146,34 @@ class MississippiFamily(ModelFamily):
         return H2OVLProcessor.from_pretrained(path, revision=revision, **options)
 
     def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa"):
-        return h2ovl_checkpoint.load_h2ovl(path, revision=revision, dtype=dtype,
-                                           attn_implementation=attn_implementation)
+        return h2ovl_checkpoint.load_h2ovl(
+            path, revision=revision, dtype=dtype, attn_implementation=attn_implementation
+        )
 
-    def save_pretrained(self, model, processor, out_dir: Path, source_path: str | None = None,
-                        state_dict: dict | None = None) -> None:
+    def save_pretrained(
+        self, model, processor, out_dir: Path, source_path: str | None = None, state_dict: dict | None = None
+    ) -> None:
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir, state_dict=state_dict)
         processor.save_pretrained(out_dir)
         original_source = _original_layout_source(source_path) if source_path else None
         if original_source is None:
-            log.warning("%s: no original-layout H2OVL checkpoint to take config and tokenizer from; "
-                        "only the native layout was saved", source_path)
+            log.warning(
+                "%s: no original-layout H2OVL checkpoint to take config and tokenizer from; "
+                "only the native layout was saved",
+                source_path,
+            )
             return
         config = h2ovl_config.read_original_config(original_source)
         # The tiling the model was trained with, so model.chat and vLLM tile pages the same way.
         s = processor.settings
         max_tiles = min(s.max_tiles, s.max_tiles_per_image or s.max_tiles)
-        config.update(min_dynamic_patch=min(s.min_tiles, max_tiles), max_dynamic_patch=max_tiles,
-                      use_msac=s.use_msac, force_image_size=s.tile_size)
+        config.update(
+            min_dynamic_patch=min(s.min_tiles, max_tiles),
+            max_dynamic_patch=max_tiles,
+            use_msac=s.use_msac,
+            force_image_size=s.tile_size,
+        )
         h2ovl_checkpoint.save_original(model, out_dir / "original", config, state_dict=state_dict)
         h2ovl_checkpoint.copy_tokenizer_files(original_source, out_dir / "original")
 
@@ -142,8 +187,11 @@ class MississippiFamily(ModelFamily):
     def encode_prompt(self, processor, images: list[Image.Image], prompt_text: str) -> Encoded:
         out = processor(images=[images], text=[prompt_text], return_tensors="pt")
         ids = out["input_ids"][0].tolist()
-        return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * len(ids),
-                       image_inputs={"pixel_values": out["pixel_values"], "num_images": len(images)})
+        return Encoded(
+            input_ids=ids,
+            labels=[IGNORE_INDEX] * len(ids),
+            image_inputs={"pixel_values": out["pixel_values"], "num_images": len(images)},
+        )
 
     def count_prompt_tokens(self, processor, prompt_text: str, image_sizes: list[tuple[int, int]]) -> int:
         expanded = processor.expand(prompt_text, processor.tiles_for(image_sizes))

@@ -19,8 +19,9 @@ _CORPUS = [
 ]
 
 
-def train_tiny_tokenizer(special_tokens: list[str], *, vocab_size: int = 320, extra_corpus: list[str] = (),
-                         **tokenizer_kwargs) -> PreTrainedTokenizerFast:
+def train_tiny_tokenizer(
+    special_tokens: list[str], *, vocab_size: int = 320, extra_corpus: list[str] = (), **tokenizer_kwargs
+) -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` with the given special tokens (ids 0..n-1 in order) and a byte-level BPE.
 
     `tokenizer_kwargs` go to the wrapper (e.g. `eos_token`, `pad_token`, `extra_special_tokens`).

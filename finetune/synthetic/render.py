@@ -127,8 +127,9 @@ class Typeset:
 class Page:
     """An RGB canvas with a few text helpers; every `text` call returns the next line's y."""
 
-    def __init__(self, width: int, height: int, background: tuple[int, int, int],
-                 ink: tuple[int, int, int] = INK) -> None:
+    def __init__(
+        self, width: int, height: int, background: tuple[int, int, int], ink: tuple[int, int, int] = INK
+    ) -> None:
         self.background, self.ink = background, ink
         self.image = Image.new("RGB", (width, height), background)
         self.draw = ImageDraw.Draw(self.image)
@@ -137,8 +138,17 @@ class Page:
     def width(self) -> int:
         return self.image.width
 
-    def text(self, x: float, y: float, s: str, font: Font, *, align: str = "left",
-             fill: tuple[int, int, int] | None = None, spacing: float = 1.35) -> float:
+    def text(
+        self,
+        x: float,
+        y: float,
+        s: str,
+        font: Font,
+        *,
+        align: str = "left",
+        fill: tuple[int, int, int] | None = None,
+        spacing: float = 1.35,
+    ) -> float:
         """Draw one line with its top at `y`; `x` is the left, right or centre edge per `align`."""
         anchor = {"left": "la", "right": "ra", "center": "ma"}[align]
         self.draw.text((x, y), s, font=font, fill=fill or self.ink, anchor=anchor)
@@ -150,8 +160,9 @@ class Page:
             y = self.text(x, y, row, font, **kwargs)
         return y
 
-    def rule(self, x0: float, x1: float, y: float, *, fill: tuple[int, int, int] = RULE,
-             width: int = 1, dash: int = 0) -> None:
+    def rule(
+        self, x0: float, x1: float, y: float, *, fill: tuple[int, int, int] = RULE, width: int = 1, dash: int = 0
+    ) -> None:
         """Horizontal line; `dash` > 0 draws it dashed (receipt style)."""
         if dash <= 0:
             self.draw.line([(x0, y), (x1, y)], fill=fill, width=width)
@@ -167,26 +178,43 @@ class Page:
 
 # ---------------------------------------------------------------- how values are printed
 
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 SYMBOLS = {"EUR": "€", "USD": "$", "GBP": "£"}
 # Date conventions follow the currency so that e.g. 03/05 is never ambiguous within a region.
-DATE_FORMATS = {"EUR": ("dd.mm.yyyy", "d Month yyyy", "iso", "d Mon yyyy"),
-                "USD": ("mm/dd/yyyy", "Month d, yyyy", "Mon d, yyyy", "iso"),
-                "GBP": ("dd/mm/yyyy", "d Month yyyy", "d Mon yyyy", "iso")}
+DATE_FORMATS = {
+    "EUR": ("dd.mm.yyyy", "d Month yyyy", "iso", "d Mon yyyy"),
+    "USD": ("mm/dd/yyyy", "Month d, yyyy", "Mon d, yyyy", "iso"),
+    "GBP": ("dd/mm/yyyy", "d Month yyyy", "d Mon yyyy", "iso"),
+}
 CENT = Decimal("0.01")
 
 
 def format_date(d: dt.date, style: str) -> str:
     """Print a date in one of the DATE_FORMATS styles (locale-independent on purpose)."""
     month = MONTHS[d.month - 1]
-    return {"iso": d.isoformat(), "dd.mm.yyyy": f"{d.day:02d}.{d.month:02d}.{d.year}",
-            "dd/mm/yyyy": f"{d.day:02d}/{d.month:02d}/{d.year}",
-            "mm/dd/yyyy": f"{d.month:02d}/{d.day:02d}/{d.year}",
-            "d Month yyyy": f"{d.day} {month} {d.year}",
-            "d Mon yyyy": f"{d.day} {month[:3]} {d.year}",
-            "Month d, yyyy": f"{month} {d.day}, {d.year}",
-            "Mon d, yyyy": f"{month[:3]} {d.day}, {d.year}"}[style]
+    return {
+        "iso": d.isoformat(),
+        "dd.mm.yyyy": f"{d.day:02d}.{d.month:02d}.{d.year}",
+        "dd/mm/yyyy": f"{d.day:02d}/{d.month:02d}/{d.year}",
+        "mm/dd/yyyy": f"{d.month:02d}/{d.day:02d}/{d.year}",
+        "d Month yyyy": f"{d.day} {month} {d.year}",
+        "d Mon yyyy": f"{d.day} {month[:3]} {d.year}",
+        "Month d, yyyy": f"{month} {d.day}, {d.year}",
+        "Mon d, yyyy": f"{month[:3]} {d.day}, {d.year}",
+    }[style]
 
 
 @dataclass(frozen=True)
@@ -216,8 +244,7 @@ def random_style(rng: random.Random, currency: str, font: FontSpec) -> PrintStyl
     # PIL's built-in font has no €/£ glyphs: print the ISO code instead of a tofu box.
     if marker == "symbol" and not has_glyphs(load_font(font, 16), SYMBOLS[currency]):
         marker = "code"
-    return PrintStyle(currency, marker, currency == "EUR" and rng.random() < 0.4,
-                      rng.choice(DATE_FORMATS[currency]))
+    return PrintStyle(currency, marker, currency == "EUR" and rng.random() < 0.4, rng.choice(DATE_FORMATS[currency]))
 
 
 def paper_color(rng: random.Random) -> tuple[int, int, int]:
@@ -234,8 +261,9 @@ def ink_color(rng: random.Random) -> tuple[int, int, int]:
     return (gray, gray, gray)
 
 
-def degrade(image: Image.Image, rng: random.Random, background: tuple[int, int, int],
-            max_angle: float = 1.0) -> Image.Image:
+def degrade(
+    image: Image.Image, rng: random.Random, background: tuple[int, int, int], max_angle: float = 1.0
+) -> Image.Image:
     """Mild scan-like noise: small rotation, faint blur, light pixel noise. Text stays legible."""
     angle = rng.uniform(-max_angle, max_angle)
     image = image.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=background)

@@ -28,13 +28,15 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Accelerator:
             # Without a GPU, Accelerate drops DeepSpeed (or its gathers fail) unless the process state is
             # created for CPU before the Accelerator (gloo backend).
             PartialState(cpu=True)
-        deepspeed_plugin = DeepSpeedPlugin(gradient_accumulation_steps=recipe.train.grad_accum,
-                                           gradient_clipping=recipe.optim.max_grad_norm or 0.0)
+        deepspeed_plugin = DeepSpeedPlugin(
+            gradient_accumulation_steps=recipe.train.grad_accum, gradient_clipping=recipe.optim.max_grad_norm or 0.0
+        )
     accelerator = Accelerator(
         # An optimizer step is always grad_accum micro-batches, also across epoch ends (our data stream runs on
         # over them), so the end of the loader must not force a sync.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=recipe.train.grad_accum,
-                                                                sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=recipe.train.grad_accum, sync_with_dataloader=False
+        ),
         mixed_precision=MIXED_PRECISION[recipe.train.precision],
         log_with=recipe.tracking.report_to or None,
         project_dir=project_dir,
@@ -47,10 +49,14 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Accelerator:
     # Accelerate falls back to plain data parallel without a word when an engine cannot run (FSDP on CPUs):
     # a run launched with an engine's config must run under that engine or stop.
     for engine in ("DEEPSPEED", "FSDP"):
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and \
-                accelerator.distributed_type.name != engine:
-            raise UserError(f"launched with {engine} but Accelerate runs {accelerator.distributed_type.name} "
-                            f"(Accelerate runs FSDP on GPUs / accelerators only; on CPUs use a DeepSpeed config)")
+        if (
+            os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+            and accelerator.distributed_type.name != engine
+        ):
+            raise UserError(
+                f"launched with {engine} but Accelerate runs {accelerator.distributed_type.name} "
+                f"(Accelerate runs FSDP on GPUs / accelerators only; on CPUs use a DeepSpeed config)"
+            )
     return accelerator
 
 
@@ -81,7 +87,13 @@ def run_info(accelerator: Accelerator, *, seconds: float, steps: int) -> dict:
     import transformers
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
-    return {"device": device, "processes": accelerator.num_processes,
-            "engine": accelerator.distributed_type.name, "mixed_precision": accelerator.mixed_precision,
-            "optimizer_steps": steps, "seconds": round(seconds, 1), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "device": device,
+        "processes": accelerator.num_processes,
+        "engine": accelerator.distributed_type.name,
+        "mixed_precision": accelerator.mixed_precision,
+        "optimizer_steps": steps,
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

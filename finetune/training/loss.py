@@ -29,6 +29,7 @@ def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: tor
     keep = predicting_positions(labels)
     logits = model(**inputs, logits_to_keep=keep).logits
     targets = labels[:, keep + 1]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().to(logits.device),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss / num_items_in_batch.to(loss.device)

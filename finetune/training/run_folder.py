@@ -17,7 +17,8 @@ from finetune.training.checkpoint import latest_checkpoint
 # Recipe keys a resumed run may change: budgets, checkpoint cadence, logging, evaluation, tracking, output.
 RESUME_MAY_CHANGE = re.compile(
     r"^(train\.(max_steps|epochs|checkpoint_every|keep_checkpoints|log_every|num_workers)"
-    r"|stages\.\d+\.(max_steps|epochs|fraction|eval_at_end)|eval\..*|tracking\..*|output\..*)$")
+    r"|stages\.\d+\.(max_steps|epochs|fraction|eval_at_end)|eval\..*|tracking\..*|output\..*)$"
+)
 
 
 def prepare_run_dir(run_dir: Path, policy: str, accelerator) -> Path | None:
@@ -26,8 +27,10 @@ def prepare_run_dir(run_dir: Path, policy: str, accelerator) -> Path | None:
     exists = run_dir.exists() and any(run_dir.iterdir())
     resume_from = None
     if exists and policy == "error":
-        raise FileExistsError(f"{run_dir}: run folder exists; set output.if_exists=resume to continue it "
-                              f"or output.if_exists=overwrite to replace it")
+        raise FileExistsError(
+            f"{run_dir}: run folder exists; set output.if_exists=resume to continue it "
+            f"or output.if_exists=overwrite to replace it"
+        )
     if exists and policy == "resume":
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
@@ -48,11 +51,16 @@ def record_recipe(recipe: Recipe, run_dir: Path, *, resumed: bool, is_main_proce
     if resumed:
         saved = flatten(yaml.safe_load(path.read_text()))
         current = flatten(recipe.model_dump(mode="json"))
-        changed = sorted(k for k in saved.keys() | current.keys()
-                         if saved.get(k) != current.get(k) and not RESUME_MAY_CHANGE.match(k))
+        changed = sorted(
+            k
+            for k in saved.keys() | current.keys()
+            if saved.get(k) != current.get(k) and not RESUME_MAY_CHANGE.match(k)
+        )
         if changed:
-            raise UserError(f"{path}: cannot resume with a different recipe; changed: {', '.join(changed)} "
-                            f"(only budgets, checkpoint cadence, logging, eval, tracking and output may change)")
+            raise UserError(
+                f"{path}: cannot resume with a different recipe; changed: {', '.join(changed)} "
+                f"(only budgets, checkpoint cadence, logging, eval, tracking and output may change)"
+            )
         return
     if is_main_process:
         dump_recipe(recipe, path)

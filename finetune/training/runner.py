@@ -89,11 +89,13 @@ class FineTuneRecipe(EvaluationSteps):
             self._info(f"warning: {warning}")
         if self.accelerator.is_main_process:
             self.data.write_report(self.run_dir)
-        record_recipe(r, self.run_dir, resumed=resume_from is not None,
-                      is_main_process=self.accelerator.is_main_process)
+        record_recipe(
+            r, self.run_dir, resumed=resume_from is not None, is_main_process=self.accelerator.is_main_process
+        )
 
-        model = self.family.load_model(r.model.path, revision=r.model.revision,
-                                       attn_implementation=r.model.attn_implementation)
+        model = self.family.load_model(
+            r.model.path, revision=r.model.revision, attn_implementation=r.model.attn_implementation
+        )
         model.config.use_cache = False
         if r.tuning.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -103,8 +105,9 @@ class FineTuneRecipe(EvaluationSteps):
         self.model = model
         self.accelerator.register_save_state_pre_hook(self._keep_trained_weights_only)
         if r.tracking.report_to:
-            self.accelerator.init_trackers(r.tracking.project, config=flatten(r.model_dump(mode="json")),
-                                           init_kwargs=_tracker_kwargs(r))
+            self.accelerator.init_trackers(
+                r.tracking.project, config=flatten(r.model_dump(mode="json")), init_kwargs=_tracker_kwargs(r)
+            )
         if resume_from:
             self._resume(resume_from)
         else:
@@ -127,43 +130,64 @@ class FineTuneRecipe(EvaluationSteps):
         # instead, because PEFT cannot wrap weights an earlier engine has partitioned (B = 0 keeps them inert).
         create_at = 0 if first_lora is not None and zero_stage(acc) == 3 else first_lora
         if not self.uses_lora and create_at is not None and index >= create_at:
-            model = inject_lora(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, first_lora),
-                                staging.full_groups(self.stages))
+            model = inject_lora(
+                model,
+                self.family,
+                r.tuning.lora,
+                staging.lora_groups_from(self.stages, first_lora),
+                staging.full_groups(self.stages),
+            )
             self.uses_lora = True
-        self.plan: TuningPlan = set_trainable(model, self.family, stage.groups, uses_lora=self.uses_lora,
-                                              lora_later=first_lora is not None)
+        self.plan: TuningPlan = set_trainable(
+            model, self.family, stage.groups, uses_lora=self.uses_lora, lora_later=first_lora is not None
+        )
 
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, self.family, lambda group: stage.lr[group], r.optim.weight_decay),
-            betas=r.optim.betas, eps=r.optim.eps)
+            betas=r.optim.betas,
+            eps=r.optim.eps,
+        )
         loader = self.data.loader(index)
         # Batches per process and epoch as Accelerate will shard them (every process gets ceil(batches /
         # processes)), known before `prepare` because the schedule must be prepared in the same call as the
         # model: only then does DeepSpeed's checkpoint carry it.
         self.batches_per_epoch = math.ceil(len(loader) / acc.num_processes)
         main_batches = math.ceil(math.ceil(len(self.train_samples) / r.train.batch_size) / acc.num_processes)
-        self.stage_total = staging.stage_steps(self.stages, index, r.train,
-                                               stage_batches_per_epoch=self.batches_per_epoch,
-                                               main_batches_per_epoch=main_batches)
+        self.stage_total = staging.stage_steps(
+            self.stages,
+            index,
+            r.train,
+            stage_batches_per_epoch=self.batches_per_epoch,
+            main_batches_per_epoch=main_batches,
+        )
         warmup = staging.warmup_steps(stage, r.optim.warmup_ratio, r.optim.warmup_steps, self.stage_total)
         if warmup >= self.stage_total > 1:
-            raise UserError(f"stages.{index} ({stage.name}): warmup of {warmup} steps does not end before the "
-                            f"stage's {self.stage_total} steps; lower warmup_steps or use warmup_ratio")
-        scheduler = get_scheduler(r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
-                                  optimizer, num_warmup_steps=warmup, num_training_steps=self.stage_total)
-        self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(model, optimizer, loader,
-                                                                                     scheduler)
+            raise UserError(
+                f"stages.{index} ({stage.name}): warmup of {warmup} steps does not end before the "
+                f"stage's {self.stage_total} steps; lower warmup_steps or use warmup_ratio"
+            )
+        scheduler = get_scheduler(
+            r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=self.stage_total,
+        )
+        self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         if len(self.train_loader) != self.batches_per_epoch:
-            raise RuntimeError(f"Accelerate sharded {len(loader)} batches into {len(self.train_loader)} per "
-                               f"process, expected {self.batches_per_epoch}")
+            raise RuntimeError(
+                f"Accelerate sharded {len(loader)} batches into {len(self.train_loader)} per "
+                f"process, expected {self.batches_per_epoch}"
+            )
         self.entered_stage = index
 
         epochs = self.stage_total * r.train.grad_accum / self.batches_per_epoch
         lrs = ", ".join(f"{g} {lr:g}" for g, lr in stage.lr.items())
-        self._info(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {self.stage_total} optimizer steps of "
-                   f"{r.train.grad_accum} × {r.train.batch_size} samples × {acc.num_processes} processes = "
-                   f"{epochs:.2f} epochs of its {len(self.data.stage_samples[index].samples)} samples; "
-                   f"lr {lrs}; warmup {warmup}")
+        self._info(
+            f"stage {index + 1}/{len(self.stages)} '{stage.name}': {self.stage_total} optimizer steps of "
+            f"{r.train.grad_accum} × {r.train.batch_size} samples × {acc.num_processes} processes = "
+            f"{epochs:.2f} epochs of its {len(self.data.stage_samples[index].samples)} samples; "
+            f"lr {lrs}; warmup {warmup}"
+        )
         self._info(f"stage '{stage.name}' parameters: {self.plan.summary()}")
 
     # ------------------------------------------------------------------------------------------------- train
@@ -180,8 +204,12 @@ class FineTuneRecipe(EvaluationSteps):
             self._save_metrics()
         self.accelerator.end_training()
         if self.accelerator.is_main_process:  # for the model card: how and on what it was trained
-            (self.run_dir / "run_info.json").write_text(json.dumps(run_info(
-                self.accelerator, seconds=time.time() - started, steps=self.state.global_step), indent=2) + "\n")
+            (self.run_dir / "run_info.json").write_text(
+                json.dumps(
+                    run_info(self.accelerator, seconds=time.time() - started, steps=self.state.global_step), indent=2
+                )
+                + "\n"
+            )
         self._info(self._summary(metrics))
         return metrics
 
@@ -191,10 +219,15 @@ class FineTuneRecipe(EvaluationSteps):
 
         what = "adapter" if self.uses_lora else "model"
         best = metrics.get("best")
-        best_text = (f"; best {best['metric']} {best['value']:.3f} at step {best['step']} in {self.run_dir / 'best'}"
-                     if best else "")
-        return (f"done: JSON exact match on {self.recipe.eval.split} {em('before')} before -> {em('after')} after; "
-                f"{what} in {self.run_dir / 'final'}{best_text}, metrics and predictions in {self.run_dir}")
+        best_text = (
+            f"; best {best['metric']} {best['value']:.3f} at step {best['step']} in {self.run_dir / 'best'}"
+            if best
+            else ""
+        )
+        return (
+            f"done: JSON exact match on {self.recipe.eval.split} {em('before')} before -> {em('after')} after; "
+            f"{what} in {self.run_dir / 'final'}{best_text}, metrics and predictions in {self.run_dir}"
+        )
 
     def train(self, on_stage_end=None) -> None:
         """Every stage in order from where the state says. A stage's end may evaluate (not the last stage's,
@@ -211,8 +244,11 @@ class FineTuneRecipe(EvaluationSteps):
             if index == len(self.stages) - 1:
                 # The final weights compete for best/ too, whenever evaluations during training happen.
                 during = self.metrics.get("during") or []
-                if self.eval_samples and (self.recipe.eval.every_steps or len(self.stages) > 1) and \
-                        (not during or during[-1]["step"] != self.state.global_step):
+                if (
+                    self.eval_samples
+                    and (self.recipe.eval.every_steps or len(self.stages) > 1)
+                    and (not during or during[-1]["step"] != self.state.global_step)
+                ):
                     self._evaluate_during(f"step{self.state.global_step}")
                 break
             tag = f"stage{index + 1}-{stage.name}"
@@ -228,8 +264,13 @@ class FineTuneRecipe(EvaluationSteps):
         stage = self.stages[self.state.stage]
         batches = self._batch_stream()
         self.model.train()
-        bar = tqdm(total=self.stage_total, initial=self.state.stage_step, disable=not acc.is_main_process,
-                   desc=f"stage {self.state.stage + 1}/{len(self.stages)} {stage.name}", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.stage_total,
+            initial=self.state.stage_step,
+            disable=not acc.is_main_process,
+            desc=f"stage {self.state.stage + 1}/{len(self.stages)} {stage.name}",
+            dynamic_ncols=True,
+        )
         self.throughput.reset()
         while self.state.stage_step < self.stage_total:
             micro = [next(batches) for _ in range(G)]
@@ -292,8 +333,10 @@ class FineTuneRecipe(EvaluationSteps):
                     self.state.epoch, self.state.batches_in_epoch = epoch + 1, 0
                 yield batch
             if self.state.epoch == epoch:
-                raise RuntimeError(f"epoch {epoch} ended after {self.state.batches_in_epoch} batches, "
-                                   f"expected {self.batches_per_epoch}")
+                raise RuntimeError(
+                    f"epoch {epoch} ended after {self.state.batches_in_epoch} batches, "
+                    f"expected {self.batches_per_epoch}"
+                )
 
     def _log_step(self, bar, loss: float) -> None:
         step, stage = self.state.global_step, self.stages[self.state.stage]
@@ -304,11 +347,19 @@ class FineTuneRecipe(EvaluationSteps):
         rates = self.throughput.take(lambda counts: acc.reduce(counts.to(acc.device), "sum").cpu()) if logs else {}
         self.tokens_per_s = rates.get("tokens_per_s", self.tokens_per_s)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{self.tokens_per_s:,.0f}",
-                        epoch=self.state.epoch)
+        bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{self.tokens_per_s:,.0f}", epoch=self.state.epoch
+        )
         if logs:
-            record = {"step": step, "stage": stage.name, "stage_step": self.state.stage_step,
-                      "epoch": self.state.epoch, "loss": loss, **rates, **{f"lr/{k}": v for k, v in lrs.items()}}
+            record = {
+                "step": step,
+                "stage": stage.name,
+                "stage_step": self.state.stage_step,
+                "epoch": self.state.epoch,
+                "loss": loss,
+                **rates,
+                **{f"lr/{k}": v for k, v in lrs.items()},
+            }
             self.accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=step)
             if self.accelerator.is_main_process:
                 with (self.run_dir / "train_log.jsonl").open("a") as handle:
@@ -332,7 +383,7 @@ class FineTuneRecipe(EvaluationSteps):
         if ".lora_" in name:
             return True
         group = self.family.group_of(name)
-        return any(s.groups.get(group) == "full" for s in self.stages[:self.state.stage + 1])
+        return any(s.groups.get(group) == "full" for s in self.stages[: self.state.stage + 1])
 
     def _keep_trained_weights_only(self, models, weights, output_dir) -> None:
         # Untouched weights come back from the base checkpoint on resume; saving them would make every LoRA
@@ -351,9 +402,11 @@ class FineTuneRecipe(EvaluationSteps):
         self.accelerator.load_state(str(checkpoint), **strict)
         self._check_checkpoint_weights(checkpoint)
         stage = self.stages[self.state.stage]
-        self._info(f"resumed from {checkpoint} at step {self.state.global_step}: stage {self.state.stage + 1} "
-                   f"'{stage.name}' step {self.state.stage_step}/{self.stage_total} "
-                   f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch})")
+        self._info(
+            f"resumed from {checkpoint} at step {self.state.global_step}: stage {self.state.stage + 1} "
+            f"'{stage.name}' step {self.state.stage_step}/{self.stage_total} "
+            f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch})"
+        )
 
     def _check_checkpoint_weights(self, checkpoint: Path) -> None:
         """A non-strict load skips names it does not know: a mismatch would silently restart some weights from
@@ -367,8 +420,10 @@ class FineTuneRecipe(EvaluationSteps):
         names = set(model.state_dict())
         expected = {n for n, p in model.named_parameters() if self._trained_so_far(n)}
         if saved - names or expected - saved:
-            raise RuntimeError(f"{file}: checkpoint does not match the model: unknown {sorted(saved - names)[:3]}, "
-                               f"missing {sorted(expected - saved)[:3]}")
+            raise RuntimeError(
+                f"{file}: checkpoint does not match the model: unknown {sorted(saved - names)[:3]}, "
+                f"missing {sorted(expected - saved)[:3]}"
+            )
 
     # ------------------------------------------------------------------------------------------------- save
     def save_final(self, out: Path | None = None) -> Path:
@@ -382,12 +437,18 @@ class FineTuneRecipe(EvaluationSteps):
                 unwrapped.save_pretrained(out, state_dict=state_dict)
                 self.processor.save_pretrained(out)
             else:
-                self.family.save_pretrained(unwrapped, self.processor, out, source_path=self.recipe.model.path,
-                                            state_dict=state_dict)
+                self.family.save_pretrained(
+                    unwrapped, self.processor, out, source_path=self.recipe.model.path, state_dict=state_dict
+                )
             # The instruction the model was trained with: prompting it any other way loses accuracy.
-            (out / "prompt.json").write_text(json.dumps(
-                {"instruction": self.instruction_text, "skeleton": self.recipe.data.prompt.skeleton},
-                indent=2, ensure_ascii=False) + "\n")
+            (out / "prompt.json").write_text(
+                json.dumps(
+                    {"instruction": self.instruction_text, "skeleton": self.recipe.data.prompt.skeleton},
+                    indent=2,
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             self._info(f"saved {'adapter' if self.uses_lora else 'model'} to {out}")
         self.accelerator.wait_for_everyone()
         return out

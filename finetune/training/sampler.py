@@ -45,8 +45,17 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
     the drawn samples are ordered in length-sorted mega-batches the way transformers' sampler does.
     """
 
-    def __init__(self, lengths: list[int], source_sizes: list[int], weights: list[float], *, samples_per_epoch: int,
-                 batch_size: int, seed: int, group_by_length: bool = True):
+    def __init__(
+        self,
+        lengths: list[int],
+        source_sizes: list[int],
+        weights: list[float],
+        *,
+        samples_per_epoch: int,
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+    ):
         if len(source_sizes) != len(weights) or sum(source_sizes) != len(lengths):
             raise ValueError("one weight per source, and source sizes that add up to the dataset")
         self.lengths, self.source_sizes, self.weights = lengths, source_sizes, weights
@@ -62,8 +71,12 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        picks = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), self.samples_per_epoch,
-                                  replacement=True, generator=generator).tolist()
+        picks = torch.multinomial(
+            torch.tensor(self.weights, dtype=torch.float64),
+            self.samples_per_epoch,
+            replacement=True,
+            generator=generator,
+        ).tolist()
         offsets = [sum(self.source_sizes[:i]) for i in range(len(self.source_sizes))]
         orders = [torch.randperm(size, generator=generator).tolist() for size in self.source_sizes]
         drawn_so_far = [0] * len(self.source_sizes)
@@ -73,7 +86,8 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
             indices.append(offsets[source] + order[drawn_so_far[source] % len(order)])
             drawn_so_far[source] += 1
         if self.group_by_length:
-            grouped = get_length_grouped_indices([self.lengths[i] for i in indices], self.batch_size,
-                                                 generator=generator)
+            grouped = get_length_grouped_indices(
+                [self.lengths[i] for i in indices], self.batch_size, generator=generator
+            )
             indices = [indices[i] for i in grouped]
         return iter(indices)

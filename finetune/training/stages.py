@@ -32,8 +32,9 @@ from finetune.errors import UserError
 from finetune.models.base import ModelFamily
 
 
-def stage_problems(stage: StageSection, family_groups: tuple[str, ...] | list[str],
-                   default_lr: float | dict[str, float]) -> list[tuple[str, str]]:
+def stage_problems(
+    stage: StageSection, family_groups: tuple[str, ...] | list[str], default_lr: float | dict[str, float]
+) -> list[tuple[str, str]]:
     """What is wrong with one stage, as (key path inside the stage, message) pairs; empty when it is usable."""
     problems = []
     for group in stage.groups:
@@ -67,8 +68,10 @@ def resolve_stages(recipe: Recipe, family: ModelFamily) -> list[StageSection]:
     if recipe.stages:
         stages = [stage.model_copy(deep=True) for stage in recipe.stages]
     elif recipe.schedule:
-        stages = [StageSection.model_validate(s) for s in family.schedule(recipe.schedule, recipe.model.path,
-                                                                           recipe.model.revision)]
+        stages = [
+            StageSection.model_validate(s)
+            for s in family.schedule(recipe.schedule, recipe.model.path, recipe.model.revision)
+        ]
     else:
         stages = [StageSection(name="train", groups=dict(recipe.tuning.groups or DEFAULT_GROUPS))]
     for i, stage in enumerate(stages):
@@ -83,8 +86,10 @@ def resolve_stages(recipe: Recipe, family: ModelFamily) -> list[StageSection]:
         raise UserError(f"stages: the fractions of the train budget add up to {shares:g} (> 1)")
     both = sorted(set(full_groups(stages)) & {g for s in stages for g, m in s.groups.items() if m == "lora"})
     if both:
-        raise UserError(f"stages: group(s) {', '.join(both)} are lora in one stage and full in another; "
-                        f"a group's adapter and its full copy cannot both train (split the run in two)")
+        raise UserError(
+            f"stages: group(s) {', '.join(both)} are lora in one stage and full in another; "
+            f"a group's adapter and its full copy cannot both train (split the run in two)"
+        )
     return stages
 
 
@@ -103,8 +108,14 @@ def first_lora_stage(stages: list[StageSection]) -> int | None:
     return next((i for i, s in enumerate(stages) if "lora" in s.groups.values()), None)
 
 
-def stage_steps(stages: list[StageSection], index: int, train: TrainSection, *, stage_batches_per_epoch: int,
-                main_batches_per_epoch: int) -> int:
+def stage_steps(
+    stages: list[StageSection],
+    index: int,
+    train: TrainSection,
+    *,
+    stage_batches_per_epoch: int,
+    main_batches_per_epoch: int,
+) -> int:
     """Optimizer steps of stage `index`. `epochs` count over the stage's own data; `fraction` is a share of the
     train section's budget (max_steps, or epochs over data.train), rounded so that consecutive shares add up to
     exactly their part of the budget (0.1 / 0.3 / 0.6 of 5 steps: 1 / 1 / 3); no budget at all is the whole

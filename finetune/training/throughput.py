@@ -35,6 +35,12 @@ class Throughput:
         counts = torch.tensor([self.samples, self.tokens, self.positions], dtype=torch.float64)
         samples, tokens, positions = (int(c) for c in (reduce(counts) if reduce else counts).tolist())
         self.reset()
-        return {"seconds": seconds, "samples": samples, "tokens": tokens, "padded_positions": positions - tokens,
-                "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                "padding": (positions - tokens) / positions if positions else 0.0}
+        return {
+            "seconds": seconds,
+            "samples": samples,
+            "tokens": tokens,
+            "padded_positions": positions - tokens,
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+            "padding": (positions - tokens) / positions if positions else 0.0,
+        }

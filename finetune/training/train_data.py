@@ -38,9 +38,11 @@ class TrainData:
         d = recipe.data
         skeleton = d.prompt.skeleton
         if skeleton is None:
-            skeleton = derive_skeleton(rec.target for rec in read_records(
-                d.train, image_column=d.image_column, target_column=d.target_column)
-                if isinstance(rec.target, dict))
+            skeleton = derive_skeleton(
+                rec.target
+                for rec in read_records(d.train, image_column=d.image_column, target_column=d.target_column)
+                if isinstance(rec.target, dict)
+            )
         d.prompt.skeleton = skeleton  # recorded in recipe.yaml: the exact prompt a trained model expects
         self.instruction_text = render_instruction(d.prompt.instruction, skeleton)
         self.reports: list[DataReport] = []
@@ -50,22 +52,37 @@ class TrainData:
         if not self.train_samples:
             raise ValueError(f"data.train: no usable samples ({self.reports[0].summary()})")
         eval_source = getattr(d, recipe.eval.split)
-        self.eval_samples = (self._samples(eval_source, recipe.eval.split, limit=recipe.eval.max_samples)
-                             if eval_source is not None else [])
+        self.eval_samples = (
+            self._samples(eval_source, recipe.eval.split, limit=recipe.eval.max_samples)
+            if eval_source is not None
+            else []
+        )
         self.stage_samples = [self._stage_samples(i, stage) for i, stage in enumerate(stages)]
-        self.warnings = [f"stages.{i} ({stage.name}) trains on {source}, the {recipe.eval.split} split: its "
-                         f"evaluations will overstate the model"
-                         for i, stage in enumerate(stages) for source in _stage_sources(stage)
-                         if eval_source is not None and str(source) == str(eval_source)]
+        self.warnings = [
+            f"stages.{i} ({stage.name}) trains on {source}, the {recipe.eval.split} split: its "
+            f"evaluations will overstate the model"
+            for i, stage in enumerate(stages)
+            for source in _stage_sources(stage)
+            if eval_source is not None and str(source) == str(eval_source)
+        ]
 
     def _samples(self, source: str, split: str, limit: int | None = None) -> list[Sample]:
         key = f"{source}|{limit}"
         if key not in self._prepared:
             d = self.recipe.data
             samples, report = prepare_samples(
-                source, split=split, limit=limit, family=self.family, processor=self.processor,
-                instruction_text=self.instruction_text, skeleton=d.prompt.skeleton, max_length=d.max_length,
-                on_bad_sample=d.on_bad_sample, image_column=d.image_column, target_column=d.target_column)
+                source,
+                split=split,
+                limit=limit,
+                family=self.family,
+                processor=self.processor,
+                instruction_text=self.instruction_text,
+                skeleton=d.prompt.skeleton,
+                max_length=d.max_length,
+                on_bad_sample=d.on_bad_sample,
+                image_column=d.image_column,
+                target_column=d.target_column,
+            )
             if not samples:
                 raise ValueError(f"{split} ({source}): no usable samples ({report.summary()})")
             self._prepared[key] = samples
@@ -79,35 +96,62 @@ class TrainData:
         if data.train is not None:
             return StageSamples(self._samples(data.train, f"stages.{index}.data.train"))
         parts = [self._samples(m.source, f"stages.{index}.data.mix.{j}") for j, m in enumerate(data.mix)]
-        return StageSamples([s for part in parts for s in part], source_sizes=[len(p) for p in parts],
-                            weights=[m.weight for m in data.mix],
-                            samples_per_epoch=data.samples_per_epoch or sum(len(p) for p in parts))
+        return StageSamples(
+            [s for part in parts for s in part],
+            source_sizes=[len(p) for p in parts],
+            weights=[m.weight for m in data.mix],
+            samples_per_epoch=data.samples_per_epoch or sum(len(p) for p in parts),
+        )
 
     def write_report(self, run_dir: Path) -> None:
-        (run_dir / "data_report.json").write_text(json.dumps(
-            {rep.split: {"read": rep.read, "kept": rep.kept, "skipped": dict(rep.skipped),
-                         "first_skipped_at": rep.examples} for rep in self.reports}, indent=2) + "\n")
+        (run_dir / "data_report.json").write_text(
+            json.dumps(
+                {
+                    rep.split: {
+                        "read": rep.read,
+                        "kept": rep.kept,
+                        "skipped": dict(rep.skipped),
+                        "first_skipped_at": rep.examples,
+                    }
+                    for rep in self.reports
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     def loader(self, stage_index: int) -> torch.utils.data.DataLoader:
         """A stage's training loader: deterministic per (seed, stage, epoch), length-grouped when asked."""
         t = self.recipe.train
         part = self.stage_samples[stage_index]
-        dataset = DocumentDataset(part.samples, family=self.family, processor=self.processor,
-                                  instruction_text=self.instruction_text)
+        dataset = DocumentDataset(
+            part.samples, family=self.family, processor=self.processor, instruction_text=self.instruction_text
+        )
         seed = t.seed + 1_000_003 * stage_index  # stage 0 keeps the plain seed: a one-stage run is unchanged
         if part.is_mix:
-            sampler = MixtureSampler(dataset.lengths, part.source_sizes, part.weights,
-                                     samples_per_epoch=part.samples_per_epoch, batch_size=t.batch_size, seed=seed,
-                                     group_by_length=t.group_by_length)
+            sampler = MixtureSampler(
+                dataset.lengths,
+                part.source_sizes,
+                part.weights,
+                samples_per_epoch=part.samples_per_epoch,
+                batch_size=t.batch_size,
+                seed=seed,
+                group_by_length=t.group_by_length,
+            )
         else:
-            sampler = EpochLengthGroupedSampler(dataset.lengths, batch_size=t.batch_size, seed=seed,
-                                                group_by_length=t.group_by_length)
+            sampler = EpochLengthGroupedSampler(
+                dataset.lengths, batch_size=t.batch_size, seed=seed, group_by_length=t.group_by_length
+            )
         return torch.utils.data.DataLoader(
-            dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+            dataset,
+            batch_size=t.batch_size,
+            sampler=sampler,
+            num_workers=t.num_workers,
             # Its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
             # instead would shift dropout masks between a resumed and an uninterrupted run.
             generator=torch.Generator().manual_seed(seed),
-            collate_fn=Collator(self.family, self.processor.tokenizer.pad_token_id, padding_side="right"))
+            collate_fn=Collator(self.family, self.processor.tokenizer.pad_token_id, padding_side="right"),
+        )
 
 
 def _stage_sources(stage: StageSection) -> list[str]:

@@ -31,8 +31,10 @@ class TuningPlan:
     frozen: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        rows = [f"{g}: {self.modes[g]} (trainable {self.trainable.get(g, 0):,} / frozen {self.frozen.get(g, 0):,})"
-                for g in self.modes]
+        rows = [
+            f"{g}: {self.modes[g]} (trainable {self.trainable.get(g, 0):,} / frozen {self.frozen.get(g, 0):,})"
+            for g in self.modes
+        ]
         return "; ".join(rows)
 
 
@@ -44,8 +46,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     model.disable_input_require_grads()
 
 
-def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSection,
-                 groups: dict[str, str] | None = None) -> tuple[torch.nn.Module, TuningPlan]:
+def apply_tuning(
+    model: torch.nn.Module, family: ModelFamily, tuning: TuningSection, groups: dict[str, str] | None = None
+) -> tuple[torch.nn.Module, TuningPlan]:
     """Freeze / unfreeze / wrap with LoRA for one set of modes (`groups`, default `tuning.groups`); returns the
     (maybe PEFT) model. A staged run calls `inject_lora` and `set_trainable` itself, stage by stage."""
     modes = dict(groups or tuning.groups or DEFAULT_GROUPS)
@@ -59,8 +62,10 @@ def apply_tuning(model: torch.nn.Module, family: ModelFamily, tuning: TuningSect
 def check_groups(family: ModelFamily, modes: dict[str, str]) -> None:
     missing, unknown = set(family.group_prefixes) - set(modes), set(modes) - set(family.group_prefixes)
     if missing or unknown:
-        raise UserError(f"tuning.groups must name exactly the groups of family '{family.name}' "
-                        f"({sorted(family.group_prefixes)}); missing {sorted(missing)}, unknown {sorted(unknown)}")
+        raise UserError(
+            f"tuning.groups must name exactly the groups of family '{family.name}' "
+            f"({sorted(family.group_prefixes)}); missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
 
 
 def lora_targets(family: ModelFamily, lora: LoraSection, groups: list[str]) -> dict[str, list[str]]:
@@ -82,8 +87,9 @@ def check_lora_targets(model: torch.nn.Module, family: ModelFamily, lora: LoraSe
             raise UserError(f"tuning.lora.targets.{group}: {leaves} match no module of group '{group}'")
 
 
-def inject_lora(model: torch.nn.Module, family: ModelFamily, lora: LoraSection, lora_groups: list[str],
-                full_groups: list[str]) -> torch.nn.Module:
+def inject_lora(
+    model: torch.nn.Module, family: ModelFamily, lora: LoraSection, lora_groups: list[str], full_groups: list[str]
+) -> torch.nn.Module:
     """Wrap the model with one PEFT LoRA adapter on `lora_groups` (targets scoped to each group); `full_groups`
     become `modules_to_save`, PEFT's trainable copies saved beside the adapter (copied now, so weights trained
     fully before this point are the copies' starting values)."""
@@ -91,14 +97,18 @@ def inject_lora(model: torch.nn.Module, family: ModelFamily, lora: LoraSection, 
     targets = lora_targets(family, lora, lora_groups)
     modules_to_save = [name for g in full_groups for name in family.modules_to_save.get(g, ())]
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=family.lora_target_regex(targets), modules_to_save=modules_to_save or None,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=family.lora_target_regex(targets),
+        modules_to_save=modules_to_save or None,
     )
     return get_peft_model(model, config)
 
 
-def set_trainable(model: torch.nn.Module, family: ModelFamily, modes: dict[str, str], uses_lora: bool,
-                  lora_later: bool = False) -> TuningPlan:
+def set_trainable(
+    model: torch.nn.Module, family: ModelFamily, modes: dict[str, str], uses_lora: bool, lora_later: bool = False
+) -> TuningPlan:
     """Set `requires_grad` of every parameter from its group's mode; count what trains and what is frozen.
     `lora_later`: a later stage adds LoRA, so `full` already trains only what PEFT can save with the adapter
     (`modules_to_save`); anything else trained now would be lost from the saved adapter."""
@@ -171,7 +181,11 @@ def optimizer_groups(model: torch.nn.Module, family: ModelFamily, lr_for, weight
         if param.requires_grad:
             buckets.setdefault((family.group_of(name), _full_ndim(param) >= 2), []).append(param)
     return [
-        {"params": params, "lr": lr_for(group), "weight_decay": weight_decay if decays else 0.0,
-         "name": f"{group}{'' if decays else '.no_decay'}"}
+        {
+            "params": params,
+            "lr": lr_for(group),
+            "weight_decay": weight_decay if decays else 0.0,
+            "name": f"{group}{'' if decays else '.no_decay'}",
+        }
         for (group, decays), params in sorted(buckets.items())
     ]
