@@ -74,14 +74,14 @@ def check_family_groups(recipe: Recipe, *, source: str = "<recipe>", lines: dict
     """The model family exists and every group name the recipe uses is that family's, in tuning.groups, optim.lr,
     tuning.lora.targets and each stage (checked before any model loads)."""
     from finetune.config import DEFAULT_GROUPS
-    from finetune.models import FAMILY_GROUPS
+    from finetune.models import FAMILIES, family_groups
     from finetune.training.stages import stage_problems
 
     lines = lines or {}
     family = recipe.model.family
-    if family not in FAMILY_GROUPS:
+    if family not in FAMILIES:
         where = _where(source, lines, "model.family")
-        raise RecipeError(f"{where}: model.family: unknown family '{family}'{_suggest(family, sorted(FAMILY_GROUPS))}")
+        raise RecipeError(f"{where}: model.family: unknown family '{family}'{_suggest(family, list(FAMILIES))}")
     given = [
         k
         for k, v in (("stages", recipe.stages), ("schedule", recipe.schedule), ("tuning.groups", recipe.tuning.groups))
@@ -99,7 +99,7 @@ def check_family_groups(recipe: Recipe, *, source: str = "<recipe>", lines: dict
                 f"{_where(source, lines, f'stages.{i}.name')}: stages.{i}.name: '{name}' is used by "
                 f"an earlier stage; stage names must be unique"
             )
-    groups = FAMILY_GROUPS[family]
+    groups = family_groups(family)
     named = {f"tuning.groups.{g}": g for g in recipe.tuning.groups or {}}
     named.update({f"optim.lr.{g}": g for g in (recipe.optim.lr if isinstance(recipe.optim.lr, dict) else {})})
     named.update({f"tuning.lora.targets.{g}": g for g in recipe.tuning.lora.targets})

@@ -1,51 +1,54 @@
-"""Model families. Each family's quirks live in its own module; `get_family` picks one by recipe name."""
+"""Model families. Each family's quirks live in its own module; everything here is derived from the list of
+family classes, so adding a family is: its module, its tiny presets, one line in `FAMILY_CLASSES`."""
 
 from __future__ import annotations
 
-import importlib
+import difflib
+import json
+from pathlib import Path
 
+from finetune.errors import UserError
 from finetune.models.base import ModelFamily
+from finetune.models.llava_onevision import LlavaOnevisionFamily
+from finetune.models.mississippi import MississippiFamily
 
-# family name → "module:class"; modules are imported on demand so a family's dependencies stay optional.
-FAMILIES = {
-    "llava_onevision": "finetune.models.llava_onevision:LlavaOnevisionFamily",
-    "mississippi": "finetune.models.mississippi:MississippiFamily",
-}
+# The registry: every family the toolkit supports, in the order they are listed to users.
+FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (MississippiFamily, LlavaOnevisionFamily)
 
-
-# family name → its module groups, known without importing the family (recipes are checked before loading).
-FAMILY_GROUPS = {
-    "llava_onevision": ("vision", "projector", "llm"),
-    "mississippi": ("vision", "projector", "llm"),
-}
+FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in FAMILY_CLASSES}
+# config.json `model_type` → family name (to recognise a saved model or an adapter's base without a recipe).
+MODEL_TYPES: dict[str, str] = {model_type: cls.name for cls in FAMILY_CLASSES for model_type in cls.model_types}
+if len(MODEL_TYPES) != sum(len(cls.model_types) for cls in FAMILY_CLASSES):
+    raise RuntimeError("two families claim the same model_type")
 
 
-# config.json `model_type` → family, to recognise a saved model or adapter base without a recipe (the original
-# H2OVL layout says h2ovl_chat; our native Mississippi saves say internvl).
-FAMILY_MODEL_TYPES = {"llava_onevision": "llava_onevision", "h2ovl_chat": "mississippi", "internvl": "mississippi"}
+def family_names() -> list[str]:
+    return list(FAMILIES)
 
 
-def family_of_checkpoint(path: str) -> str:
-    """The family name for a local checkpoint folder, from its config.json."""
-    import json
-    from pathlib import Path
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{path}: no config.json to tell the model family from; pass the family explicitly")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type not in FAMILY_MODEL_TYPES:
-        raise ValueError(f"{config}: model_type '{model_type}' is not a known family ({sorted(FAMILY_MODEL_TYPES)})")
-    return FAMILY_MODEL_TYPES[model_type]
+def family_groups(name: str) -> tuple[str, ...]:
+    """A family's module groups, by name (for checking a recipe before any model loads)."""
+    return tuple(FAMILIES[name].group_prefixes)
 
 
 def get_family(name: str) -> ModelFamily:
     """The family object for a recipe's `model.family`."""
     if name not in FAMILIES:
-        import difflib
-
         close = difflib.get_close_matches(name, FAMILIES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(FAMILIES))})"
-        raise ValueError(f"unknown model family '{name}'{hint}")
-    module_name, class_name = FAMILIES[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(FAMILIES)})"
+        raise UserError(f"unknown model family '{name}'{hint}")
+    return FAMILIES[name]()
+
+
+def family_of_checkpoint(path: str) -> str:
+    """The family name for a local checkpoint folder, from its config.json `model_type`."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{path}: no config.json to tell the model family from; pass the family explicitly")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config}: not valid JSON ({err})") from None
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"{config}: model_type '{model_type}' belongs to no family (known: {', '.join(MODEL_TYPES)})")
+    return MODEL_TYPES[model_type]

@@ -34,6 +34,8 @@ class ModelFamily(ABC):
     """Interface of a model family. Instances are stateless; the processor is passed in explicitly."""
 
     name: str
+    # config.json `model_type`s this family loads (each belongs to exactly one family).
+    model_types: tuple[str, ...]
     # Module groups → parameter-name prefixes (names as in the un-wrapped model). Every parameter must fall
     # into exactly one group: `assign_groups` fails loudly otherwise.
     group_prefixes: dict[str, tuple[str, ...]]

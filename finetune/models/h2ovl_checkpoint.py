@@ -212,7 +212,7 @@ def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if key in shapes:
                     raise UserError(f"{file}: tensor {key} is stored twice")
                 shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -289,7 +289,7 @@ def load_h2ovl(
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 state[key] = f.get_tensor(key)
     native = original_to_native(state)
     del state

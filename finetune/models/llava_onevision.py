@@ -107,6 +107,7 @@ def _to_hub_layout(out_dir: Path) -> None:
 
 class LlavaOnevisionFamily(ModelFamily):
     name = "llava_onevision"
+    model_types = ("llava_onevision",)
     group_prefixes = {
         "vision": ("model.vision_tower.",),
         "projector": ("model.multi_modal_projector.", "model.image_newline"),

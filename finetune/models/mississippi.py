@@ -42,6 +42,8 @@ def _original_layout_source(source_path: str) -> Path | None:
 
 class MississippiFamily(ModelFamily):
     name = "mississippi"
+    # The original H2OVL layout says h2ovl_chat; native saves of ours say internvl.
+    model_types = ("h2ovl_chat", "internvl")
     group_prefixes = {
         "vision": ("model.vision_tower.",),
         "projector": ("model.multi_modal_projector.",),
