@@ -2,25 +2,90 @@
 
 A recipe is a YAML file validated into :class:`Recipe` at load time. Every section forbids unknown keys, so a
 typo fails before a model is built (see :mod:`finetune.recipe` for the error formatting with "did you mean").
+
+Recipes are immutable: sections are frozen and their mappings and lists are read-only, so what a run folder's
+`recipe.yaml` records is what ran. :func:`finetune.resolve.resolve_recipe` turns a `Recipe` into a
+:class:`ResolvedRecipe` (stages expanded, learning rates filled in, prompt skeleton derived) once, before
+anything is built; changing a setting means building a new object (`model_copy(update=...)`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 GroupMode = Literal["frozen", "full", "lora"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "trackio"]
 
 
+class FrozenDict(dict):
+    """A dict that refuses changes (a recipe's mappings: groups, learning rates, the skeleton, ...). Still a dict
+    for reading, `json.dumps` and pydantic's serialisation."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a recipe is immutable: build a new one (model_copy(update=...)) instead of editing it")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):  # copy / deepcopy / pickle rebuild it from a plain dict
+        return (FrozenDict, (dict(self),))
+
+
+class FrozenList(list):
+    """A list that refuses changes (see :class:`FrozenDict`)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a recipe is immutable: build a new one (model_copy(update=...)) instead of editing it")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = append = clear = extend = insert = pop = remove = _refuse
+    reverse = sort = _refuse
+
+    def __reduce__(self):
+        return (FrozenList, (list(self),))
+
+
+def freeze(value: Any) -> Any:
+    """Mappings and lists, at any depth, as their read-only versions."""
+    if isinstance(value, dict):
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(freeze(v) for v in value)
+    return value
+
+
+Frozen = AfterValidator(freeze)
+
+
 class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors; values are type-checked (pydantic's default
-    coercion: "3" is accepted for an int, "abc" is not)."""
+    coercion: "3" is accepted for an int, "abc" is not); fields cannot be reassigned."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a recipe came from: its file and the YAML line (or command-line override) of each key path, so a
+    problem found at any point of loading or resolving names the place to fix."""
+
+    source: str = "<recipe>"
+    lines: dict[str, int | str] = field(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        """`file:line`, `file (override k=v)` or `file`, for the nearest key at or above `key` with a place."""
+        parts = key.split(".")
+        while parts:
+            place = self.lines.get(".".join(parts))
+            if isinstance(place, str):
+                return f"{self.source} ({place})"
+            if place:
+                return f"{self.source}:{place}"
+            parts.pop()
+        return self.source
 
 
 class ModelSection(Section):
@@ -29,7 +94,7 @@ class ModelSection(Section):
     revision: str | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # Family-specific processor options, checked by the family (mississippi: max_tiles_per_image, use_msac, ...).
-    processor: dict[str, Any] = Field(default_factory=dict)
+    processor: Annotated[dict[str, Any], Frozen] = Field(default_factory=FrozenDict)
 
 
 class LoraSection(Section):
@@ -39,7 +104,7 @@ class LoraSection(Section):
     # Leaf module names per module group, e.g. {"llm": ["q_proj", "v_proj"]}. A group that is in `lora` mode and
     # absent here uses the family's default targets. Names are scoped to the group (never a bare global list,
     # which would also wrap the vision tower's identically named layers).
-    targets: dict[str, list[str]] = Field(default_factory=dict)
+    targets: Annotated[dict[str, list[str]], Frozen] = Field(default_factory=FrozenDict)
 
 
 DEFAULT_GROUPS = {"vision": "frozen", "projector": "frozen", "llm": "lora"}
@@ -49,7 +114,9 @@ class TuningSection(Section):
     # Mode per module group for a one-stage recipe. Groups a family has but the recipe omits are an error
     # (nothing implicit). None: {vision: frozen, projector: frozen, llm: lora}, unless `stages` / `schedule`
     # give the modes (then setting it too is an error).
-    groups: dict[str, GroupMode] | None = Field(None, json_schema_extra={"override_seed": DEFAULT_GROUPS})
+    groups: Annotated[dict[str, GroupMode], Frozen] | None = Field(
+        None, json_schema_extra={"override_seed": DEFAULT_GROUPS}
+    )
     lora: LoraSection = Field(default_factory=LoraSection)
     gradient_checkpointing: bool = False
 
@@ -57,7 +124,7 @@ class TuningSection(Section):
 class PromptSection(Section):
     instruction: str = "Extract the details from the document image and structure them into JSON format:"
     # JSON skeleton shown after the instruction. None: derived from the training targets (union of their keys).
-    skeleton: dict | None = None
+    skeleton: Annotated[dict, Frozen] | None = None
 
 
 class DataSection(Section):
@@ -74,7 +141,7 @@ class DataSection(Section):
 
 class OptimSection(Section):
     # One learning rate for every trainable group, or one per group name.
-    lr: float | dict[str, float] = 1e-4
+    lr: float | Annotated[dict[str, float], Frozen] = 1e-4
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -147,7 +214,7 @@ class OutputSection(Section):
 
 
 class TrackingSection(Section):
-    report_to: list[Tracker] = Field(default_factory=list)
+    report_to: Annotated[list[Tracker], Frozen] = Field(default_factory=FrozenList)
     project: str = "finetune"
     run_name: str | None = None
 
@@ -161,7 +228,7 @@ class StageDataSection(Section):
     """A stage's own training data: one source, or a weighted mix (drawn with probability ∝ weight)."""
 
     train: str | None = None
-    mix: list[MixSource] | None = None
+    mix: Annotated[list[MixSource], Frozen] | None = None
     # Samples drawn per epoch from a mix (default: the mix's total size).
     samples_per_epoch: int | None = Field(None, gt=0)
 
@@ -178,9 +245,9 @@ class StageSection(Section):
     """One training stage: which groups train and how, at which learning rates, for how long, on what data."""
 
     name: str
-    groups: dict[str, GroupMode]
+    groups: Annotated[dict[str, GroupMode], Frozen]
     # One learning rate for the stage's trainable groups or one per group; None: optim.lr.
-    lr: float | dict[str, float] | None = None
+    lr: float | Annotated[dict[str, float], Frozen] | None = None
     # Budget: at most one of these; none given = the train section's epochs / max_steps. `fraction` is a share
     # of the train section's budget (how the `schedule:` presets split it).
     epochs: float | None = Field(None, gt=0)
@@ -222,8 +289,42 @@ class Recipe(Section):
     # Training stages, run in order in one job (finetune/training/stages.py). Or a shorthand: `paper` (the
     # family's published schedule adapted to fine-tuning), `lora` (LLM LoRA, rest frozen), `full` (all full).
     # Neither: one stage from tuning.groups, optim.lr and the train budget.
-    stages: list[StageSection] | None = Field(None, min_length=1)
+    stages: Annotated[list[StageSection], Frozen] | None = Field(None, min_length=1)
     schedule: Literal["paper", "lora", "full"] | None = None
+
+    _origin: Origin = PrivateAttr(default_factory=Origin)
+
+    @property
+    def origin(self) -> Origin:
+        return self._origin
+
+    def where(self, key: str) -> str:
+        """The file and line (or command-line override) to name in a message about `key`."""
+        return self._origin.where(key)
+
+    def with_origin(self, origin: Origin) -> Recipe:
+        self._origin = origin  # set once, by the loader, right after validation
+        return self
+
+
+class ResolvedRecipe(Recipe):
+    """A recipe ready to run: the stages to run in `stages` (presets expanded; `schedule` and `tuning.groups`
+    folded into them), one learning rate per trainable group in every stage, the prompt skeleton filled in.
+    Built by :func:`finetune.resolve.resolve_recipe`; immutable like every recipe; its dump is the run
+    folder's `recipe.yaml`."""
+
+    stages: Annotated[list[StageSection], Frozen] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _resolved(self):
+        if self.schedule is not None or self.tuning.groups is not None:
+            raise ValueError("a resolved recipe gives its modes in stages only (schedule and tuning.groups unset)")
+        if self.data.prompt.skeleton is None:
+            raise ValueError("a resolved recipe has its prompt skeleton")
+        unfilled = [stage.name for stage in self.stages if not isinstance(stage.lr, dict)]
+        if unfilled:
+            raise ValueError(f"stages {unfilled}: a resolved stage has one learning rate per trainable group")
+        return self
 
 
 def data_paths(recipe: Recipe) -> dict[str, Path]:

@@ -1,15 +1,16 @@
 """Evaluate a base model, a LoRA adapter or a merged / fully trained model on a split or a JSONL file.
 
-    python -m finetune.eval --model runs/invoices/final --data test
-    python -m finetune.eval --model runs/invoices --data data/invoices/test.jsonl --constrained
-    python -m finetune.eval --model h2oai/h2ovl-mississippi-800m --family mississippi --data data/test.jsonl \\
+    finetune eval --model runs/invoices/final --data test
+    finetune eval --model runs/invoices --data data/invoices/test.jsonl --constrained
+    finetune eval --model h2oai/h2ovl-mississippi-800m --family mississippi --data data/test.jsonl \\
         --instruction "Extract the details from the invoice image and structure them into JSON format:"
 
 `--model` is a run folder (its `final/` and `recipe.yaml` are used), a saved model or adapter folder, or a Hub id
 / local base checkpoint. The prompt comes from the model's `prompt.json` (what it was trained with), else from
 `--instruction` with the skeleton derived from the data. Writes `metrics.json`, `predictions.jsonl` and
 `report.html` to `--out` (default: `eval-<data name>` inside the evaluated model folder, e.g. `runs/x/final/`).
-The same through Python: `evaluate_model(...)`.
+The scalar metrics go to stdout as one JSON object, everything else to stderr. `python -m finetune.eval` is the
+same command; through Python: `evaluate_model(...)`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import the package from the repository
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from finetune.cli import ArgumentParser, run_entry_point
 from finetune.errors import UserError
 
 DEFAULT_INSTRUCTION = "Extract the details from the document image and structure them into JSON format:"
@@ -53,6 +52,7 @@ def evaluate_model(
     from finetune.data.sources import read_records
     from finetune.evaluation import evaluate, write_eval
     from finetune.loading import load_model_and_processor, resolve_model
+    from finetune.progress import info
     from finetune.schema import schema_from_skeleton
 
     source = resolve_model(model, family=family, base=base)
@@ -116,12 +116,17 @@ def evaluate_model(
     out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{Path(data).stem}"
     if accelerator.is_main_process:
         write_eval(result, out, report=report, title=f"{model} on {data}")
+        info(f"metrics, predictions{' and report' if report else ''} written to {out}")
     return result.metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
     """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog=prog or "python -m finetune.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="run folder, saved model / adapter folder, or base checkpoint")
     parser.add_argument("--data", required=True, help="val / test (with a run folder) or a JSONL file / dataset")
     parser.add_argument("--out", help="output folder (default: <model>/eval-<data name>)")
@@ -164,7 +169,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_entry_point(main))

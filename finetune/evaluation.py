@@ -8,6 +8,7 @@ accuracy, valid-JSON and schema-conformance rates); `finetune.report` renders `r
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from finetune import metrics as scoring
 from finetune.data.dataset import Collator, DocumentDataset, Sample
 from finetune.metrics import json_exact_match  # noqa: F401  (the headline metric, importable from here too)
 from finetune.models.base import ModelFamily
+from finetune.progress import progress_if_slow
 
 
 def parse_json(text: str) -> tuple[Any, bool]:
@@ -110,25 +112,30 @@ def _generate(
 ):
     tokenizer = processor.tokenizer
     rows = []
-    for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
-        index = batch.pop("index")
-        batch.pop("labels")
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            output = model.generate(
-                **batch,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=family.stop_token_ids(processor),
-                pad_token_id=tokenizer.pad_token_id,
-                synced_gpus=synced_ranks,
-                logits_processor=[constraint.logits_processor()] if constraint else None,
-            )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for i, text in zip(index.tolist(), texts, strict=True):
-            rows.append({"index": i, "text": text})
+    starts = range(0, len(indices), batch_size)
+    # Generation is the slow part of an evaluation (seconds per batch for a real model); the main process shows how
+    # far its share has got.
+    batches = progress_if_slow(starts, desc="generating", unit="batch", disable=not accelerator.is_main_process)
+    with contextlib.closing(batches):  # the display ends here, also when generation fails
+        for start in batches:
+            batch = collate([dataset[i] for i in indices[start : start + batch_size]])
+            index = batch.pop("index")
+            batch.pop("labels")
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                output = model.generate(
+                    **batch,
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=family.stop_token_ids(processor),
+                    pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=synced_ranks,
+                    logits_processor=[constraint.logits_processor()] if constraint else None,
+                )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for i, text in zip(index.tolist(), texts, strict=True):
+                rows.append({"index": i, "text": text})
     return rows
 
 

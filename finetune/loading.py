@@ -37,6 +37,7 @@ def resolve_model(model: str, *, family: str | None = None, base: str | None = N
     """A run folder (its `final/`), `final/` or `best/` inside one, an adapter or model folder, or a base checkpoint
     (Hub id or folder; then `family` is needed unless its config.json says)."""
     from finetune.models import family_of_checkpoint
+    from finetune.models.hub import looks_local
 
     folder = Path(model)
     recipe: dict = {}
@@ -59,6 +60,8 @@ def resolve_model(model: str, *, family: str | None = None, base: str | None = N
     if family is None:
         source = base if adapter else folder
         if not Path(str(source)).is_dir():
+            if looks_local(str(source)):
+                raise UserError(f"{source}: checkpoint not found (no such folder)")
             raise UserError(f"{model}: cannot tell the model family of {source}; pass --family")
         family = family_of_checkpoint(str(source))
     prompt = json.loads((folder / "prompt.json").read_text()) if (folder / "prompt.json").is_file() else None

@@ -1,11 +1,12 @@
 """Merge a LoRA adapter into its base model and save the result as a standalone model.
 
-    python -m finetune.merge --model runs/invoices-mississippi-800m-lora --out runs/invoices-merged
+    finetune merge --model runs/invoices-mississippi-800m-lora --out runs/invoices-merged
 
 The merged model is saved the way a full fine-tune is (the family's `save_pretrained`): natively in transformers'
 layout with processor, tokenizer and chat template, and for Mississippi also in the original H2OVL layout
 (`original/`, read by the original `model.chat` code and vLLM's H2OVL loader). `prompt.json` comes along.
 Weights trained fully beside the adapter (PEFT `modules_to_save`, e.g. a projector) are part of the merge.
+Stdout gets the output folder's path alone; `python -m finetune.merge` is the same command.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import the package from the repository
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from finetune.cli import ArgumentParser, run_entry_point
 from finetune.errors import UserError
 from finetune.loading import load_model_and_processor, resolve_model
+from finetune.progress import info
 
 
 def merge_adapter(
@@ -32,7 +32,7 @@ def merge_adapter(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
+            raise UserError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(out)
     fam, processor, peft_model = load_model_and_processor(source)
     merged = peft_model.merge_and_unload()  # LoRA folded into the weights; modules_to_save copies put in place
@@ -43,9 +43,13 @@ def merge_adapter(
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> Path:
     """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog=prog or "python -m finetune.merge",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="run folder or adapter folder")
     parser.add_argument("--out", required=True, help="folder for the merged model")
     parser.add_argument("--base", help="base checkpoint (default: the one the run or adapter records)")
@@ -53,12 +57,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     out = merge_adapter(args.model, args.out, base=args.base, family=args.family, overwrite=args.overwrite)
-    print(f"merged model saved to {out}")
+    info(f"merged model saved to {out}")
+    print(out)  # stdout: the folder alone, for scripts (`out=$(finetune merge ...)`)
     return out
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, FileExistsError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_entry_point(main))

@@ -1,12 +1,13 @@
 """Read documents with a fine-tuned model: one JSON object per image, as JSON Lines on stdout.
 
-    python -m finetune.predict --model runs/invoices-mississippi-800m-lora scans/*.png
-    python -m finetune.predict --model runs/x/final --constrained scans/            # a folder: every image in it
-    python -m finetune.predict --model runs/merged --family mississippi "inbox/**/*.jpg"
+    finetune predict --model runs/invoices-mississippi-800m-lora scans/*.png
+    finetune predict --model runs/x/final --constrained scans/            # a folder: every image in it
+    finetune predict --model runs/merged --family mississippi "inbox/**/*.jpg"
 
 `--model` is anything `finetune.eval` takes (a run folder, an adapter, a merged model). Images are generated for
 in batches with the prompt the model was trained with (its prompt.json). Each output line:
-`{"image": ..., "prediction": {...} or null, "valid_json": true/false, "text": raw output}`.
+`{"image": ..., "prediction": {...} or null, "valid_json": true/false, "text": raw output}`; nothing else goes to
+stdout. `python -m finetune.predict` is the same command.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import the package from the repository
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from finetune.cli import ArgumentParser, run_entry_point
 from finetune.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
@@ -116,9 +115,13 @@ def predict(
     ]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> list[dict]:
     """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog=prog or "python -m finetune.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--model", required=True, help="run folder, adapter or merged model folder")
     parser.add_argument("--family", help="model family (default: from the run's recipe or the checkpoint config)")
@@ -148,7 +151,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_entry_point(main))

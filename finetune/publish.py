@@ -21,11 +21,10 @@ import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import the package from the repository
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from finetune.cli import ArgumentParser, run_entry_point
 from finetune.errors import UserError
 from finetune.loading import resolve_model
+from finetune.progress import info
 
 # metrics.json keys → model-index metric types and the names shown on the Hub
 CARD_METRICS = {
@@ -109,6 +108,8 @@ def model_card(run: Path, recipe: dict, *, repo_id: str, adapter: bool, kind: st
 
 
 def _card_text(run: Path, recipe: dict, repo_id: str, adapter: bool, after: dict, before: dict) -> str:
+    from finetune.models import get_family
+
     model = recipe.get("model", {})
     info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
     report = json.loads((run / "data_report.json").read_text()) if (run / "data_report.json").is_file() else {}
@@ -192,16 +193,7 @@ def _card_text(run: Path, recipe: dict, repo_id: str, adapter: bool, after: dict
         "",
         "```bash",
     ]
-    if adapter:
-        lines += [f"vllm serve {model.get('path')} --enable-lora --lora-modules extractor={repo_id}", "```"]
-    elif family == "mississippi":  # vLLM's H2OVL loader reads the original layout, kept in original/
-        lines += [
-            f"huggingface-cli download {repo_id} --local-dir reader",
-            ("vllm serve reader/original --trust-remote-code"),
-            "```",
-        ]
-    else:
-        lines += [f"vllm serve {repo_id}", "```"]
+    lines += [*get_family(family).serving_commands(repo_id, base=model.get("path"), adapter=adapter), "```"]
     lines += ["", "Send the prompt above with the document image as the user turn.", ""]
     return "\n".join(line for line in lines if line is not None)
 
@@ -224,7 +216,7 @@ def publish(
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if dry_run or offline:
         why = "dry run" if dry_run else "offline (HF_HUB_OFFLINE)"
-        print(f"{why}: nothing uploaded; {folder} is exactly what would be uploaded to {repo_id}")
+        info(f"{why}: nothing uploaded; {folder} is exactly what would be uploaded to {repo_id}")
         return folder
     from huggingface_hub import HfApi
 
@@ -236,13 +228,17 @@ def publish(
         repo_type="model",
         commit_message=f"Upload {'merged model' if merged else folder.name} from finetune",
     )
-    print(f"uploaded {folder} to https://huggingface.co/{repo_id}")
+    info(f"uploaded {folder} to https://huggingface.co/{repo_id}")
     return folder
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> Path:
     """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog=prog or "python -m finetune.publish",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--run", required=True, help="the run folder")
     parser.add_argument("--repo", required=True, help="Hub repository id, e.g. my-org/invoices-reader")
     parser.add_argument("--merged", action="store_true", help="publish base + adapter merged into one model")
@@ -250,13 +246,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--license", default="apache-2.0")
     args = parser.parse_args(argv)
-    return publish(
+    folder = publish(
         args.run, args.repo, merged=args.merged, dry_run=args.dry_run, private=args.private, license=args.license
     )
+    print(folder)  # stdout: the folder that was (or would be) uploaded, alone, for scripts
+    return folder
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, FileExistsError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_entry_point(main))

@@ -15,14 +15,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.config import Recipe, data_paths
-from finetune.errors import UserError
+from finetune.config import Origin, Recipe, data_paths
+from finetune.errors import RecipeError
+from finetune.resolve import check_modes, suggest
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-class RecipeError(UserError):
-    """A recipe that cannot be used; the message is one line naming the file and key path."""
 
 
 def resolve_recipe_path(name: str | Path) -> Path:
@@ -34,7 +31,7 @@ def resolve_recipe_path(name: str | Path) -> Path:
         if candidate.exists():
             return candidate
     known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise RecipeError(f"{name}: recipe not found (as a path or under {RECIPES_DIR}){_suggest(path.stem, known)}")
+    raise RecipeError(f"{name}: recipe not found (as a path or under {RECIPES_DIR}){suggest(path.stem, known)}")
 
 
 def load_recipe(name: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_files: bool = True) -> Recipe:
@@ -56,94 +53,40 @@ def load_recipe(name: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")}
         lines[key] = f"override {override}"  # errors about it point at the command line, not the file
     recipe = validate_recipe(raw, source=str(path), lines=lines)
-    check_family_groups(recipe, source=str(path), lines=lines)
+    check_family_groups(recipe)
     if check_files:
-        check_recipe_files(recipe, source=str(path), lines=lines)
+        check_recipe_files(recipe)
     return recipe
 
 
 def validate_recipe(raw: dict, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> Recipe:
     """Validate a plain dict into a Recipe, turning the first pydantic error into a one-line RecipeError."""
+    origin = Origin(source, dict(lines or {}))
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw).with_origin(origin)
     except ValidationError as err:
-        raise RecipeError(_format_error(err.errors()[0], source, lines or {})) from None
+        raise RecipeError(_format_error(err.errors()[0], origin)) from None
 
 
-def check_family_groups(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
+def check_family_groups(recipe: Recipe) -> None:
     """The model family exists and every group name the recipe uses is that family's, in tuning.groups, optim.lr,
-    tuning.lora.targets and each stage (checked before any model loads)."""
-    from finetune.config import DEFAULT_GROUPS
+    tuning.lora.targets and each stage (checked before any model loads; the rules are in finetune.resolve)."""
     from finetune.models import FAMILIES, family_groups
-    from finetune.training.stages import stage_problems
 
-    lines = lines or {}
     family = recipe.model.family
     if family not in FAMILIES:
-        where = _where(source, lines, "model.family")
-        raise RecipeError(f"{where}: model.family: unknown family '{family}'{_suggest(family, list(FAMILIES))}")
-    given = [
-        k
-        for k, v in (("stages", recipe.stages), ("schedule", recipe.schedule), ("tuning.groups", recipe.tuning.groups))
-        if v is not None
-    ]
-    if len(given) > 1:
-        raise RecipeError(
-            f"{_where(source, lines, given[-1])}: {' and '.join(given)} both give the training "
-            f"modes; keep one (set the other to null)"
-        )
-    names = [stage.name for stage in recipe.stages or []]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise RecipeError(
-                f"{_where(source, lines, f'stages.{i}.name')}: stages.{i}.name: '{name}' is used by "
-                f"an earlier stage; stage names must be unique"
-            )
-    groups = family_groups(family)
-    named = {f"tuning.groups.{g}": g for g in recipe.tuning.groups or {}}
-    named.update({f"optim.lr.{g}": g for g in (recipe.optim.lr if isinstance(recipe.optim.lr, dict) else {})})
-    named.update({f"tuning.lora.targets.{g}": g for g in recipe.tuning.lora.targets})
-    for key, group in named.items():
-        if group not in groups:
-            raise RecipeError(
-                f"{_where(source, lines, key)}: {key}: '{family}' has no group '{group}'{_suggest(group, list(groups))}"
-            )
-    if recipe.stages is None and recipe.schedule is None:
-        modes = recipe.tuning.groups or DEFAULT_GROUPS
-        missing = [g for g in groups if g not in modes]
-        if missing:
-            raise RecipeError(
-                f"{_where(source, lines, 'tuning.groups')}: tuning.groups: give a mode (frozen, full, "
-                f"lora) for every group of '{family}': missing {', '.join(missing)}"
-            )
-        if isinstance(recipe.optim.lr, dict):
-            without = [g for g, m in modes.items() if m != "frozen" and g not in recipe.optim.lr]
-            if without:
-                raise RecipeError(
-                    f"{_where(source, lines, 'optim.lr')}: optim.lr: no learning rate for trainable "
-                    f"group(s) {', '.join(without)}"
-                )
-    for i, stage in enumerate(recipe.stages or []):
-        for key, message in stage_problems(stage, groups, recipe.optim.lr):
-            if key == "(optim.lr)":  # the stage has no lr of its own: the gap is in optim.lr
-                raise RecipeError(
-                    f"{_where(source, lines, 'optim.lr')}: optim.lr (used by stages.{i}, which has no lr): {message}"
-                )
-            raise RecipeError(f"{_where(source, lines, f'stages.{i}.{key}')}: stages.{i}.{key}: {message}")
-    shares = sum(stage.fraction or 0 for stage in recipe.stages or [])
-    if shares > 1 + 1e-9:
-        raise RecipeError(
-            f"{_where(source, lines, 'stages')}: stages: the fractions of the train budget add up to {shares:g} (> 1)"
-        )
+        where = recipe.where("model.family")
+        raise RecipeError(f"{where}: model.family: unknown family '{family}'{suggest(family, list(FAMILIES))}")
+    check_modes(recipe, family_groups(family))
 
 
-def check_recipe_files(recipe: Recipe, *, source: str = "<recipe>", lines: dict[str, int | str] | None = None) -> None:
+def check_recipe_files(recipe: Recipe) -> None:
     """Local files the recipe names must exist (Hub ids, written `hf:org/name`, are not checked here)."""
     for key, path in data_paths(recipe).items():
         if str(path).startswith("hf:"):
             continue
         if not path.exists():
-            raise RecipeError(f"{_where(source, lines or {}, key)}: {key}: file not found: {path}")
+            raise RecipeError(f"{recipe.where(key)}: {key}: file not found: {path}")
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
@@ -211,14 +154,13 @@ def _apply_override(raw: dict, override: str, source: Path) -> None:
         node[parts[-1]] = parsed
 
 
-def _format_error(error: dict, source: str, lines: dict[str, int | str]) -> str:
+def _format_error(error: dict, origin: Origin) -> str:
     # pydantic names the member of a union it tried (`optim.lr.float`); the user only wrote `optim.lr`.
     loc = [str(part) for part in error["loc"] if not _is_type_name(str(part))]
     key = ".".join(loc)
-    where = _where(source, lines, key)
+    where = origin.where(key)
     if error["type"] == "extra_forbidden":
-        known = _known_fields(loc[:-1])
-        return f"{where}: {key}: unknown key{_suggest(loc[-1], known)}"
+        return f"{where}: {key}: unknown key{_suggest_key(loc)}"
     if error["type"] == "missing":
         return f"{where}: {key}: required key is missing"
     got = error.get("input")
@@ -257,24 +199,37 @@ def _known_fields(parent_loc: list[str]) -> list[str]:
     return sorted(model.model_fields) if model else []
 
 
-def _suggest(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.5)
+def _suggest_key(loc: list[str]) -> str:
+    """For an unknown key: the same name in another section first (`optim.max_steps` → `train.max_steps`), then a
+    close name in its own section, then a close name anywhere."""
+    name, section = loc[-1], loc[:-1]
+    here = _known_fields(section)
+    elsewhere = [
+        path for path in _all_key_paths() if path.rsplit(".", 1)[-1] == name and path.split(".")[:-1] != section
+    ]
+    if elsewhere and len(section) <= 1:  # a top-level section's key that belongs to another section
+        return f" (did you mean '{elsewhere[0]}'?)"
+    close = difflib.get_close_matches(name, here, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"
-    return f" (known: {', '.join(known)})" if known else ""
+    by_leaf = {path.rsplit(".", 1)[-1]: path for path in reversed(_all_key_paths())}
+    close = difflib.get_close_matches(name, list(by_leaf), n=1, cutoff=0.75)
+    if close and len(section) <= 1:
+        return f" (did you mean '{by_leaf[close[0]]}'?)"
+    return suggest(name, here)
 
 
-def _where(source: str, lines: dict[str, int | str], key: str) -> str:
-    # Walk up to the nearest key with a known place: a YAML line, or the command-line override that set it.
-    parts = key.split(".")
-    while parts:
-        place = lines.get(".".join(parts))
-        if isinstance(place, str):
-            return f"{source} ({place})"
-        if place:
-            return f"{source}:{place}"
-        parts.pop()
-    return source
+def _all_key_paths(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every section key of the schema as a dotted path (`train.max_steps`, `tuning.lora.r`, ...)."""
+    model = model or Recipe
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        paths.append(prefix + name)
+        if nested is not None:
+            paths += _all_key_paths(nested, f"{prefix}{name}.")
+    return paths
 
 
 def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:

@@ -67,7 +67,7 @@ def mississippi_phases(path: Path, repeats: int) -> dict[str, float]:
     from PIL import Image
 
     from finetune.data.dataset import load_image
-    from finetune.models import h2ovl_image as hi
+    from finetune.models.mississippi import image as hi
 
     tile = 448
     decode, image = best_of(repeats, lambda: load_image(path))

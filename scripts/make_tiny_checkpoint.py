@@ -14,12 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.models import FAMILIES, get_family
+from finetune.models import family_names, get_family
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="mississippi", choices=sorted(FAMILIES))
+    families = family_names()  # the registry, in the order it lists families to users
+    parser.add_argument("--family", default=families[0], choices=families)
     parser.add_argument("--preset", default="quickstart", help="size preset of the family (test, quickstart)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)

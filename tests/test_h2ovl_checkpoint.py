@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import UserError
-from finetune.models import h2ovl_checkpoint as h2
-from finetune.models import h2ovl_config as h2c
-from finetune.models.h2ovl_tiny import build_tiny_h2ovl
+from finetune.models.mississippi import checkpoint as h2
+from finetune.models.mississippi import config as h2c
+from finetune.models.mississippi.tiny import build_tiny_h2ovl
 
 SHAPES = {"llama": {"llm": "llama", "use_msac": False}, "mistral": {"llm": "mistral", "use_msac": True}}
 TOKENS_PER_TILE = 4  # (56 / 14)² · 0.5²
@@ -225,6 +226,18 @@ def test_mapping_functions_are_exact_inverses(tiny):
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     assert "model.vision_tower.encoder.layer.0.attention.k_proj.bias" in native
     assert "model.vision_tower.embeddings.patch_embeddings.projection.weight" in native
+
+
+def test_each_name_is_renamed_by_at_most_one_row_of_the_table(tiny):
+    """Both directions come from NAME_TABLE: a row must carry the same placeholders on both sides, and no name may
+    match two rows (the inverse would then depend on row order)."""
+    for original, native in h2.NAME_TABLE:
+        assert sorted(re.findall(r"\{(\w+)\}", original)) == sorted(re.findall(r"\{(\w+)\}", native))
+    state = load_file(tiny / "model.safetensors")
+    for names, side in ((state, 0), (h2.original_to_native(state), 1)):
+        for name in names:
+            rows = [row for row in h2.NAME_TABLE if h2._compile(row[side]).fullmatch(name)]
+            assert len(rows) <= 1, (name, rows)
 
 
 def test_save_original_with_a_given_state_dict_and_dtype(tiny, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.models.h2ovl_image import (
+from finetune.models.mississippi.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     choose_grid,

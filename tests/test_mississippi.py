@@ -9,7 +9,6 @@ from PIL import Image
 from finetune.config import TuningSection
 from finetune.data.dataset import Collator, DocumentDataset, prepare_samples
 from finetune.models import get_family
-from finetune.models.base import IGNORE_INDEX
 from finetune.training.tuning import apply_tuning
 
 INSTRUCTION = 'Extract the details into JSON format: {"number": "", "total": ""}'
@@ -72,28 +71,6 @@ def test_max_tiles_per_image_option_and_unknown_options(family, tiny):
         family.load_processor(str(tiny), max_tile=2)
 
 
-@pytest.mark.parametrize("sizes", [[(600, 4000)], [(3000, 800)], [(20, 20)], [(128, 128), (64, 200)]])
-def test_counted_length_equals_processed_length(family, tiny, tmp_path, sizes):
-    processor = family.load_processor(str(tiny))
-    paths = []
-    for i, size in enumerate(sizes):
-        paths.append(str(tmp_path / f"p{i}.png"))
-        Image.new("RGB", size, "white").save(paths[-1])
-    samples, dataset = samples_for([{"image": paths, "target": {"number": "1"}}], family, processor)
-    assert len(dataset[0]["input_ids"]) == samples[0].length
-
-
-def test_only_answer_and_end_token_carry_labels(family, tiny, simple_docs):
-    processor = family.load_processor(str(tiny))
-    samples, dataset = samples_for(simple_docs["train"], family, processor)
-    item = dataset[0]
-    labelled = [t for t in item["labels"] if t != IGNORE_INDEX]
-    assert processor.tokenizer.decode(labelled) == (
-        '{{"number":"{}","total":"{}"}}<|end|>'.format(samples[0].target["number"], samples[0].target["total"])
-    )
-    assert item["labels"][-len(labelled) :] == item["input_ids"][-len(labelled) :]
-
-
 def test_full_training_gives_every_trainable_parameter_a_gradient(family, tiny, simple_docs):
     processor = family.load_processor(str(tiny))
     _, dataset = samples_for(simple_docs["train"], family, processor)
@@ -133,14 +110,8 @@ def test_gradient_checkpointing_with_frozen_vision(family, tiny, simple_docs):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
-def test_lora_targets_stay_in_the_llm(family, tiny):
-    model, _ = apply_tuning(family.load_model(str(tiny)), family, TuningSection())
-    wrapped = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
-    assert wrapped and all(".language_model.layers." in n for n in wrapped)
-
-
 def test_full_model_saves_natively_and_in_the_original_layout(family, tiny, simple_docs, tmp_path):
-    from finetune.models.h2ovl_checkpoint import load_h2ovl
+    from finetune.models.mississippi.checkpoint import load_h2ovl
 
     processor = family.load_processor(str(tiny))
     _, dataset = samples_for(simple_docs["train"], family, processor)
@@ -168,7 +139,7 @@ def test_full_model_saves_natively_and_in_the_original_layout(family, tiny, simp
 def test_original_layout_records_the_trained_tiling_and_survives_a_second_round(family, tiny, tmp_path):
     """final/original/config.json tiles pages as training did (recipe cap included), and a model loaded from a
     native save of ours can again be saved in the original layout (from the original/ beside it)."""
-    from finetune.models.h2ovl_processor import H2OVLProcessor
+    from finetune.models.mississippi.processor import H2OVLProcessor
 
     processor = family.load_processor(str(tiny), max_tiles_per_image=2)
     model = family.load_model(str(tiny))

@@ -56,7 +56,7 @@ def test_dry_run_folder_has_everything_a_loader_needs_and_a_parseable_card(lora_
 
     run, _ = lora_run
     folder = main(["--run", str(run), "--repo", "me/invoice-reader", "--dry-run"])
-    assert "dry run: nothing uploaded" in capsys.readouterr().out
+    assert "dry run: nothing uploaded" in capsys.readouterr().err  # a message: stderr
     for name in (
         "adapter_model.safetensors",
         "adapter_config.json",
@@ -83,7 +83,7 @@ def test_dry_run_folder_has_everything_a_loader_needs_and_a_parseable_card(lora_
         assert section in card.text, section
     # Offline (the tests set HF_HUB_OFFLINE=1), a real publish stops at the folder and says so.
     main(["--run", str(run), "--repo", "me/invoice-reader"])
-    assert "offline (HF_HUB_OFFLINE): nothing uploaded" in capsys.readouterr().out
+    assert "offline (HF_HUB_OFFLINE): nothing uploaded" in capsys.readouterr().err
 
 
 def test_adapter_reloaded_from_the_published_folder_gives_the_trained_logits(lora_run, tiny_mississippi):

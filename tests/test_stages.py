@@ -12,8 +12,9 @@ import torch
 from finetune.config import StageSection, TrainSection
 from finetune.models import get_family
 from finetune.recipe import RecipeError, load_recipe
+from finetune.resolve import resolve_recipe
 from finetune.training.sampler import MixtureSampler
-from finetune.training.stages import resolve_stages, stage_steps
+from finetune.training.stages import stage_steps
 from tests.conftest import write_recipe
 
 STAGED = """\
@@ -46,12 +47,12 @@ def staged_file(tmp_path) -> Path:
 
 def test_explicit_stages_resolve_with_a_learning_rate_per_trainable_group(staged_file):
     recipe = load_recipe(staged_file)
-    align, tune = resolve_stages(recipe, get_family("mississippi"))
+    align, tune = resolve_recipe(recipe, get_family("mississippi")).stages
     assert align.lr == {"projector": 1e-3} and align.fraction == 0.2
     assert tune.lr == {"vision": 2e-5, "projector": 1e-4, "llm": 1e-4}
     # A stage without its own lr takes optim.lr for each of its trainable groups.
     recipe = load_recipe(staged_file, ["stages.0.lr=null"])
-    assert resolve_stages(recipe, get_family("mississippi"))[0].lr == {"projector": 1e-4}
+    assert resolve_recipe(recipe, get_family("mississippi")).stages[0].lr == {"projector": 1e-4}
 
 
 @pytest.mark.parametrize(
@@ -106,23 +107,21 @@ def test_stage_errors_point_at_the_yaml_line(staged_file):
 
 
 def test_a_group_cannot_be_lora_in_one_stage_and_full_in_another(staged_file):
-    from finetune.errors import UserError
-
-    recipe = load_recipe(
-        staged_file, ["stages.0.groups={vision: full, projector: full, llm: frozen}", "stages.0.lr=1.0e-3"]
-    )
-    with pytest.raises(UserError, match="vision are lora in one stage and full in another"):
-        resolve_stages(recipe, get_family("mississippi"))
+    # Caught when the recipe is loaded, with the file and line of the stages.
+    with pytest.raises(
+        RecipeError, match=r"staged\.yaml:\d+: stages: group\(s\) vision are lora in one stage and full"
+    ):
+        load_recipe(staged_file, ["stages.0.groups={vision: full, projector: full, llm: frozen}", "stages.0.lr=1.0e-3"])
 
 
 def test_schedule_shorthands(staged_file):
     family = get_family("mississippi")
     recipe = load_recipe(staged_file, ["stages=null", "schedule=lora"])
-    (stage,) = resolve_stages(recipe, family)
+    (stage,) = resolve_recipe(recipe, family).stages
     assert stage.groups == {"vision": "frozen", "projector": "frozen", "llm": "lora"} and stage.lr == {"llm": 1e-4}
     lrs = "optim.lr={vision: 1.0e-5, projector: 1.0e-4, llm: 1.0e-4}"
     recipe = load_recipe(staged_file, ["stages=null", "schedule=full", lrs])
-    (stage,) = resolve_stages(recipe, family)
+    (stage,) = resolve_recipe(recipe, family).stages
     assert set(stage.groups.values()) == {"full"} and stage.lr["vision"] == 1e-5
 
 
@@ -133,7 +132,7 @@ def _paper(family_name: str, checkpoint: Path, tmp_path) -> list[StageSection]:
     recipe_file.write_text(
         f"model: {{family: {family_name}, path: {checkpoint}}}\ndata: {{train: {train}}}\nschedule: paper\n"
     )
-    return resolve_stages(load_recipe(recipe_file), get_family(family_name))
+    return resolve_recipe(load_recipe(recipe_file), get_family(family_name)).stages
 
 
 def test_paper_schedule_llava_onevision(tiny_llava, tmp_path):
@@ -192,12 +191,12 @@ def test_optim_lr_may_name_groups_a_stage_keeps_frozen(staged_file):
     """One per-group optim.lr for every stage: a stage takes the rates of the groups it trains."""
     rates = "optim.lr={vision: 2.0e-5, projector: 1.0e-4, llm: 3.0e-4}"
     recipe = load_recipe(staged_file, [rates, "stages.0.lr=null", "stages.1.lr=null"])
-    align, tune = resolve_stages(recipe, get_family("mississippi"))
+    align, tune = resolve_recipe(recipe, get_family("mississippi")).stages
     assert align.lr == {"projector": 1e-4} and tune.lr == {"vision": 2e-5, "projector": 1e-4, "llm": 3e-4}
     plain = load_recipe(
         staged_file, [rates, "stages=null", "tuning.groups={vision: frozen, projector: full, llm: lora}"]
     )
-    assert resolve_stages(plain, get_family("mississippi"))[0].lr == {"projector": 1e-4, "llm": 3e-4}
+    assert resolve_recipe(plain, get_family("mississippi")).stages[0].lr == {"projector": 1e-4, "llm": 3e-4}
     with pytest.raises(
         RecipeError,
         match=r"staged\.yaml \(override optim\.lr=.*\): optim\.lr \(used by stages\.1, "

@@ -126,7 +126,7 @@ def test_paper_schedule_runs_its_stages_in_one_job(tiny_mississippi, simple_docs
     assert steps == {"projector": 1, "projector+llm": 3, "task": 6}  # 10%, 30%, 60% of 10 steps
     assert log[0]["lr/projector"] == 2e-4 and log[-1]["lr/llm"] == 4e-5
     # Each stage starts by saying what trains, with parameter counts per group.
-    assert "stage 1/3 'projector'" in result.stdout and "stage 'projector' parameters: vision: frozen" in result.stdout
+    assert "stage 1/3 'projector'" in result.stderr and "stage 'projector' parameters: vision: frozen" in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["stages"]) == {"stage1-projector", "stage2-projector+llm"} and "after" in metrics
 
@@ -168,7 +168,7 @@ def test_resume_in_stage_two_equals_an_uninterrupted_run(tiny_mississippi, simpl
     result = run_train(base_args(tiny_mississippi, simple_docs, resumed, **overrides, **{"output.if_exists": "resume"}))
     stage, step = state["stage"] + 1, state["stage_step"]
     assert (
-        f"at step {state['global_step']}: stage {stage} '{['align', 'tune'][stage - 1]}' step {step}/" in result.stdout
+        f"at step {state['global_step']}: stage {stage} '{['align', 'tune'][stage - 1]}' step {step}/" in result.stderr
     )
     a = load_file(full / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
@@ -248,7 +248,7 @@ def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_doc
     for name, launch in runs.items():
         out = tmp_path / name
         result = run_train(base_args(tiny_mississippi, simple_docs, out, **overrides), processes=2, **launch)
-        assert "stage 2/2 'tune'" in result.stdout
+        assert "stage 2/2 'tune'" in result.stderr
         logs[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         adapters[name] = load_file(out / "final" / "adapter_model.safetensors")
         assert json.loads((out / "metrics.json").read_text())["after"]["num_samples"] == 8
@@ -261,7 +261,7 @@ def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_doc
             processes=2,
             **launch,
         )
-        assert "at step 4: stage 2 'tune' step 2/4" in result.stdout
+        assert "at step 4: stage 2 'tune' step 2/4" in result.stderr
         again = load_file(resumed / "final" / "adapter_model.safetensors")
         for key, value in adapters[name].items():
             torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6)

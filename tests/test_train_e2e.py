@@ -139,7 +139,7 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_pa
     )
     assert changed.returncode != 0 and "cannot resume with a different recipe; changed: optim.lr" in changed.stderr
     result = run_train(base_args(tiny_llava, simple_docs, resumed, **overrides, **{"output.if_exists": "resume"}))
-    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    assert "resumed from" in result.stderr and "at step 2" in result.stderr
 
     a = load_file(full / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
@@ -171,7 +171,7 @@ def test_two_processes_end_with_identical_weights(tiny_llava, simple_docs, tmp_p
         ),
         processes=2,
     )
-    assert "trainable weights identical on all 2 processes" in result.stdout
+    assert "trainable weights identical on all 2 processes" in result.stderr
     assert list(out.glob("**/events.out.tfevents.*")), "tensorboard logged nothing"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["num_samples"] == 8  # both ranks' generations gathered, none lost or doubled
@@ -269,3 +269,59 @@ def test_loss_is_normalised_over_all_tokens_of_a_step_whatever_the_split(tiny_ll
         assert counts[name] == counts["single"], name
         for key, value in weights["single"].items():
             torch.testing.assert_close(weights[name][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrupted_one_does(
+    tiny_llava, simple_docs, tmp_path
+):
+    """SIGINT mid-training: the step that is running finishes, a checkpoint is saved, the process exits 130 with
+    one line saying how to resume; resuming then gives the weights of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    overrides = {
+        "tuning.lora.dropout": 0.1,
+        "tuning.lora.r": 4,
+        "optim.lr": 1e-2,
+        "train.max_steps": 80,
+        "train.batch_size": 2,
+        "eval.before_training": False,
+        "eval.after_training": False,
+    }
+    full = tmp_path / "full"
+    run_train(base_args(tiny_llava, simple_docs, full, **overrides))
+
+    out = tmp_path / "interrupted"
+    command = [
+        sys.executable,
+        str(REPO / "finetune" / "train.py"),
+        *base_args(tiny_llava, simple_docs, out, **overrides),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 2) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "interrupted at step" in last and "output.if_exists=resume" in last and "Traceback" not in stderr
+    step = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert 2 <= step < 80, "the interrupt must land mid-training"
+    assert (out / "checkpoints" / f"step_{step:06d}" / "trainer_state.json").is_file()
+    assert not (out / "final").exists() and stdout == ""
+
+    result = run_train(base_args(tiny_llava, simple_docs, out, **overrides, **{"output.if_exists": "resume"}))
+    assert f"at step {step}" in result.stderr
+    a = load_file(full / "final" / "adapter_model.safetensors")
+    b = load_file(out / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

@@ -8,6 +8,7 @@ What was skipped and why is counted in a :class:`DataReport`, which the trainer 
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import Counter
 from collections.abc import Iterable
@@ -19,9 +20,10 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.data.prompt import canonical_json
-from finetune.data.sources import RawRecord, read_records
+from finetune.data.sources import RawRecord, count_records, read_records
 from finetune.errors import UserError
 from finetune.models.base import IGNORE_INDEX, ModelFamily
+from finetune.progress import is_main_process, progress_if_slow
 
 
 class DataError(UserError):
@@ -98,37 +100,47 @@ def prepare_samples(
         report.examples.setdefault(reason, record.origin)
 
     records: Iterable[RawRecord] = read_records(source, image_column=image_column, target_column=target_column)
-    for record in records:
-        if limit is not None and report.read >= limit:
-            break
-        report.read += 1
-        if record.problem:
-            skip(record, "malformed record", record.problem)
-            continue
-        if not isinstance(record.target, dict):
-            skip(
-                record,
-                "target not a JSON object",
-                f"field '{target_column}' must be a JSON object, got {type(record.target).__name__}",
-            )
-            continue
-        try:
-            sizes = [load_image(ref).size for ref in record.images]
-        except FileNotFoundError as err:
-            skip(record, "missing image", f"field '{image_column}': image not found: {err.filename}")
-            continue
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for unreadable / corrupt files
-            skip(record, "unreadable image", f"field '{image_column}': unreadable image: {err}")
-            continue
-        prompt_text = family.render_prompt(processor, instruction_text, len(sizes))
-        answer_ids = tokenizer(canonical_json(record.target, skeleton), add_special_tokens=False)["input_ids"]
-        length = family.count_prompt_tokens(processor, prompt_text, sizes) + len(answer_ids) + 1
-        if length > max_length:
-            # Always skipped (never an error, never truncated): the recipe's max_length is a budget, not a bug.
-            report.skipped[f"longer than max_length={max_length}"] += 1
-            report.examples.setdefault(f"longer than max_length={max_length}", f"{record.origin} ({length} tokens)")
-            continue
-        samples.append(Sample(record.images, record.target, record.origin, [*answer_ids, eot_id], length))
+    total = count_records(source)
+    if total is not None and limit is not None:
+        total = min(total, limit)
+    # Every image is decoded here, before step 1: thousands of pages take minutes, so this shows progress, on the
+    # reporting process only, and only when it is more than a handful of samples or takes more than a second.
+    # (closing: the display ends here, also on a bad sample, before the error is reported.)
+    checking = progress_if_slow(
+        records, desc=f"checking {split} data", total=total, unit="sample", disable=not is_main_process()
+    )
+    with contextlib.closing(checking):
+        for record in checking:
+            if limit is not None and report.read >= limit:
+                break
+            report.read += 1
+            if record.problem:
+                skip(record, "malformed record", record.problem)
+                continue
+            if not isinstance(record.target, dict):
+                skip(
+                    record,
+                    "target not a JSON object",
+                    f"field '{target_column}' must be a JSON object, got {type(record.target).__name__}",
+                )
+                continue
+            try:
+                sizes = [load_image(ref).size for ref in record.images]
+            except FileNotFoundError as err:
+                skip(record, "missing image", f"field '{image_column}': image not found: {err.filename}")
+                continue
+            except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for unreadable / corrupt files
+                skip(record, "unreadable image", f"field '{image_column}': unreadable image: {err}")
+                continue
+            prompt_text = family.render_prompt(processor, instruction_text, len(sizes))
+            answer_ids = tokenizer(canonical_json(record.target, skeleton), add_special_tokens=False)["input_ids"]
+            length = family.count_prompt_tokens(processor, prompt_text, sizes) + len(answer_ids) + 1
+            if length > max_length:
+                # Always skipped (never an error, never truncated): the recipe's max_length is a budget, not a bug.
+                report.skipped[f"longer than max_length={max_length}"] += 1
+                report.examples.setdefault(f"longer than max_length={max_length}", f"{record.origin} ({length} tokens)")
+                continue
+            samples.append(Sample(record.images, record.target, record.origin, [*answer_ids, eot_id], length))
     report.kept = len(samples)
     return samples, report
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 
+from finetune.errors import UserError
+
 
 @dataclass
 class RawRecord:
@@ -44,7 +46,21 @@ def read_records(
     yield from _from_rows(source, "item", image_column, target_column)
 
 
+def count_records(source: str | Path | Iterable) -> int | None:
+    """How many records `read_records(source)` will yield, when that is cheap to know (a JSONL file: its non-blank
+    lines; anything with a length), else None. For progress displays, not for validation."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if str(source).startswith("hf:") or not path.is_file():
+            return None
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return len(source) if hasattr(source, "__len__") else None
+
+
 def _from_jsonl(path: Path, image_column: str, target_column: str) -> Iterator[RawRecord]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file" + (" (a folder must be a saved dataset)" if path.is_dir() else ""))
     base = path.parent
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -114,7 +130,7 @@ def _load_dataset_folder(path: Path):
         return datasets.load_from_disk(str(path))
     if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
         return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
-    raise ValueError(f"{path}: a folder must be a saved dataset (save_to_disk) or an imagefolder with metadata.jsonl")
+    raise UserError(f"{path}: a folder must be a saved dataset (save_to_disk) or an imagefolder with metadata.jsonl")
 
 
 def _load_hub_dataset(spec: str):

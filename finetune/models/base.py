@@ -1,7 +1,8 @@
 """What every model family provides to the generic data, training and evaluation code.
 
-A family module (`finetune/models/<family>.py`) subclasses :class:`ModelFamily` and keeps all of its quirks —
-checkpoint loading, processor, chat format, module groups, batching of image tensors — to itself.
+A family module (`finetune/models/<family>.py`, or a package when it needs more) subclasses :class:`ModelFamily`
+and keeps all of its quirks — checkpoint loading, processor, chat format, module groups, batching of image tensors,
+how it is served — to itself. The registry (`finetune.models`) is derived from these classes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -33,24 +34,25 @@ class Encoded:
 class ModelFamily(ABC):
     """Interface of a model family. Instances are stateless; the processor is passed in explicitly."""
 
-    name: str
+    name: ClassVar[str]
     # config.json `model_type`s this family loads (each belongs to exactly one family).
-    model_types: tuple[str, ...]
+    model_types: ClassVar[tuple[str, ...]]
     # Module groups → parameter-name prefixes (names as in the un-wrapped model). Every parameter must fall
     # into exactly one group: `assign_groups` fails loudly otherwise.
-    group_prefixes: dict[str, tuple[str, ...]]
+    group_prefixes: ClassVar[dict[str, tuple[str, ...]]]
     # Default LoRA leaf-module targets per group.
-    default_lora_targets: dict[str, tuple[str, ...]]
+    default_lora_targets: ClassVar[dict[str, tuple[str, ...]]]
     # Per group: modules PEFT saves beside the adapter when the group is `full` in a LoRA run.
-    modules_to_save: dict[str, tuple[str, ...]] = {}
+    modules_to_save: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Parameters the forward pass never uses (so DDP need not search for unused parameters every step).
-    never_used_parameters: tuple[str, ...] = ()
+    never_used_parameters: ClassVar[tuple[str, ...]] = ()
 
     # --- loading ---------------------------------------------------------------------------------------
     @abstractmethod
     def load_processor(self, path: str, revision: str | None = None, **options):
         """The family's processor (tokenizer + image processor + chat template) for a checkpoint; `options` are
-        the recipe's `model.processor` settings (unknown ones are errors)."""
+        the recipe's `model.processor` settings (unknown ones are errors). `path`, a folder or Hub id, goes through
+        `finetune.models.hub.resolve_checkpoint` first, so a missing one is one line, at once."""
 
     @abstractmethod
     def load_model(
@@ -61,7 +63,7 @@ class ModelFamily(ABC):
         dtype: torch.dtype = torch.float32,
         attn_implementation: str = "sdpa",
     ) -> torch.nn.Module:
-        """The model, with every checkpoint weight accounted for."""
+        """The model, with every checkpoint weight accounted for (`path` resolved as for `load_processor`)."""
 
     @abstractmethod
     def save_pretrained(
@@ -155,7 +157,17 @@ class ModelFamily(ABC):
         return rf"^(?:{'|'.join(alternatives)})$"
 
     def check_engine(self, zero_stage: int | None) -> None:
-        """Refuse, with the reason, a distributed engine this family's model cannot run under."""
+        """Refuse, with the reason, a distributed engine this family's model cannot run under. By default every
+        engine is fine; a family that cannot run under one overrides this and raises `UserError`."""
+        return None
+
+    # --- publishing ----------------------------------------------------------------------------------------
+    def serving_commands(self, repo_id: str, *, base: str | None, adapter: bool) -> list[str]:
+        """Shell lines that serve the published `repo_id` with vLLM (shown in its model card). `base`: the base
+        checkpoint an adapter applies to; `adapter`: whether `repo_id` holds a LoRA adapter or a whole model."""
+        if adapter:
+            return [f"vllm serve {base} --enable-lora --lora-modules extractor={repo_id}"]
+        return [f"vllm serve {repo_id}"]
 
     # --- training schedules ----------------------------------------------------------------------------------
     def schedule(self, name: str, path: str, revision: str | None = None) -> list[dict[str, Any]]:
@@ -176,7 +188,7 @@ class ModelFamily(ABC):
         raise UserError(f"schedule: paper: family '{self.name}' has no published schedule; give stages instead")
 
     # --- tiny checkpoints ----------------------------------------------------------------------------------
-    tiny_presets: dict[str, dict[str, Any]] = {}  # named size presets for build_tiny_checkpoint
+    tiny_presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named size presets for build_tiny_checkpoint
 
     @abstractmethod
     def build_tiny_checkpoint(self, out_dir: Path, *, seed: int = 0, **sizes) -> Path:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -33,6 +33,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from finetune.errors import UserError
 from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
+from finetune.models.hub import resolve_checkpoint
 
 # ChatML as used by llava-hf's OneVision checkpoints: images first in the user turn, then the text.
 CHAT_TEMPLATE = (
@@ -46,6 +47,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Files of a Hub checkpoint the processor reads (configs, Qwen2 tokenizer's vocab.json + merges.txt, template).
+_PROCESSOR_PATTERNS = ["*.json", "*.txt", "*.jinja"]
 # Files of a Hub checkpoint that describe the processor but that we cannot rebuild here (video processor).
 _PASS_THROUGH_FILES = ("video_preprocessor_config.json",)
 
@@ -108,19 +111,19 @@ def _to_hub_layout(out_dir: Path) -> None:
 class LlavaOnevisionFamily(ModelFamily):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
-    group_prefixes = {
+    group_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("model.vision_tower.",),
         "projector": ("model.multi_modal_projector.", "model.image_newline"),
         "llm": ("model.language_model.", "lm_head."),
     }
-    default_lora_targets = {
+    default_lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # SigLIP attention + MLP
         "projector": ("linear_1", "linear_2"),
         "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     }
     never_used_parameters = ("model.vision_tower.post_layernorm.",)
     # Modules PEFT saves beside the adapter when their group is `full` in a LoRA run.
-    modules_to_save = {
+    modules_to_save: ClassVar[dict[str, tuple[str, ...]]] = {
         "projector": ("multi_modal_projector",),
         "vision": ("vision_tower",),
         "llm": ("language_model", "lm_head"),
@@ -161,10 +164,11 @@ class LlavaOnevisionFamily(ModelFamily):
 
     def load_processor(self, path: str, revision: str | None = None, **options) -> ImageOnlyProcessor:
         if options:
-            raise ValueError(f"model.processor: llava_onevision takes no processor options, got {sorted(options)}")
-        image_processor = AutoImageProcessor.from_pretrained(path, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        processor_kwargs = ImageOnlyProcessor.get_processor_dict(path, revision=revision)[0]
+            raise UserError(f"model.processor: llava_onevision takes no processor options, got {sorted(options)}")
+        folder = resolve_checkpoint(path, revision, allow_patterns=_PROCESSOR_PATTERNS)
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        processor_kwargs = ImageOnlyProcessor.get_processor_dict(folder)[0]
         known = (
             "num_image_tokens",
             "vision_feature_select_strategy",
@@ -175,19 +179,22 @@ class LlavaOnevisionFamily(ModelFamily):
         kwargs = {k: processor_kwargs[k] for k in known if k in processor_kwargs}
         chat_template = processor_kwargs.get("chat_template") or tokenizer.chat_template
         if chat_template is None:
-            raise ValueError(f"{path}: no chat template in the processor or tokenizer files")
+            raise UserError(f"{path}: no chat template in the processor or tokenizer files")
         return ImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa"):
-        config = AutoConfig.from_pretrained(path, revision=revision)
+        folder = resolve_checkpoint(path, revision, allow_patterns=[*_PROCESSOR_PATTERNS, "*.safetensors"])
+        config = AutoConfig.from_pretrained(folder)
         if config.model_type != "llava_onevision":
-            raise ValueError(f"{path}: model_type is '{config.model_type}', expected 'llava_onevision'")
+            raise UserError(f"{path}: model_type is '{config.model_type}', expected 'llava_onevision'")
         model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, revision=revision, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+            folder, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
         )
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if problems:
             raise ValueError(f"{path}: checkpoint does not match the model: {problems}")
+        # The path as given (a Hub id, not its cache folder): what PEFT records as an adapter's base.
+        model.config._name_or_path = model.name_or_path = str(path)
         return model
 
     def save_pretrained(
@@ -258,7 +265,7 @@ class LlavaOnevisionFamily(ModelFamily):
     # "test": the fastest, with anyres tiling up to 2×2 crops of 32 px (so the tests cover it);
     # "quickstart": ~2.5M parameters, one 64 px crop, which learns to read the `digits` forms from scratch
     # in ~2 CPU minutes (0% → 100% exact match on held-out forms).
-    tiny_presets = {
+    tiny_presets: ClassVar[dict[str, dict[str, Any]]] = {
         "test": {"image_size": 32, "vision_hidden": 32, "text_hidden": 64},
         "quickstart": {
             "image_size": 64,

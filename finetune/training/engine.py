@@ -80,6 +80,17 @@ def replica_digests(accelerator: Accelerator, model: torch.nn.Module) -> list[st
     return gather_object([digest.hexdigest()])
 
 
+def check_replicas_agree(accelerator: Accelerator, model: torch.nn.Module) -> str | None:
+    """Data-parallel replicas must end bit-identical (a silent divergence would make the saved model depend on
+    which rank wrote it): returns the shared digest, None when there is nothing to compare."""
+    if accelerator.num_processes == 1 or is_sharded(accelerator):
+        return None  # sharded engines hold different shards by design
+    digests = replica_digests(accelerator, model)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"data-parallel replicas diverged: weight hashes per rank {digests}")
+    return digests[0][:12]
+
+
 def run_info(accelerator: Accelerator, *, seconds: float, steps: int) -> dict:
     """The hardware and software a run used (no paths, user names or tokens)."""
     import platform

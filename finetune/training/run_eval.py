@@ -1,48 +1,69 @@
 """Evaluation inside a training run: before / after, at stage ends and every N steps, keeping the best model.
 
-A mixin of :class:`~finetune.training.runner.FineTuneRecipe` (it uses the job's accelerator, model, samples,
-state, metrics and `save_final`), kept apart so the training loop reads on its own.
+:class:`RunEvaluator` owns what evaluating a running job needs and keeps: the answer schema and the decoding
+constraint (sized from the training targets), the metrics history (`metrics.json`) and the best score so far.
+The runner hands it the model to evaluate and a function that saves a model folder (for `best/`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune.config import ResolvedRecipe
 from finetune.constrained import JsonConstraint
 from finetune.evaluation import evaluate, write_eval
 from finetune.schema import schema_from_skeleton
 from finetune.training.engine import zero_stage
+from finetune.training.run_folder import load_metrics, save_metrics
 
 
-class EvaluationSteps:
-    """Generate-and-score evaluations of a running job."""
+class RunEvaluator:
+    """Generate-and-score evaluations of one run, with their history and the best model so far."""
 
-    def _answer_schema(self, model) -> None:
-        """The answer schema (skeleton refined by the training targets) scored as conformance, and the grammar for
-        constrained decoding with bounds sized from the training targets."""
-        e = self.recipe.eval
-        targets = [s.target for s in self.train_samples]
-        self.answer_schema = schema_from_skeleton(self.recipe.data.prompt.skeleton, targets)
+    def __init__(
+        self,
+        recipe: ResolvedRecipe,
+        *,
+        family,
+        processor,
+        accelerator,
+        run_dir: Path,
+        instruction_text: str,
+        train_targets: list[dict],
+        eval_samples: list,
+        model,
+        info: Callable,
+    ):
+        self.recipe, self.family, self.processor, self.accelerator = recipe, family, processor, accelerator
+        self.run_dir, self.instruction_text, self.samples, self._info = run_dir, instruction_text, eval_samples, info
+        skeleton = recipe.data.prompt.skeleton
+        # Conformance is scored against the skeleton refined by the training targets, never the gold answers.
+        self.answer_schema = schema_from_skeleton(skeleton, train_targets)
         self.constraint = None
-        if e.constrained:
+        if recipe.eval.constrained:
             self.constraint = JsonConstraint.for_model(
                 model,
-                self.family,
-                self.processor,
-                self.recipe.data.prompt.skeleton,
-                examples=targets,
-                max_string_length=e.max_string_length,
+                family,
+                processor,
+                skeleton,
+                examples=train_targets,
+                max_string_length=recipe.eval.max_string_length,
             )
-            self._info(
+            info(
                 f"constrained decoding: the answer schema, strings up to {self.constraint.max_string_length} "
                 f"characters, lists up to {self.constraint.max_items} items"
             )
+        self.metrics: dict = load_metrics(run_dir)  # a resumed run continues its history
+        self.last_value = float("nan")  # the latest during-training score, for the progress bar
 
-    def evaluate(self, tag: str, samples=None, *, report: bool = True) -> dict:
+    def evaluate(self, model, tag: str, step: int, samples=None, *, report: bool = True) -> dict:
         """Generate on the eval split (or `samples`) and score; writes `eval/{tag}_predictions.jsonl`,
-        `_metrics.json` and `_report.html`."""
+        `_metrics.json` and `_report.html` (and, for `after`, the run folder's own predictions and report)."""
         e, acc = self.recipe.eval, self.accelerator
         result = evaluate(
-            self.model,
-            self.eval_samples if samples is None else samples,
+            model,
+            self.samples if samples is None else samples,
             family=self.family,
             processor=self.processor,
             instruction_text=self.instruction_text,
@@ -57,13 +78,13 @@ class EvaluationSteps:
             schema=self.answer_schema,
         )
         if acc.is_main_process:
-            title = f"{self.run_dir.name}: {tag} (step {self.state.global_step})"
+            title = f"{self.run_dir.name}: {tag} (step {step})"
             write_eval(result, self.run_dir / "eval", prefix=f"{tag}_", report=report and e.report, title=title)
             if tag == "after":
-                write_eval(result, self.run_dir, report=e.report, title=title)  # the run folder's predictions
+                write_eval(result, self.run_dir, report=e.report, title=title)
         scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         group = "during" if tag.startswith(("step", "stage")) else tag  # one chart per metric across the run
-        acc.log({f"eval/{group}/{k}": v for k, v in scalars.items()}, step=self.state.global_step)
+        acc.log({f"eval/{group}/{k}": v for k, v in scalars.items()}, step=step)
         m = result.metrics
         self._info(
             f"eval {tag}: JSON exact match {m['json_exact_match']:.1%} ({e.headline}), field F1 "
@@ -72,17 +93,17 @@ class EvaluationSteps:
         )
         return result.metrics
 
-    def _evaluate_during(self, tag: str) -> dict:
-        """A mid-training evaluation on the capped subset; keeps best/ (the model scoring highest on
-        eval.best_metric so far) and records the history in metrics.json."""
+    def evaluate_during(self, model, tag: str, step: int, stage_name: str, save_best: Callable[[Path], None]) -> dict:
+        """A mid-training evaluation on the capped subset; `save_best(folder)` saves the model when it scores best
+        so far on eval.best_metric; the history goes to metrics.json."""
         e = self.recipe.eval
-        subset = self.eval_samples[: e.during_training_samples] if e.during_training_samples else self.eval_samples
-        result = self.evaluate(tag, subset, report=tag.startswith("stage"))
-        self.last_eval = value = float(result[e.best_metric])
+        subset = self.samples[: e.during_training_samples] if e.during_training_samples else self.samples
+        result = self.evaluate(model, tag, step, subset, report=tag.startswith("stage"))
+        self.last_value = value = float(result[e.best_metric])
         self.metrics.setdefault("during", []).append(
             {
-                "step": self.state.global_step,
-                "stage": self.stages[self.state.stage].name,
+                "step": step,
+                "stage": stage_name,
                 "tag": tag,
                 **{k: v for k, v in result.items() if isinstance(v, (int, float))},
             }
@@ -91,19 +112,27 @@ class EvaluationSteps:
         # A resumed run may have changed the metric or the subset: an old best is then no yardstick.
         comparable = best is not None and best["metric"] == e.best_metric and best["samples"] == len(subset)
         if not comparable or value > best["value"]:
-            self.save_final(self.run_dir / "best")
+            save_best(self.run_dir / "best")
             self.metrics["best"] = {
                 "metric": e.best_metric,
                 "value": value,
-                "step": self.state.global_step,
+                "step": step,
                 "tag": tag,
                 "samples": len(subset),
             }
             self._info(f"best {e.best_metric} so far ({value:.3f}): saved to {self.run_dir / 'best'}")
-        self._save_metrics()
+        self.save()
         return result
 
-    def _forget_evaluations_after(self, step: int) -> None:
+    def last_during_step(self) -> int | None:
+        during = self.metrics.get("during") or []
+        return during[-1]["step"] if during else None
+
+    def forget_after(self, step: int) -> None:
         """On resume: evaluations a crashed run made after its last checkpoint are made again."""
         if "during" in self.metrics:
             self.metrics["during"] = [d for d in self.metrics["during"] if d["step"] <= step]
+
+    def save(self) -> None:
+        if self.accelerator.is_main_process:
+            save_metrics(self.run_dir, self.metrics)

@@ -25,20 +25,28 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors import safe_open
-from tqdm.auto import tqdm
-from transformers import get_scheduler
 
-from finetune.config import Recipe
-from finetune.errors import UserError
+from finetune.config import Recipe, ResolvedRecipe
+from finetune.errors import Interrupted
 from finetune.models import get_family
+from finetune.progress import Progress, info
+from finetune.resolve import resolve_recipe
 from finetune.training import stages as staging
-from finetune.training.checkpoint import TrainerState, prune_checkpoints
-from finetune.training.engine import is_sharded, make_accelerator, replica_digests, run_info, zero_stage
+from finetune.training.checkpoint import (
+    TrainerState,
+    check_checkpoint_weights,
+    prune_checkpoints,
+    save_model,
+    trained_so_far,
+)
+from finetune.training.engine import check_replicas_agree, is_sharded, make_accelerator, run_info, zero_stage
+from finetune.training.interrupt import InterruptFlag
 from finetune.training.loss import causal_lm_loss
-from finetune.training.run_eval import EvaluationSteps
-from finetune.training.run_folder import flatten, load_metrics, prepare_run_dir, record_recipe, save_metrics
+from finetune.training.run_eval import RunEvaluator
+from finetune.training.run_folder import flatten, prepare_run_dir, record_recipe
+from finetune.training.sampler import batch_stream
 from finetune.training.throughput import Throughput
 from finetune.training.train_data import TrainData
 from finetune.training.tuning import (
@@ -46,41 +54,51 @@ from finetune.training.tuning import (
     check_lora_targets,
     enable_gradient_checkpointing,
     inject_lora,
-    optimizer_groups,
     set_trainable,
 )
 
 log = logging.getLogger("finetune")
 
 
-class FineTuneRecipe(EvaluationSteps):
-    """One training job described by a :class:`~finetune.config.Recipe`."""
+class FineTuneRecipe:
+    """One training job described by a recipe (resolved here, once, if it is not already)."""
 
-    def __init__(self, recipe: Recipe):
-        self.recipe = recipe
-        self.run_dir = Path(recipe.output.dir)
+    def __init__(self, recipe: Recipe | ResolvedRecipe):
+        self.recipe: ResolvedRecipe = resolve_recipe(recipe)
+        self.stages = list(self.recipe.stages)
+        self.run_dir = Path(self.recipe.output.dir)
         self.state = TrainerState()
         self.entered_stage: int | None = None  # the stage the prepared model / optimizer belong to
         self.uses_lora = False
         self.throughput = Throughput()  # samples, tokens and padding between log lines
         self.tokens_per_s = float("nan")
+        self.interrupt = InterruptFlag()  # Ctrl-C: finish the step, save a checkpoint, stop
+        # Built by setup():
+        self.family = get_family(self.recipe.model.family)
+        self.accelerator: Accelerator | None = None
+        self.processor = None
+        self.data: TrainData | None = None
+        self.instruction_text = ""
+        self.train_samples: list = []
+        self.eval_samples: list = []
+        self.evaluator: RunEvaluator | None = None
+        self.model: torch.nn.Module | None = None
+        # Built by each stage (_enter_stage):
+        self.plan: TuningPlan | None = None
+        self.optimizer = self.scheduler = self.train_loader = None
+        self.batches_per_epoch = self.stage_total = 0
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         """Build everything: accelerator, run folder, stages, data (validated, reported), model, first stage."""
         r = self.recipe
-        self.family = get_family(r.model.family)
         self.accelerator = make_accelerator(r, str(self.run_dir))
         self.family.check_engine(zero_stage(self.accelerator))
         set_seed(r.train.seed)
         resume_from = prepare_run_dir(self.run_dir, r.output.if_exists, self.accelerator)
 
         self.processor = self.family.load_processor(r.model.path, r.model.revision, **r.model.processor)
-        self.stages = staging.resolve_stages(r, self.family)
-        # The run folder records the stages that run, whichever way the recipe gave them.
-        r.schedule, r.tuning.groups = None, None
-        r.stages = self.stages
-        self.data = TrainData(r, self.family, self.processor, self.stages)
+        self.data = TrainData(r, self.family, self.processor)
         self.instruction_text = self.data.instruction_text
         self.train_samples, self.eval_samples = self.data.train_samples, self.data.eval_samples
         for report in self.data.reports:
@@ -100,8 +118,18 @@ class FineTuneRecipe(EvaluationSteps):
         if r.tuning.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         check_lora_targets(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, 0))
-        self._answer_schema(model)
-        self.metrics, self.last_eval = load_metrics(self.run_dir), float("nan")
+        self.evaluator = RunEvaluator(
+            r,
+            family=self.family,
+            processor=self.processor,
+            accelerator=self.accelerator,
+            run_dir=self.run_dir,
+            instruction_text=self.instruction_text,
+            train_targets=[s.target for s in self.train_samples],
+            eval_samples=self.eval_samples,
+            model=model,
+            info=self._info,
+        )
         self.model = model
         self.accelerator.register_save_state_pre_hook(self._keep_trained_weights_only)
         if r.tracking.report_to:
@@ -142,35 +170,20 @@ class FineTuneRecipe(EvaluationSteps):
             model, self.family, stage.groups, uses_lora=self.uses_lora, lora_later=first_lora is not None
         )
 
-        optimizer = torch.optim.AdamW(
-            optimizer_groups(model, self.family, lambda group: stage.lr[group], r.optim.weight_decay),
-            betas=r.optim.betas,
-            eps=r.optim.eps,
-        )
         loader = self.data.loader(index)
         # Batches per process and epoch as Accelerate will shard them (every process gets ceil(batches /
         # processes)), known before `prepare` because the schedule must be prepared in the same call as the
         # model: only then does DeepSpeed's checkpoint carry it.
         self.batches_per_epoch = math.ceil(len(loader) / acc.num_processes)
         main_batches = math.ceil(math.ceil(len(self.train_samples) / r.train.batch_size) / acc.num_processes)
-        self.stage_total = staging.stage_steps(
+        optimizer, scheduler, self.stage_total, warmup = staging.optimizer_and_schedule(
+            model,
+            self.family,
             self.stages,
             index,
-            r.train,
-            stage_batches_per_epoch=self.batches_per_epoch,
+            r,
+            batches_per_epoch=self.batches_per_epoch,
             main_batches_per_epoch=main_batches,
-        )
-        warmup = staging.warmup_steps(stage, r.optim.warmup_ratio, r.optim.warmup_steps, self.stage_total)
-        if warmup >= self.stage_total > 1:
-            raise UserError(
-                f"stages.{index} ({stage.name}): warmup of {warmup} steps does not end before the "
-                f"stage's {self.stage_total} steps; lower warmup_steps or use warmup_ratio"
-            )
-        scheduler = get_scheduler(
-            r.optim.scheduler if r.optim.scheduler != "constant" else "constant_with_warmup",
-            optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=self.stage_total,
         )
         self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         if len(self.train_loader) != self.batches_per_epoch:
@@ -192,16 +205,18 @@ class FineTuneRecipe(EvaluationSteps):
 
     # ------------------------------------------------------------------------------------------------- train
     def run(self) -> dict:
-        """Evaluate the base model, train every stage, evaluate again, save; returns the metrics."""
+        """Evaluate the base model, train every stage, evaluate again, save; returns the metrics. Ctrl-C while
+        training saves a checkpoint and raises `Interrupted` with the command that resumes."""
         metrics, started = self.metrics, time.time()
         if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples:
             metrics["before"] = self.evaluate("before")
-            self._save_metrics()
-        self.train()
+            self.evaluator.save()
+        with self.interrupt.catching():
+            self.train()
         self.save_final()
         if self.recipe.eval.after_training and self.eval_samples:
             metrics["after"] = self.evaluate("after")
-            self._save_metrics()
+            self.evaluator.save()
         self.accelerator.end_training()
         if self.accelerator.is_main_process:  # for the model card: how and on what it was trained
             (self.run_dir / "run_info.json").write_text(
@@ -212,6 +227,18 @@ class FineTuneRecipe(EvaluationSteps):
             )
         self._info(self._summary(metrics))
         return metrics
+
+    @property
+    def metrics(self) -> dict:
+        return self.evaluator.metrics
+
+    def evaluate(self, tag: str, samples=None, *, report: bool = True) -> dict:
+        """Generate-and-score the current model on the eval split (or `samples`), recorded under `tag`."""
+        return self.evaluator.evaluate(self.model, tag, self.state.global_step, samples, report=report)
+
+    def _evaluate_during(self, tag: str) -> dict:
+        stage = self.stages[self.state.stage].name
+        return self.evaluator.evaluate_during(self.model, tag, self.state.global_step, stage, self.save_final)
 
     def _summary(self, metrics: dict) -> str:
         def em(tag: str) -> str:
@@ -243,11 +270,10 @@ class FineTuneRecipe(EvaluationSteps):
             stage = self.stages[index]
             if index == len(self.stages) - 1:
                 # The final weights compete for best/ too, whenever evaluations during training happen.
-                during = self.metrics.get("during") or []
                 if (
                     self.eval_samples
                     and (self.recipe.eval.every_steps or len(self.stages) > 1)
-                    and (not during or during[-1]["step"] != self.state.global_step)
+                    and self.evaluator.last_during_step() != self.state.global_step
                 ):
                     self._evaluate_during(f"step{self.state.global_step}")
                 break
@@ -262,14 +288,14 @@ class FineTuneRecipe(EvaluationSteps):
         r, acc = self.recipe, self.accelerator
         G = r.train.grad_accum
         stage = self.stages[self.state.stage]
-        batches = self._batch_stream()
+        batches = batch_stream(self.train_loader, self.accelerator, self.state, self.batches_per_epoch)
         self.model.train()
-        bar = tqdm(
-            total=self.stage_total,
+        bar = Progress(
+            self.stage_total,
             initial=self.state.stage_step,
             disable=not acc.is_main_process,
             desc=f"stage {self.state.stage + 1}/{len(self.stages)} {stage.name}",
-            dynamic_ncols=True,
+            unit="step",
         )
         self.throughput.reset()
         while self.state.stage_step < self.stage_total:
@@ -302,41 +328,21 @@ class FineTuneRecipe(EvaluationSteps):
             every = r.eval.every_steps
             if every and self.eval_samples and self.state.global_step % every == 0:
                 self._evaluate_during(f"step{self.state.global_step}")
-                bar.set_postfix_str(f"{bar.postfix}, {r.eval.best_metric}={self.last_eval:.3f}")
             every = r.train.checkpoint_every
-            if every and (self.state.global_step % every == 0 or self.state.stage_step == self.stage_total):
+            saved = every and (self.state.global_step % every == 0 or self.state.stage_step == self.stage_total)
+            if saved:
                 self.save_checkpoint()
+            if self.interrupt.agreed(acc):
+                bar.close()
+                self._stop_interrupted(already_saved=bool(saved))
         bar.close()
 
     def _check_replicas_agree(self) -> None:
-        """Data-parallel replicas must end bit-identical; a silent divergence would make the saved model depend
-        on which rank wrote it."""
-        if self.accelerator.num_processes == 1 or is_sharded(self.accelerator):
-            return  # sharded engines hold different shards by design
-        digests = replica_digests(self.accelerator, self.model)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"data-parallel replicas diverged: weight hashes per rank {digests}")
-        self._info(f"trainable weights identical on all {len(digests)} processes (sha256 {digests[0][:12]})")
-
-    def _batch_stream(self):
-        """Micro-batches forever, epoch after epoch, resuming mid-epoch exactly where the state says."""
-        while True:
-            epoch = self.state.epoch
-            self.train_loader.set_epoch(epoch)
-            loader = self.train_loader
-            if self.state.batches_in_epoch:
-                loader = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
-            for batch in loader:
-                self.state.batches_in_epoch += 1
-                if self.state.batches_in_epoch == self.batches_per_epoch:
-                    # Advance now, not after the loop, so a checkpoint taken here says "next epoch, batch 0".
-                    self.state.epoch, self.state.batches_in_epoch = epoch + 1, 0
-                yield batch
-            if self.state.epoch == epoch:
-                raise RuntimeError(
-                    f"epoch {epoch} ended after {self.state.batches_in_epoch} batches, "
-                    f"expected {self.batches_per_epoch}"
-                )
+        digest = check_replicas_agree(self.accelerator, self.model)
+        if digest:
+            self._info(
+                f"trainable weights identical on all {self.accelerator.num_processes} processes (sha256 {digest})"
+            )
 
     def _log_step(self, bar, loss: float) -> None:
         step, stage = self.state.global_step, self.stages[self.state.stage]
@@ -347,8 +353,15 @@ class FineTuneRecipe(EvaluationSteps):
         rates = self.throughput.take(lambda counts: acc.reduce(counts.to(acc.device), "sum").cpu()) if logs else {}
         self.tokens_per_s = rates.get("tokens_per_s", self.tokens_per_s)
         bar.update(1)
+        extra = {}
+        if self.recipe.eval.every_steps:
+            extra[self.recipe.eval.best_metric] = f"{self.evaluator.last_value:.3f}"
         bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{self.tokens_per_s:,.0f}", epoch=self.state.epoch
+            loss=f"{loss:.4f}",
+            lr=f"{max(lrs.values()):.2e}",
+            tok_s=f"{self.tokens_per_s:,.0f}",
+            epoch=self.state.epoch,
+            **extra,
         )
         if logs:
             record = {
@@ -378,12 +391,7 @@ class FineTuneRecipe(EvaluationSteps):
         return path
 
     def _trained_so_far(self, name: str) -> bool:
-        """Whether a weight may differ from the base checkpoint: LoRA weights, and every weight of a group
-        trained fully in this or an earlier stage (it is frozen now, but no longer the base checkpoint's)."""
-        if ".lora_" in name:
-            return True
-        group = self.family.group_of(name)
-        return any(s.groups.get(group) == "full" for s in self.stages[: self.state.stage + 1])
+        return trained_so_far(name, self.family, self.stages[: self.state.stage + 1])
 
     def _keep_trained_weights_only(self, models, weights, output_dir) -> None:
         # Untouched weights come back from the base checkpoint on resume; saving them would make every LoRA
@@ -394,13 +402,14 @@ class FineTuneRecipe(EvaluationSteps):
     def _resume(self, checkpoint: Path) -> None:
         """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
         self.state = TrainerState.load(checkpoint)
-        self._forget_evaluations_after(self.state.global_step)
+        self.evaluator.forget_after(self.state.global_step)
         self._enter_stage(self.state.stage)
         # Non-strict: our checkpoints hold only the weights that trained (checked just after); DeepSpeed's own
         # checkpoints hold every weight and take their strictness flag under another name.
         strict = {"load_module_strict": False} if zero_stage(self.accelerator) is not None else {"strict": False}
         self.accelerator.load_state(str(checkpoint), **strict)
-        self._check_checkpoint_weights(checkpoint)
+        if not is_sharded(self.accelerator):  # sharded engines check their own files
+            check_checkpoint_weights(checkpoint, self.accelerator.unwrap_model(self.model), self._trained_so_far)
         stage = self.stages[self.state.stage]
         self._info(
             f"resumed from {checkpoint} at step {self.state.global_step}: stage {self.state.stage + 1} "
@@ -408,59 +417,39 @@ class FineTuneRecipe(EvaluationSteps):
             f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch})"
         )
 
-    def _check_checkpoint_weights(self, checkpoint: Path) -> None:
-        """A non-strict load skips names it does not know: a mismatch would silently restart some weights from
-        the base checkpoint, so every trained weight must be in the file and every name in the file known."""
-        file = checkpoint / "model.safetensors"
-        if is_sharded(self.accelerator) or not file.exists():
-            return
-        with safe_open(str(file), framework="pt") as handle:
-            saved = {k.removeprefix("module.") for k in handle.keys()}  # noqa: SIM118 (not a dict)  # noqa: SIM118 (safe_open is not a dict)
-        model = self.accelerator.unwrap_model(self.model)
-        names = set(model.state_dict())
-        expected = {n for n, p in model.named_parameters() if self._trained_so_far(n)}
-        if saved - names or expected - saved:
-            raise RuntimeError(
-                f"{file}: checkpoint does not match the model: unknown {sorted(saved - names)[:3]}, "
-                f"missing {sorted(expected - saved)[:3]}"
-            )
-
     # ------------------------------------------------------------------------------------------------- save
     def save_final(self, out: Path | None = None) -> Path:
         """`final/` (or `out`): the adapter (LoRA runs) or the whole model, with processor, tokenizer, chat
         template and prompt.json."""
         out = out or self.run_dir / "final"
-        state_dict = self.accelerator.get_state_dict(self.model)  # gathers sharded (ZeRO-3 / FSDP) weights
-        if self.accelerator.is_main_process:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            if self.uses_lora:
-                unwrapped.save_pretrained(out, state_dict=state_dict)
-                self.processor.save_pretrained(out)
-            else:
-                self.family.save_pretrained(
-                    unwrapped, self.processor, out, source_path=self.recipe.model.path, state_dict=state_dict
-                )
-            # The instruction the model was trained with: prompting it any other way loses accuracy.
-            (out / "prompt.json").write_text(
-                json.dumps(
-                    {"instruction": self.instruction_text, "skeleton": self.recipe.data.prompt.skeleton},
-                    indent=2,
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-            self._info(f"saved {'adapter' if self.uses_lora else 'model'} to {out}")
-        self.accelerator.wait_for_everyone()
+        prompt = {"instruction": self.instruction_text, "skeleton": self.recipe.data.prompt.skeleton}
+        save_model(
+            self.accelerator,
+            self.model,
+            out,
+            family=self.family,
+            processor=self.processor,
+            adapter=self.uses_lora,
+            source_path=self.recipe.model.path,
+            prompt=prompt,
+        )
+        self._info(f"saved {'adapter' if self.uses_lora else 'model'} to {out}")
         return out
 
-    def _save_metrics(self) -> None:
-        if self.accelerator.is_main_process:
-            save_metrics(self.run_dir, self.metrics)
+    def _stop_interrupted(self, *, already_saved: bool) -> None:
+        """After Ctrl-C: the step that was running has finished; save it and stop with the resume command."""
+        path = self.run_dir / "checkpoints" / f"step_{self.state.global_step:06d}"
+        if not already_saved:
+            path = self.save_checkpoint()
+        raise Interrupted(
+            f"interrupted at step {self.state.global_step} (stage '{self.stages[self.state.stage].name}'); "
+            f"checkpoint saved to {path}; resume with the same command and output.if_exists=resume"
+        )
 
     def _info(self, message: str) -> None:
-        if self.accelerator.is_main_process:
-            tqdm.write(f"[finetune] {message}")
-            log.info(message)
+        if self.accelerator is None or self.accelerator.is_main_process:
+            info(message)
+            log.debug(message)
 
 
 def _tracker_kwargs(recipe: Recipe) -> dict:

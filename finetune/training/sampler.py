@@ -91,3 +91,24 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
             )
             indices = [indices[i] for i in grouped]
         return iter(indices)
+
+
+def batch_stream(train_loader, accelerator, state, batches_per_epoch: int):
+    """Micro-batches forever, epoch after epoch, resuming mid-epoch exactly where `state` (a TrainerState) says;
+    advances `state.epoch` / `state.batches_in_epoch` as it goes."""
+    while True:
+        epoch = state.epoch
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if state.batches_in_epoch:
+            loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
+        for batch in loader:
+            state.batches_in_epoch += 1
+            if state.batches_in_epoch == batches_per_epoch:
+                # Advance now, not after the loop, so a checkpoint taken here says "next epoch, batch 0".
+                state.epoch, state.batches_in_epoch = epoch + 1, 0
+            yield batch
+        if state.epoch == epoch:
+            raise RuntimeError(
+                f"epoch {epoch} ended after {state.batches_in_epoch} batches, expected {batches_per_epoch}"
+            )

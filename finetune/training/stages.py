@@ -1,14 +1,7 @@
-"""Training stages: what trains in each stage of one job, at which learning rates, for how many steps.
+"""Training stages at run time: which adapters exist when, and how many optimizer steps each stage takes.
 
-A recipe gives its stages in one of three ways (exactly one):
-
-- `stages:` — an explicit list (name, mode per module group, learning rates, budget, warmup, data, eval);
-- `schedule: paper | lora | full` — shorthands the model family expands (`paper` is the family's published
-  schedule adapted to fine-tuning on the user's data; see `ModelFamily.schedule`);
-- neither — one stage named `train` from `tuning.groups`, `optim.lr` and the train budget (a plain run).
-
-`resolve_stages` turns any of them into a list of :class:`~finetune.config.StageSection` whose `lr` is a
-mapping with one learning rate per trainable group, so the run folder's `recipe.yaml` records exactly what ran.
+Which stages a recipe runs (`stages:`, a `schedule:` preset, or one plain stage) and every rule they obey are
+settled before the run by `finetune.resolve`; the runner reads the resolved `recipe.stages`.
 
 LoRA across stages: adapters are created at the start of the first stage that puts a group in `lora` mode,
 for every group that is `lora` in that stage or a later one (one PEFT adapter, so the result saves and loads
@@ -24,73 +17,14 @@ One group cannot be `lora` in one stage and `full` in another: its adapter and i
 
 from __future__ import annotations
 
-import difflib
 import math
 
-from finetune.config import DEFAULT_GROUPS, Recipe, StageSection, TrainSection
+import torch
+from transformers import get_scheduler
+
+from finetune.config import StageSection, TrainSection
 from finetune.errors import UserError
-from finetune.models.base import ModelFamily
-
-
-def stage_problems(
-    stage: StageSection, family_groups: tuple[str, ...] | list[str], default_lr: float | dict[str, float]
-) -> list[tuple[str, str]]:
-    """What is wrong with one stage, as (key path inside the stage, message) pairs; empty when it is usable."""
-    problems = []
-    for group in stage.groups:
-        if group not in family_groups:
-            close = difflib.get_close_matches(group, family_groups, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"groups: {', '.join(family_groups)}"
-            problems.append((f"groups.{group}", f"no group '{group}' ({hint})"))
-    missing = [g for g in family_groups if g not in stage.groups]
-    if missing:
-        problems.append(("groups", f"give a mode (frozen, full, lora) for every group: missing {', '.join(missing)}"))
-    trainable = [g for g, mode in stage.groups.items() if mode != "frozen"]
-    if not trainable:
-        problems.append(("groups", "every group is frozen: the stage would train nothing"))
-    if isinstance(stage.lr, dict):  # a stage's own rates name exactly what it trains
-        for group in stage.lr:
-            if group not in stage.groups:
-                problems.append((f"lr.{group}", f"no group '{group}' in this stage"))
-            elif stage.groups[group] == "frozen":
-                problems.append((f"lr.{group}", f"group '{group}' is frozen in this stage"))
-    lr = stage.lr if stage.lr is not None else default_lr
-    if isinstance(lr, dict):  # optim.lr may also name groups this stage keeps frozen
-        without = [g for g in trainable if g not in lr]
-        if without:
-            where = "lr" if stage.lr is not None else "(optim.lr)"
-            problems.append((where, f"no learning rate for trainable group(s) {', '.join(without)}"))
-    return problems
-
-
-def resolve_stages(recipe: Recipe, family: ModelFamily) -> list[StageSection]:
-    """The recipe's stages with one learning rate per trainable group; presets expanded by the family."""
-    if recipe.stages:
-        stages = [stage.model_copy(deep=True) for stage in recipe.stages]
-    elif recipe.schedule:
-        stages = [
-            StageSection.model_validate(s)
-            for s in family.schedule(recipe.schedule, recipe.model.path, recipe.model.revision)
-        ]
-    else:
-        stages = [StageSection(name="train", groups=dict(recipe.tuning.groups or DEFAULT_GROUPS))]
-    for i, stage in enumerate(stages):
-        problems = stage_problems(stage, tuple(family.group_prefixes), recipe.optim.lr)
-        if problems:
-            key, message = problems[0]
-            raise UserError(f"stages.{i}.{key} ({stage.name}): {message}")
-        lr = stage.lr if stage.lr is not None else recipe.optim.lr
-        stage.lr = {g: (lr[g] if isinstance(lr, dict) else lr) for g, m in stage.groups.items() if m != "frozen"}
-    shares = sum(stage.fraction or 0 for stage in stages)
-    if shares > 1 + 1e-9:
-        raise UserError(f"stages: the fractions of the train budget add up to {shares:g} (> 1)")
-    both = sorted(set(full_groups(stages)) & {g for s in stages for g, m in s.groups.items() if m == "lora"})
-    if both:
-        raise UserError(
-            f"stages: group(s) {', '.join(both)} are lora in one stage and full in another; "
-            f"a group's adapter and its full copy cannot both train (split the run in two)"
-        )
-    return stages
+from finetune.training.tuning import optimizer_groups
 
 
 def lora_groups_from(stages: list[StageSection], index: int) -> list[str]:
@@ -143,3 +77,39 @@ def warmup_steps(stage: StageSection, default_ratio: float, default_steps: int |
     if stage.warmup_ratio is not None:
         return round(stage.warmup_ratio * steps)
     return default_steps if default_steps is not None else round(default_ratio * steps)
+
+
+def optimizer_and_schedule(
+    model,
+    family,
+    stages: list[StageSection],
+    index: int,
+    recipe,
+    *,
+    batches_per_epoch: int,
+    main_batches_per_epoch: int,
+):
+    """A stage's fresh AdamW (one parameter group per module group, at the stage's rates) and its warmup + decay
+    schedule; returns (optimizer, scheduler, the stage's optimizer steps, warmup steps)."""
+    stage, optim = stages[index], recipe.optim
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, family, lambda group: stage.lr[group], optim.weight_decay),
+        betas=optim.betas,
+        eps=optim.eps,
+    )
+    total = stage_steps(
+        stages,
+        index,
+        recipe.train,
+        stage_batches_per_epoch=batches_per_epoch,
+        main_batches_per_epoch=main_batches_per_epoch,
+    )
+    warmup = warmup_steps(stage, optim.warmup_ratio, optim.warmup_steps, total)
+    if warmup >= total > 1:
+        raise UserError(
+            f"{recipe.where(f'stages.{index}')}: stages.{index} ({stage.name}): warmup of {warmup} steps does not end "
+            f"before the stage's {total} steps; lower warmup_steps or use warmup_ratio"
+        )
+    kind = optim.scheduler if optim.scheduler != "constant" else "constant_with_warmup"
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    return optimizer, scheduler, total, warmup

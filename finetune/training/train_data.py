@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import Recipe, StageSection
+from finetune.config import ResolvedRecipe, StageSection
 from finetune.data.dataset import Collator, DataReport, DocumentDataset, Sample, prepare_samples
-from finetune.data.prompt import derive_skeleton, render_instruction
-from finetune.data.sources import read_records
+from finetune.data.prompt import render_instruction
+from finetune.errors import UserError
 from finetune.models.base import ModelFamily
 from finetune.training.sampler import EpochLengthGroupedSampler, MixtureSampler
 
@@ -33,24 +33,17 @@ class StageSamples:
 class TrainData:
     """Reads, validates and reports every split a recipe names (stage data included) before step 1."""
 
-    def __init__(self, recipe: Recipe, family: ModelFamily, processor, stages: list[StageSection]):
+    def __init__(self, recipe: ResolvedRecipe, family: ModelFamily, processor):
         self.recipe, self.family, self.processor = recipe, family, processor
         d = recipe.data
-        skeleton = d.prompt.skeleton
-        if skeleton is None:
-            skeleton = derive_skeleton(
-                rec.target
-                for rec in read_records(d.train, image_column=d.image_column, target_column=d.target_column)
-                if isinstance(rec.target, dict)
-            )
-        d.prompt.skeleton = skeleton  # recorded in recipe.yaml: the exact prompt a trained model expects
-        self.instruction_text = render_instruction(d.prompt.instruction, skeleton)
+        stages = recipe.stages
+        self.instruction_text = render_instruction(d.prompt.instruction, d.prompt.skeleton)
         self.reports: list[DataReport] = []
         self._prepared: dict[str, list[Sample]] = {}
 
         self.train_samples = self._samples(d.train, "train", limit=d.max_train_samples)
         if not self.train_samples:
-            raise ValueError(f"data.train: no usable samples ({self.reports[0].summary()})")
+            raise UserError(f"data.train: no usable samples ({self.reports[0].summary()})")
         eval_source = getattr(d, recipe.eval.split)
         self.eval_samples = (
             self._samples(eval_source, recipe.eval.split, limit=recipe.eval.max_samples)
@@ -84,7 +77,7 @@ class TrainData:
                 target_column=d.target_column,
             )
             if not samples:
-                raise ValueError(f"{split} ({source}): no usable samples ({report.summary()})")
+                raise UserError(f"{split} ({source}): no usable samples ({report.summary()})")
             self._prepared[key] = samples
             self.reports.append(report)
         return self._prepared[key]

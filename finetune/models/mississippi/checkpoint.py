@@ -4,20 +4,9 @@
 The Hub remote code (`H2OVLChatModel`, model_type `h2ovl_chat`) does not run on transformers 5, but the network is
 InternVL's: InternViT → pixel shuffle (`ps_version` v2) → `mlp1` (LayerNorm, Linear, GELU, Linear) → a Llama
 (mississippi-800m) or Mistral (mississippi-2b) LLM, which the native class implements with other weight names:
-
-    original (config.json model_type h2ovl_chat)       native (InternVLForConditionalGeneration)
-    vision_model.embeddings.class_embedding            model.vision_tower.embeddings.cls_token
-    vision_model.embeddings.position_embedding         model.vision_tower.embeddings.position_embeddings
-    vision_model.embeddings.patch_embedding.*          model.vision_tower.embeddings.patch_embeddings.projection.*
-    vision_model.encoder.layers.N.attn.qkv.*           model.vision_tower.encoder.layer.N.attention.{q,k,v}_proj.*
-                                                         (rows split in thirds: q, k, v; fused again on saving)
-    vision_model.encoder.layers.N.attn.proj.*          ....layer.N.attention.projection_layer.*
-    vision_model.encoder.layers.N.mlp.fc{1,2}.*        ....layer.N.mlp.fc{1,2}.*
-    vision_model.encoder.layers.N.norm1 / norm2 .*     ....layer.N.layernorm_before / layernorm_after .*
-    vision_model.encoder.layers.N.ls1 / ls2            ....layer.N.lambda_1 / lambda_2
-    mlp1.0 / mlp1.1 / mlp1.3 .*                        model.multi_modal_projector.layer_norm / linear_1 / linear_2 .*
-    language_model.model.*                             model.language_model.*
-    language_model.lm_head.weight                      lm_head.weight
+`NAME_TABLE` below lists them, original beside native, and both directions of the mapping are derived from it.
+InternViT's fused `attn.qkv` is the one tensor that is not a rename: its rows are split in thirds into the native
+q / k / v projections, and fused again on saving.
 
 InternViT has no final norm, so the native vision config uses `use_mean_pooling=True` (an Identity there). Its
 `hidden_states` count the embeddings first, as InternViT's do, so `select_layer` maps to `vision_feature_layer`
@@ -26,12 +15,12 @@ native counterpart are ignored: InternViT's `drop_path_rate` (stochastic depth: 
 fine-tune here runs without it) and `use_flash_attn` (the attention implementation is chosen at load time).
 
 API:
-    (configs: finetune.models.h2ovl_config.read_original_config / native_config)
+    (configs: finetune.models.mississippi.config.read_original_config / native_config)
     original_to_native(state) / native_to_original(state) key mapping (+ q/k/v split and fusion), exact inverses
     load_h2ovl(path, revision=, dtype=, attn_implementation=) -> InternVLForConditionalGeneration
     save_original(model, out_dir, original_config, state_dict=, dtype=)   config.json + model.safetensors
     copy_tokenizer_files(src, dst)
-    (tiny random checkpoints in this layout: finetune.models.h2ovl_tiny.build_tiny_h2ovl)
+    (tiny random checkpoints in this layout: finetune.models.mississippi.tiny.build_tiny_h2ovl)
 """
 
 from __future__ import annotations
@@ -50,11 +39,13 @@ from transformers import (
 )
 
 from finetune.errors import UserError
-from finetune.models.h2ovl_config import native_config, read_original_config
-from finetune.models.h2ovl_image import IMG_CONTEXT
+from finetune.models.hub import resolve_checkpoint
+from finetune.models.mississippi.config import native_config, read_original_config
+from finetune.models.mississippi.image import IMG_CONTEXT
 
-# Files a checkpoint needs besides its code: configs, weights, tokenizer.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.py"]  # .py: remote code, for original/
+# Files of a Hub checkpoint we read: configs, tokenizer and remote code (.py, copied into original/), and weights.
+SIDE_FILE_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "*.py"]
+HUB_PATTERNS = [*SIDE_FILE_PATTERNS, "*.safetensors"]
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -66,50 +57,40 @@ TOKENIZER_FILES = (
 )
 
 # --- key mapping ---------------------------------------------------------------------------------------------------
-_V, _NV = r"vision_model\.", "model.vision_tower."
-_L, _NL = r"vision_model\.encoder\.layers\.(\d+)\.", r"model.vision_tower.encoder.layer.\1."
-_WB = r"(weight|bias)"
+_VIT, _NATIVE_VIT = "vision_model.", "model.vision_tower."
+_LAYER, _NATIVE_LAYER = "vision_model.encoder.layers.{layer}.", "model.vision_tower.encoder.layer.{layer}."
+# (original name, native name): one-to-one renames. A `{placeholder}` stands for the same text on both sides.
+NAME_TABLE = (
+    (_VIT + "embeddings.class_embedding", _NATIVE_VIT + "embeddings.cls_token"),
+    (_VIT + "embeddings.position_embedding", _NATIVE_VIT + "embeddings.position_embeddings"),
+    (_VIT + "embeddings.patch_embedding.{wb}", _NATIVE_VIT + "embeddings.patch_embeddings.projection.{wb}"),
+    (_LAYER + "attn.proj.{wb}", _NATIVE_LAYER + "attention.projection_layer.{wb}"),
+    (_LAYER + "mlp.{fc}.{wb}", _NATIVE_LAYER + "mlp.{fc}.{wb}"),
+    (_LAYER + "norm1.{wb}", _NATIVE_LAYER + "layernorm_before.{wb}"),
+    (_LAYER + "norm2.{wb}", _NATIVE_LAYER + "layernorm_after.{wb}"),
+    (_LAYER + "ls1", _NATIVE_LAYER + "lambda_1"),
+    (_LAYER + "ls2", _NATIVE_LAYER + "lambda_2"),
+    ("mlp1.0.{wb}", "model.multi_modal_projector.layer_norm.{wb}"),
+    ("mlp1.1.{wb}", "model.multi_modal_projector.linear_1.{wb}"),
+    ("mlp1.3.{wb}", "model.multi_modal_projector.linear_2.{wb}"),
+    ("language_model.model.{rest}", "model.language_model.{rest}"),
+    ("language_model.lm_head.weight", "lm_head.weight"),
+)
+# The fused InternViT projection and its three native parts (`{part}`: q, k, v), split and fused in code.
+QKV_ORIGINAL, QKV_NATIVE = _LAYER + "attn.qkv.{wb}", _NATIVE_LAYER + "attention.{part}_proj.{wb}"
+_PLACEHOLDERS = {"layer": r"\d+", "wb": "weight|bias", "fc": "fc1|fc2", "part": "q|k|v", "rest": ".+"}
 
-# (original regex, native replacement): one-to-one renames.
-_TO_NATIVE = [
-    (_V + r"embeddings\.class_embedding", _NV + "embeddings.cls_token"),
-    (_V + r"embeddings\.position_embedding", _NV + "embeddings.position_embeddings"),
-    (_V + r"embeddings\.patch_embedding\." + _WB, _NV + r"embeddings.patch_embeddings.projection.\1"),
-    (_L + r"attn\.proj\." + _WB, _NL + r"attention.projection_layer.\2"),
-    (_L + r"mlp\.(fc1|fc2)\." + _WB, _NL + r"mlp.\2.\3"),
-    (_L + r"norm1\." + _WB, _NL + r"layernorm_before.\2"),
-    (_L + r"norm2\." + _WB, _NL + r"layernorm_after.\2"),
-    (_L + r"ls1", _NL + "lambda_1"),
-    (_L + r"ls2", _NL + "lambda_2"),
-    (r"mlp1\.0\." + _WB, r"model.multi_modal_projector.layer_norm.\1"),
-    (r"mlp1\.1\." + _WB, r"model.multi_modal_projector.linear_1.\1"),
-    (r"mlp1\.3\." + _WB, r"model.multi_modal_projector.linear_2.\1"),
-    (r"language_model\.model\.(.+)", r"model.language_model.\1"),
-    (r"language_model\.lm_head\.weight", "lm_head.weight"),
-]
-_NV_RE, _NL_RE = r"model\.vision_tower\.", r"model\.vision_tower\.encoder\.layer\.(\d+)\."
-_OL = r"vision_model.encoder.layers.\1."
-# (native regex, original replacement): the exact inverse of _TO_NATIVE.
-_TO_ORIGINAL = [
-    (_NV_RE + r"embeddings\.cls_token", "vision_model.embeddings.class_embedding"),
-    (_NV_RE + r"embeddings\.position_embeddings", "vision_model.embeddings.position_embedding"),
-    (_NV_RE + r"embeddings\.patch_embeddings\.projection\." + _WB, r"vision_model.embeddings.patch_embedding.\1"),
-    (_NL_RE + r"attention\.projection_layer\." + _WB, _OL + r"attn.proj.\2"),
-    (_NL_RE + r"mlp\.(fc1|fc2)\." + _WB, _OL + r"mlp.\2.\3"),
-    (_NL_RE + r"layernorm_before\." + _WB, _OL + r"norm1.\2"),
-    (_NL_RE + r"layernorm_after\." + _WB, _OL + r"norm2.\2"),
-    (_NL_RE + r"lambda_1", _OL + "ls1"),
-    (_NL_RE + r"lambda_2", _OL + "ls2"),
-    (r"model\.multi_modal_projector\.layer_norm\." + _WB, r"mlp1.0.\1"),
-    (r"model\.multi_modal_projector\.linear_1\." + _WB, r"mlp1.1.\1"),
-    (r"model\.multi_modal_projector\.linear_2\." + _WB, r"mlp1.3.\1"),
-    (r"model\.language_model\.(.+)", r"language_model.model.\1"),
-    (r"lm_head\.weight", "language_model.lm_head.weight"),
-]
-_QKV_RE = re.compile(_L + r"attn\.qkv\." + _WB)
-_QKV_NATIVE_RE = re.compile(_NL_RE + r"attention\.(q|k|v)_proj\." + _WB)
-_TO_NATIVE_C = [(re.compile(p), r) for p, r in _TO_NATIVE]
-_TO_ORIGINAL_C = [(re.compile(p), r) for p, r in _TO_ORIGINAL]
+
+def _compile(name_pattern: str) -> re.Pattern:
+    """A name pattern as a regex: literal text escaped, each `{placeholder}` a named group."""
+    pieces = re.split(r"\{(\w+)\}", name_pattern)  # literal, placeholder, literal, ..., literal
+    return re.compile("".join(f"(?P<{p}>{_PLACEHOLDERS[p]})" if i % 2 else re.escape(p) for i, p in enumerate(pieces)))
+
+
+# Both directions from the one table: (regex of one side, the other side as a `str.format` template).
+_TO_NATIVE = [(_compile(original), native) for original, native in NAME_TABLE]
+_TO_ORIGINAL = [(_compile(native), original) for original, native in NAME_TABLE]
+_QKV_ORIGINAL_RE, _QKV_NATIVE_RE = _compile(QKV_ORIGINAL), _compile(QKV_NATIVE)
 
 
 def _names(keys: Iterable[str], limit: int = 6) -> str:
@@ -118,10 +99,11 @@ def _names(keys: Iterable[str], limit: int = 6) -> str:
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _rename(key: str, rules) -> str | None:
-    for pattern, replacement in rules:
-        if pattern.fullmatch(key):
-            return pattern.sub(replacement, key)
+def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, template in rules:
+        match = pattern.fullmatch(key)
+        if match:
+            return template.format(**match.groupdict())
     return None
 
 
@@ -134,16 +116,15 @@ def original_to_native(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     native: dict[str, torch.Tensor] = {}
     unmapped = []
     for key, tensor in state.items():
-        qkv = _QKV_RE.fullmatch(key)
+        qkv = _QKV_ORIGINAL_RE.fullmatch(key)
         if qkv:
             if tensor.shape[0] % 3:
                 raise UserError(f"tensor {key} has shape {tuple(tensor.shape)}: its first dimension is not 3 × hidden")
-            layer, kind = qkv.groups()
             # clone: three views of one storage would make tied-looking parameters
-            for name, part in zip("qkv", torch.chunk(tensor, 3, dim=0), strict=True):
-                native[f"model.vision_tower.encoder.layer.{layer}.attention.{name}_proj.{kind}"] = part.clone()
+            for part, rows in zip("qkv", torch.chunk(tensor, 3, dim=0), strict=True):
+                native[QKV_NATIVE.format(part=part, **qkv.groupdict())] = rows.clone()
             continue
-        new = _rename(key, _TO_NATIVE_C)
+        new = _rename(key, _TO_NATIVE)
         if new is None:
             unmapped.append(key)
         else:
@@ -162,36 +143,24 @@ def native_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     for key, tensor in state.items():
         qkv = _QKV_NATIVE_RE.fullmatch(key)
         if qkv:
-            layer, name, kind = qkv.groups()
-            parts.setdefault((layer, kind), {})[name] = tensor
+            parts.setdefault((qkv["layer"], qkv["wb"]), {})[qkv["part"]] = tensor
             continue
-        new = _rename(key, _TO_ORIGINAL_C)
+        new = _rename(key, _TO_ORIGINAL)
         if new is None:
             unmapped.append(key)
         else:
             original[new] = tensor
     if unmapped:
         raise UserError(f"{len(unmapped)} tensor(s) have no place in the original H2OVL layout: {_names(unmapped)}")
-    for (layer, kind), qkv in sorted(parts.items()):
-        absent = [f"model.vision_tower.encoder.layer.{layer}.attention.{n}_proj.{kind}" for n in "qkv" if n not in qkv]
+    for (layer, wb), qkv in sorted(parts.items()):
+        absent = [QKV_NATIVE.format(layer=layer, part=part, wb=wb) for part in "qkv" if part not in qkv]
         if absent:
             raise UserError(f"cannot fuse attn.qkv of vision layer {layer}: missing {_names(absent)}")
-        original[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat([qkv[n] for n in "qkv"], dim=0)
+        original[QKV_ORIGINAL.format(layer=layer, wb=wb)] = torch.cat([qkv[part] for part in "qkv"], dim=0)
     return original
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
-def local_folder(path: str | Path, revision: str | None) -> Path:
-    """A local folder as is; a Hub id downloaded (or found in the cache) with the files a checkpoint needs."""
-    if Path(path).is_dir():
-        return Path(path)
-    if Path(path).exists() or str(path).startswith((".", "/", "~")):
-        raise UserError(f"{path}: not a checkpoint folder")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path), revision=revision, allow_patterns=HUB_PATTERNS))
-
-
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -270,12 +239,13 @@ def load_h2ovl(
     from safetensors import safe_open
     from transformers import AutoTokenizer, GenerationConfig, PreTrainedConfig
 
-    folder = local_folder(path, revision)
+    folder = resolve_checkpoint(path, revision, allow_patterns=HUB_PATTERNS)
     config_file = folder / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "internvl":
-        return InternVLForConditionalGeneration.from_pretrained(
+        model = InternVLForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, attn_implementation=attn_implementation
         )
+        return _named(model, path)
     original = read_original_config(folder)
     # An empty config: otherwise AutoTokenizer reads config.json, whose auto_map asks whether to run remote code.
     tokenizer = AutoTokenizer.from_pretrained(folder, config=PreTrainedConfig(), trust_remote_code=False)
@@ -298,8 +268,13 @@ def load_h2ovl(
     )
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
+    return _named(model, path)
+
+
+def _named(model: InternVLForConditionalGeneration, path: str | Path) -> InternVLForConditionalGeneration:
+    # The path as the user gave it (a Hub id, not its cache folder): what PEFT records as an adapter's base.
     model.config._name_or_path = str(path)
-    model.name_or_path = str(path)  # what PEFT records as the adapter's base_model_name_or_path
+    model.name_or_path = str(path)
     return model.eval()
 
 

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
 
-from finetune.models import h2ovl_config, h2ovl_image
+from finetune.errors import UserError
+from finetune.models.hub import resolve_checkpoint
+from finetune.models.mississippi import config as h2ovl_config
+from finetune.models.mississippi import image as h2ovl_image
 
 # `h2ogpt2` (H2OVL's conversation.py: roles <|prompt|> / <|answer|>, separator <|end|>, system message prepended
 # as is, no separator after it). Whether the Hub tokenizer adds BOS is unconfirmed; this one does not. Content may be
@@ -43,6 +45,8 @@ H2OGPT2_CHAT_TEMPLATE = (
 )
 
 CONFIG_NAME = "h2ovl_processor_config.json"
+# What a processor reads from a Hub checkpoint: configs and tokenizer, not the weights.
+PROCESSOR_PATTERNS = ["*.json", "tokenizer.model", "*.jinja"]
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -88,38 +92,28 @@ class H2OVLProcessor:
     @classmethod
     def from_pretrained(cls, path: str, revision: str | None = None, **overrides) -> H2OVLProcessor:
         """Load from a folder or Hub id; `overrides` set image settings (e.g. max_tiles_per_image=4)."""
+        folder = resolve_checkpoint(path, revision, allow_patterns=PROCESSOR_PATTERNS)
         # An empty config: AutoTokenizer would otherwise read config.json, whose auto_map points at remote code.
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=revision, config=PretrainedConfig(), trust_remote_code=False
-        )
-        settings = cls._read_settings(path, revision)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=PretrainedConfig(), trust_remote_code=False)
+        settings = cls._read_settings(folder, path)
         unknown = set(overrides) - set(asdict(settings))
         if unknown:
-            raise ValueError(f"unknown H2OVL processor option(s) {sorted(unknown)}; known: {sorted(asdict(settings))}")
+            known = sorted(asdict(settings))
+            raise UserError(f"model.processor: unknown H2OVL processor option(s) {sorted(unknown)}; known: {known}")
         for key, value in overrides.items():
             setattr(settings, key, value)
         return cls(tokenizer, settings)
 
     @staticmethod
-    def _read_settings(path: str, revision: str | None) -> H2OVLImageSettings:
-        from huggingface_hub import hf_hub_download
-
-        def read(name: str) -> dict | None:
-            local = Path(path) / name
-            if Path(path).is_dir():
-                return json.loads(local.read_text()) if local.exists() else None
-            try:
-                return json.loads(Path(hf_hub_download(path, name, revision=revision)).read_text())
-            except EntryNotFoundError:  # an optional file this repo does not have; other errors propagate
-                return None
-
-        ours = read(CONFIG_NAME)
-        if ours is not None:
-            return H2OVLImageSettings(**ours)
-        original = read("config.json")
-        if original is None or "vision_config" not in original:
-            raise ValueError(f"{path}: neither {CONFIG_NAME} nor an original H2OVL config.json")
-        return H2OVLImageSettings.from_original_config(original)
+    def _read_settings(folder: Path, path: str) -> H2OVLImageSettings:
+        ours = folder / CONFIG_NAME
+        if ours.is_file():
+            return H2OVLImageSettings(**json.loads(ours.read_text()))
+        original = folder / "config.json"
+        config = json.loads(original.read_text()) if original.is_file() else {}
+        if "vision_config" not in config:
+            raise UserError(f"{path}: not an H2OVL-Mississippi checkpoint (neither {CONFIG_NAME} nor its config.json)")
+        return H2OVLImageSettings.from_original_config(config)
 
     def save_pretrained(self, out_dir) -> None:
         out_dir = Path(out_dir)

@@ -1,8 +1,8 @@
 """H2OVL-Mississippi 0.8B (InternViT-300M + Danube3-500M, Llama) and 2B (InternViT-300M + Danube2-1.8B, Mistral).
 
 Its Hub remote code only runs on transformers ≤ 4.48, so checkpoints in the original layout are loaded natively
-into transformers' `InternVLForConditionalGeneration` (`h2ovl_checkpoint`), images are tiled the original way
-(`h2ovl_image`, `h2ovl_processor`), and full fine-tunes are saved both natively and back in the original layout
+into transformers' `InternVLForConditionalGeneration` (`checkpoint`), images are tiled the original way
+(`image`, `processor`), and full fine-tunes are saved both natively and back in the original layout
 (`original/` inside the output folder), which the original `model.chat` code and vLLM's `H2OVLChatModel` read.
 
 Chat format `h2ogpt2`: `<|prompt|>{user}<|end|><|answer|>{assistant}<|end|>`; each image is an `<image>` line
@@ -15,24 +15,27 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from finetune.models import h2ovl_checkpoint, h2ovl_config
 from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
-from finetune.models.h2ovl_processor import IMAGE_PLACEHOLDER, H2OVLProcessor
-from finetune.models.h2ovl_tiny import build_tiny_h2ovl
+from finetune.models.hub import resolve_checkpoint
+from finetune.models.mississippi import checkpoint as h2ovl_checkpoint
+from finetune.models.mississippi import config as h2ovl_config
+from finetune.models.mississippi.processor import IMAGE_PLACEHOLDER, H2OVLProcessor
+from finetune.models.mississippi.tiny import build_tiny_h2ovl
 
 PROMPT, ANSWER, END = "<|prompt|>", "<|answer|>", "<|end|>"
+_TEST_SIZES = {"image_size": 56, "patch_size": 7, "vision_hidden": 64, "text_hidden": 128}  # see tiny_presets
 log = logging.getLogger(__name__)
 
 
-def _original_layout_source(source_path: str) -> Path | None:
+def _original_layout_source(source_path: str, revision: str | None = None) -> Path | None:
     """The folder in H2OVL's original layout behind a checkpoint: itself (a Hub id or original folder), or the
     `original/` beside a native save of ours; None when there is none."""
-    folder = h2ovl_checkpoint.local_folder(source_path, None)
+    folder = resolve_checkpoint(source_path, revision, allow_patterns=h2ovl_checkpoint.SIDE_FILE_PATTERNS)
     for candidate in (folder, folder / "original"):
         config = candidate / "config.json"
         if config.exists() and json.loads(config.read_text()).get("model_type") == h2ovl_config.MODEL_TYPE:
@@ -44,17 +47,17 @@ class MississippiFamily(ModelFamily):
     name = "mississippi"
     # The original H2OVL layout says h2ovl_chat; native saves of ours say internvl.
     model_types = ("h2ovl_chat", "internvl")
-    group_prefixes = {
+    group_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("model.vision_tower.",),
         "projector": ("model.multi_modal_projector.",),
         "llm": ("model.language_model.", "lm_head."),
     }
-    default_lora_targets = {
+    default_lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),  # InternViT attention + MLP
         "projector": ("linear_1", "linear_2"),
         "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     }
-    modules_to_save = {
+    modules_to_save: ClassVar[dict[str, tuple[str, ...]]] = {
         "projector": ("multi_modal_projector",),
         "vision": ("vision_tower",),
         "llm": ("language_model", "lm_head"),
@@ -63,10 +66,9 @@ class MississippiFamily(ModelFamily):
     # Tokens per tile = (tile / patch)² / 4 after the pixel shuffle: 16 for the test shapes, 64 for the quickstart
     # (with 16 the quickstart model had not started to read after 400 steps; with 64 it reads all 48 held-out forms
     # after the quickstart's 800 steps — at 400 it was 40-100% from run to run, so the budget keeps a margin).
-    _test_sizes = {"image_size": 56, "patch_size": 7, "vision_hidden": 64, "text_hidden": 128}
-    tiny_presets = {
-        "test": {"llm": "llama", "use_msac": False, **_test_sizes},
-        "test-2b": {"llm": "mistral", "use_msac": True, **_test_sizes},
+    tiny_presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "test": {"llm": "llama", "use_msac": False, **_TEST_SIZES},
+        "test-2b": {"llm": "mistral", "use_msac": True, **_TEST_SIZES},
         "quickstart": {
             "llm": "llama",
             "use_msac": False,
@@ -136,11 +138,11 @@ class MississippiFamily(ModelFamily):
     @staticmethod
     def _llm_type(path: str, revision: str | None) -> str:
         """`llama` (0.8B) or `mistral` (2B), from the checkpoint's config in either layout."""
-        folder = h2ovl_checkpoint.local_folder(path, revision)
-        original = _original_layout_source(path)
+        original = _original_layout_source(path, revision)
         if original is not None:
             llm = h2ovl_config.read_original_config(original).get("llm_config", {})
             return llm.get("model_type") or llm.get("architectures", ["llama"])[0].removesuffix("ForCausalLM").lower()
+        folder = resolve_checkpoint(path, revision, allow_patterns=["*.json"])
         return json.loads((folder / "config.json").read_text())["text_config"]["model_type"]
 
     # --- loading ---------------------------------------------------------------------------------------
@@ -178,6 +180,16 @@ class MississippiFamily(ModelFamily):
         )
         h2ovl_checkpoint.save_original(model, out_dir / "original", config, state_dict=state_dict)
         h2ovl_checkpoint.copy_tokenizer_files(original_source, out_dir / "original")
+
+    # --- publishing ----------------------------------------------------------------------------------------
+    def serving_commands(self, repo_id: str, *, base: str | None, adapter: bool) -> list[str]:
+        if adapter:
+            return super().serving_commands(repo_id, base=base, adapter=adapter)
+        # vLLM's H2OVL loader reads the original layout, which save_pretrained keeps in original/.
+        return [
+            f"huggingface-cli download {repo_id} --local-dir reader",
+            "vllm serve reader/original --trust-remote-code",
+        ]
 
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:

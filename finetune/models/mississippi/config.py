@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, MistralConfig
 
 from finetune.errors import UserError
+from finetune.models.hub import resolve_checkpoint
 
 MODEL_TYPE = "h2ovl_chat"
 ARCHITECTURE = "H2OVLChatModel"
@@ -17,15 +18,9 @@ _TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
 
 def read_original_config(path: str | Path, revision: str | None = None) -> dict:
     """The original layout's config.json (from a folder, the file itself, or a Hub id); refused unless H2OVL."""
-    path_ = Path(path)
-    if path_.is_dir():
-        file = path_ / "config.json"
-    elif path_.is_file():
-        file = path_
-    else:
-        from huggingface_hub import hf_hub_download
-
-        file = Path(hf_hub_download(str(path), "config.json", revision=revision))
+    file = Path(path)
+    if not file.is_file():
+        file = resolve_checkpoint(path, revision, allow_patterns=["config.json"]) / "config.json"
     if not file.is_file():
         raise UserError(f"{file}: not found (an H2OVL checkpoint folder needs its config.json)")
     try:

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import InternVLForConditionalGeneration
 
-from finetune.models.h2ovl_checkpoint import native_to_original
-from finetune.models.h2ovl_config import ARCHITECTURE, MODEL_TYPE, native_config
-from finetune.models.h2ovl_image import IMG_CONTEXT
-from finetune.models.h2ovl_processor import H2OGPT2_CHAT_TEMPLATE
+from finetune.models.mississippi.checkpoint import native_to_original
+from finetune.models.mississippi.config import ARCHITECTURE, MODEL_TYPE, native_config
+from finetune.models.mississippi.image import IMG_CONTEXT
+from finetune.models.mississippi.processor import H2OGPT2_CHAT_TEMPLATE
 from finetune.models.tiny_tokenizer import train_tiny_tokenizer
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|prompt|>", "<|answer|>", "<|end|>", "<img>", "</img>", IMG_CONTEXT]
