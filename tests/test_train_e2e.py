@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.errors import UserError
 from tests.conftest import run_train
 
 pytestmark = pytest.mark.slow
@@ -232,7 +233,7 @@ def test_existing_run_folder_is_never_reused_silently(tiny_llava, simple_docs, t
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     args = base_args(tiny_llava, simple_docs, out, **{"output.if_exists": "error"})
-    with pytest.raises(FileExistsError, match=r"output\.if_exists=resume"):
+    with pytest.raises(UserError, match=r"output\.if_exists=resume"):
         FineTuneRecipe(load_recipe("quickstart", args[1:])).setup()
     assert (out / "metrics.json").read_text() == "{}"
 

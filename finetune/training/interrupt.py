@@ -1,9 +1,9 @@
 """Ctrl-C during training: finish the optimizer step that is running, save a checkpoint, stop with a resume hint.
 
 A first SIGINT only sets a flag that the loop reads after each optimizer step; a second one interrupts at once
-(Python's default). Under several processes every rank gets the terminal's SIGINT, but not necessarily before
-the same step: the ranks agree on the flag with one all-reduce per step, so they stop after the same step and
-save one consistent checkpoint.
+(Python's default). Under several processes the SIGINT reaches every rank (from the terminal, or forwarded by
+torch elastic's agent), but not necessarily before the same step: the ranks agree on the flag with one
+all-reduce per step, so they stop after the same step and save one consistent checkpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 class InterruptFlag:
     """Set by SIGINT while `catching()` is active."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self.announce = announce  # only the main process says so, once
 
     @contextlib.contextmanager
     def catching(self):
@@ -34,9 +35,13 @@ class InterruptFlag:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             self.requested = True
-            sys.stderr.write(
-                "\n[finetune] Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again stops at once)\n"
-            )
+            if self.announce:
+                # A new line first only on a terminal, where a progress bar may hold the current one.
+                start = "\n" if sys.stderr.isatty() else ""
+                sys.stderr.write(
+                    f"{start}[finetune] Ctrl-C: finishing this step and saving a checkpoint "
+                    "(Ctrl-C again stops at once)\n"
+                )
 
         signal.signal(signal.SIGINT, on_sigint)
         try:

@@ -211,6 +211,7 @@ class FineTuneRecipe:
         if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples:
             metrics["before"] = self.evaluate("before")
             self.evaluator.save()
+        self.interrupt.announce = self.accelerator.is_main_process
         with self.interrupt.catching():
             self.train()
         self.save_final()
