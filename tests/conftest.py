@@ -25,14 +25,6 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llava_quickstart(tmp_path_factory) -> Path:
-    from finetune.models import get_family
-
-    family = get_family("llava_onevision")
-    return family.build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava-qs"), **family.tiny_presets["quickstart"])
-
-
-@pytest.fixture(scope="session")
 def simple_docs(tmp_path_factory) -> dict[str, Path]:
     """8 train / 8 val / 4 test `simple` forms (two fields each)."""
     from finetune.synthetic.invoices import write_dataset

@@ -6,7 +6,8 @@ registry. What the generic data, training and evaluation code relies on:
 1. `count_prompt_tokens` (used to drop over-length samples without processing pixels) equals the processed length;
 2. every parameter is in exactly one module group, and every group prefix is used;
 3. the default LoRA targets of each group match modules of that group only, and LoRA on the LLM wraps nothing else;
-4. only the answer's tokens and the end-of-turn token carry labels;
+4. only the answer's tokens and the end-of-turn token carry labels, and the prompt and end-of-turn token are the
+   chat template's;
 5. the trainer's loss and gradients (no padding mask, logits only where a label follows) equal transformers' own;
 6. a saved full model and a saved LoRA adapter reload with identical logits;
 7. batched left-padded greedy generation equals one-at-a-time generation;
@@ -231,6 +232,23 @@ def test_only_the_answer_and_the_end_of_turn_token_carry_labels(case, simple_doc
         assert ids[:-n].count(processor.image_token_id) >= len(images)
 
 
+@pytest.mark.parametrize("num_images", [1, 2], ids=["one-image", "two-images"])
+def test_prompt_and_end_of_turn_token_are_the_chat_templates(case, num_images):
+    """What the model is trained on is what its saved chat template writes (so whoever serves it prompts it the same
+    way), and the labelled end-of-turn token is the one that closes the assistant's turn there."""
+    family, processor = case.family, case.processor
+    user = {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": INSTRUCTION}]}
+    prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    assert family.render_prompt(processor, INSTRUCTION, num_images) == prompt
+    answer = canonical_json({"number": "12345", "total": "9.99"}, SKELETON)
+    assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    conversation = processor.apply_chat_template([user, assistant], tokenize=False)
+    assert conversation.split(answer, 1)[1].startswith(family.end_of_turn_token(processor))
+    assert processor.tokenizer.convert_tokens_to_ids(family.end_of_turn_token(processor)) in family.stop_token_ids(
+        processor
+    )
+
+
 # --- 5. loss ------------------------------------------------------------------------------------------------------
 
 
@@ -366,16 +384,25 @@ def _until_stop(tokens: list[int], stop: list[int]) -> list[int]:
 # --- 8. training --------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def digit_forms(tmp_path_factory) -> dict[str, Path]:
+    """8 training forms of the quickstart's kind (a 5-digit number on a 64 px page: one tile or crop in every
+    preset, so each run stays short)."""
+    from finetune.synthetic.invoices import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("digits"), seed=0, n_train=8, n_val=1, n_test=1, preset="digits")
+
+
 @pytest.mark.slow
-def test_full_fine_tune_overfits_eight_forms_to_full_exact_match(case, simple_docs, tmp_path):
+def test_full_fine_tune_overfits_eight_forms_to_full_exact_match(case, digit_forms, tmp_path):
     """A real run through `accelerate launch finetune/train.py`: that the model learns to read all 8 training
     forms shows that image tokens, labels, loss and generation line up end to end."""
     out = tmp_path / "run"
     overrides = {
         "model.family": case.family.name,
         "model.path": case.path,
-        "data.train": simple_docs["train"],
-        "data.val": simple_docs["train"],  # evaluate on the 8 training forms
+        "data.train": digit_forms["train"],
+        "data.val": digit_forms["train"],  # evaluate on the 8 training forms
         "data.test": "null",
         "data.max_length": 4096,
         "tuning.groups": "{vision: full, projector: full, llm: full}",
@@ -404,6 +431,7 @@ def test_full_fine_tune_overfits_eight_forms_to_full_exact_match(case, simple_do
     assert {(r["samples"], r["tokens"], r["padded_positions"]) for r in log} == {
         (8, log[0]["tokens"], log[0]["padded_positions"])
     }
+    assert all(r["seconds"] > 0 for r in log)
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 8 and all(p["exact_match"] for p in predictions)
     for name in ("recipe.yaml", "data_report.json", "metrics.json", "predictions.jsonl", "train_log.jsonl"):

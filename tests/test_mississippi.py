@@ -1,4 +1,5 @@
-"""H2OVL-Mississippi family: processor (tiling → image tokens), labels, gradients, saving in both layouts."""
+"""What only H2OVL-Mississippi has: tiling → image tokens, MSAC, gradients through InternViT, saving in the original
+H2OVL layout beside the native one (what every family must do is in test_family_contract.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Mississippi end to end through `accelerate launch finetune/train.py recipe=invoices model.path=<tiny>`:
-both shapes overfit 8 forms to 100% exact match (full fine-tune), and a LoRA run completes and saves."""
+"""Mississippi end to end through `accelerate launch finetune/train.py recipe=invoices model.path=<tiny>`: a LoRA
+run completes and saves, on both shapes (overfitting 8 forms is in test_family_contract.py, for every family)."""
 
 from __future__ import annotations
 
@@ -37,32 +37,6 @@ def args(tiny, docs, out, **overrides):
         **overrides,
     }
     return ["recipe=invoices"] + [f"{k}={v}" for k, v in values.items()]
-
-
-def test_full_fine_tune_overfits_eight_forms(tiny, simple_docs, tmp_path):
-    out = tmp_path / "full"
-    run_train(
-        args(
-            tiny,
-            simple_docs,
-            out,
-            **{
-                "tuning.groups": "{vision: full, projector: full, llm: full}",
-                "optim.lr": 1e-3,
-                "optim.weight_decay": 0.0,
-                "train.max_steps": 300,
-                "train.batch_size": 8,
-                "train.grad_accum": 1,
-            },
-        )
-    )
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["before"]["json_exact_match"] == 0.0
-    assert metrics["after"]["json_exact_match"] == 1.0, (out / "predictions.jsonl").read_text()[:2000]
-    # Saved natively and in the original H2OVL layout.
-    assert (out / "final" / "config.json").exists() and (out / "final" / "h2ovl_processor_config.json").exists()
-    original = json.loads((out / "final" / "original" / "config.json").read_text())
-    assert original["architectures"] == ["H2OVLChatModel"]
 
 
 def test_lora_run_completes_and_saves_an_adapter(tiny, simple_docs, tmp_path):
