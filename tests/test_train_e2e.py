@@ -241,6 +241,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrupt
     from tests.conftest import REPO
 
     overrides = {
+        "tuning.groups": "{vision: frozen, projector: frozen, llm: lora}",
         "tuning.lora.dropout": 0.1,
         "tuning.lora.r": 4,
         "optim.lr": 1e-2,
