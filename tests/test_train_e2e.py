@@ -282,3 +282,24 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrupt
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_an_overwrite_run_that_stops_on_a_mistake_leaves_the_previous_run_alone(
+    tiny_llava, simple_docs, tmp_path, fresh_accelerate_state
+):
+    """`output.if_exists=overwrite` deletes the old run only once the checkpoint and the data have been checked: a
+    mistyped model path or data that does not fit must not cost the user their previous run."""
+    from finetune.recipe import load_recipe
+    from finetune.training.runner import FineTuneRecipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    for mistake, message in (
+        ({"model.path": str(tmp_path / "no-such-checkpoint")}, "checkpoint not found"),
+        ({"data.max_length": 8}, "no usable samples"),
+    ):
+        args = base_args(tiny_llava, simple_docs, out, **{"output.if_exists": "overwrite", **mistake})
+        with pytest.raises(UserError, match=message):
+            FineTuneRecipe(load_recipe("quickstart", args[1:])).setup()
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]

@@ -21,6 +21,25 @@ RESUME_MAY_CHANGE = re.compile(
 )
 
 
+def check_run_dir(run_dir: Path, policy: str) -> Path | None:
+    """What `prepare_run_dir` will do, without doing it: refuses a folder the policy may not reuse, returns the
+    checkpoint to resume from. Called first, so that a run that cannot use its folder stops at once, while the
+    folder is changed only after the checkpoint and the data have been checked (an `overwrite` run that stops
+    on a mistyped model path must not have deleted the previous run)."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and policy == "error":
+        raise UserError(
+            f"{run_dir}: run folder exists; set output.if_exists=resume to continue it "
+            f"or output.if_exists=overwrite to replace it"
+        )
+    if exists and policy == "resume":
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise UserError(f"{run_dir}: output.if_exists=resume but the run has no checkpoint")
+        return resume_from
+    return None
+
+
 def prepare_run_dir(run_dir: Path, policy: str, accelerator) -> Path | None:
     """Refuse to reuse a run folder unless the recipe says resume or overwrite. Returns the checkpoint to resume
     from, if any."""

@@ -45,7 +45,7 @@ from finetune.training.engine import check_replicas_agree, is_sharded, make_acce
 from finetune.training.interrupt import InterruptFlag
 from finetune.training.loss import causal_lm_loss
 from finetune.training.run_eval import RunEvaluator
-from finetune.training.run_folder import flatten, prepare_run_dir, record_recipe
+from finetune.training.run_folder import check_run_dir, flatten, prepare_run_dir, record_recipe
 from finetune.training.sampler import batch_stream
 from finetune.training.throughput import Throughput
 from finetune.training.train_data import TrainData
@@ -95,7 +95,7 @@ class FineTuneRecipe:
         self.accelerator = make_accelerator(r, str(self.run_dir))
         self.family.check_engine(zero_stage(self.accelerator))
         set_seed(r.train.seed)
-        resume_from = prepare_run_dir(self.run_dir, r.output.if_exists, self.accelerator)
+        check_run_dir(self.run_dir, r.output.if_exists)  # refuse now; change the folder once all is checked
 
         self.processor = self.family.load_processor(r.model.path, r.model.revision, **r.model.processor)
         self.data = TrainData(r, self.family, self.processor)
@@ -105,11 +105,6 @@ class FineTuneRecipe:
             self._info(f"data {report.summary()}")
         for warning in self.data.warnings:
             self._info(f"warning: {warning}")
-        if self.accelerator.is_main_process:
-            self.data.write_report(self.run_dir)
-        record_recipe(
-            r, self.run_dir, resumed=resume_from is not None, is_main_process=self.accelerator.is_main_process
-        )
 
         model = self.family.load_model(
             r.model.path, revision=r.model.revision, attn_implementation=r.model.attn_implementation
@@ -118,6 +113,13 @@ class FineTuneRecipe:
         if r.tuning.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         check_lora_targets(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, 0))
+
+        resume_from = prepare_run_dir(self.run_dir, r.output.if_exists, self.accelerator)
+        if self.accelerator.is_main_process:
+            self.data.write_report(self.run_dir)
+        record_recipe(
+            r, self.run_dir, resumed=resume_from is not None, is_main_process=self.accelerator.is_main_process
+        )
         self.evaluator = RunEvaluator(
             r,
             family=self.family,
