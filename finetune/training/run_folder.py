@@ -41,19 +41,10 @@ def check_run_dir(run_dir: Path, policy: str) -> Path | None:
 
 
 def prepare_run_dir(run_dir: Path, policy: str, accelerator) -> Path | None:
-    """Refuse to reuse a run folder unless the recipe says resume or overwrite. Returns the checkpoint to resume
-    from, if any."""
+    """Refuse to reuse a run folder unless the recipe says resume or overwrite; replace it for overwrite. Returns
+    the checkpoint to resume from, if any."""
     exists = run_dir.exists() and any(run_dir.iterdir())
-    resume_from = None
-    if exists and policy == "error":
-        raise UserError(
-            f"{run_dir}: run folder exists; set output.if_exists=resume to continue it "
-            f"or output.if_exists=overwrite to replace it"
-        )
-    if exists and policy == "resume":
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
-            raise UserError(f"{run_dir}: output.if_exists=resume but the run has no checkpoint")
+    resume_from = check_run_dir(run_dir, policy)
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 changes anything
     if accelerator.is_main_process:
         if exists and policy == "overwrite":
