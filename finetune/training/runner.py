@@ -65,7 +65,6 @@ class FineTuneRecipe:
 
     def __init__(self, recipe: Recipe | ResolvedRecipe):
         self.recipe: ResolvedRecipe = resolve_recipe(recipe)
-        self.stages = list(self.recipe.stages)
         self.run_dir = Path(self.recipe.output.dir)
         self.state = TrainerState()
         self.entered_stage: int | None = None  # the stage the prepared model / optimizer belong to
@@ -230,6 +229,11 @@ class FineTuneRecipe:
             )
         self._info(self._summary(metrics))
         return metrics
+
+    @property
+    def stages(self):
+        """The stages this run runs (the resolved recipe's; nothing keeps a copy)."""
+        return self.recipe.stages
 
     @property
     def metrics(self) -> dict:
