@@ -110,6 +110,15 @@ class LoraSection(Section):
 DEFAULT_GROUPS = {"vision": "frozen", "projector": "frozen", "llm": "lora"}
 
 
+class SubgroupSection(Section):
+    # A group carved out of a family group: the modules named here (full module paths, e.g.
+    # "visual_tokenizer.backbone.encoder.layers.-1"; a negative number counts from the end of a module list, so the
+    # same recipe fits every depth) leave group `of` and form their own group. Stages and tuning.groups may give it a
+    # mode and a learning rate of its own; where they do not, it has its parent's.
+    of: str
+    modules: Annotated[list[str], Frozen] = Field(min_length=1)
+
+
 class TuningSection(Section):
     # Mode per module group for a one-stage recipe. Groups a family has but the recipe omits are an error
     # (nothing implicit). None: {vision: frozen, projector: frozen, llm: lora}, unless `stages` / `schedule`
@@ -119,6 +128,9 @@ class TuningSection(Section):
     )
     lora: LoraSection = Field(default_factory=LoraSection)
     gradient_checkpointing: bool = False
+    # Groups carved out of the family's (see SubgroupSection), by name, beside those the family defines itself
+    # (e.g. Ovis's `vision_last_block`, which its paper schedule trains).
+    subgroups: Annotated[dict[str, SubgroupSection], Frozen] = Field(default_factory=dict)
 
 
 class PromptSection(Section):

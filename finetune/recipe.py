@@ -27,7 +27,8 @@ def resolve_recipe_path(name: str | Path) -> Path:
     path = Path(name)
     if path.exists():
         return path
-    for candidate in (RECIPES_DIR / path, RECIPES_DIR / path.with_suffix(".yaml")):
+    # `name + ".yaml"`, not with_suffix: a name may hold dots of its own (ovis1.6-gemma2-9b-lora).
+    for candidate in (RECIPES_DIR / path, RECIPES_DIR / f"{name}.yaml"):
         if candidate.exists():
             return candidate
     known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -77,7 +78,10 @@ def check_family_groups(recipe: Recipe) -> None:
     if family not in FAMILIES:
         where = recipe.where("model.family")
         raise RecipeError(f"{where}: model.family: unknown family '{family}'{suggest(family, list(FAMILIES))}")
-    check_modes(recipe, family_groups(family))
+    from finetune.resolve import subgroup_specs
+
+    groups = family_groups(family)
+    check_modes(recipe, groups, subgroup_specs(recipe, groups, FAMILIES[family].subgroups))
 
 
 def check_recipe_files(recipe: Recipe) -> None:

@@ -55,8 +55,51 @@ def stage_problems(
     return problems
 
 
-def check_modes(recipe: Recipe, groups: tuple[str, ...]) -> None:
-    """The recipe's groups, modes, learning rates and explicit stages fit a family with these module groups."""
+Subgroups = dict[str, tuple[str, tuple[str, ...]]]  # name → (parent group, module paths)
+
+
+def subgroup_specs(recipe: Recipe, family_groups: tuple[str, ...], family_subgroups: Subgroups) -> Subgroups:
+    """The family's subgroups and the recipe's (`tuning.subgroups`), each carved out of one of the family's groups."""
+    specs = dict(family_subgroups)
+    for name, sub in recipe.tuning.subgroups.items():
+        key = f"tuning.subgroups.{name}"
+        if name in family_groups or name in specs:
+            raise RecipeError(f"{recipe.where(key)}: {key}: '{name}' is already a group of '{recipe.model.family}'")
+        if sub.of not in family_groups:
+            raise RecipeError(
+                f"{recipe.where(key + '.of')}: {key}.of: '{recipe.model.family}' has no group '{sub.of}'"
+                f"{suggest(sub.of, family_groups)}"
+            )
+        specs[name] = (sub.of, tuple(sub.modules))
+    return specs
+
+
+def with_subgroups(modes: dict, specs: Subgroups) -> dict:
+    """Modes (or learning rates) per group with every subgroup the mapping leaves out given its parent's value."""
+    filled = dict(modes)
+    for name, (parent, _) in specs.items():
+        if name not in filled and parent in modes:
+            filled[name] = modes[parent]
+    return filled
+
+
+def _filled_stage(stage: StageSection, specs: Subgroups) -> StageSection:
+    groups = with_subgroups(stage.groups, specs)
+    lr = stage.lr
+    if isinstance(lr, dict):  # a subgroup its parent's rate, where the parent trains and the subgroup does too
+        lr = {**lr, **{n: lr[p] for n, (p, _) in specs.items() if n not in lr and p in lr and groups[n] != "frozen"}}
+    return stage.model_copy(update={"groups": groups, "lr": lr})
+
+
+def _filled_lr(lr, specs: Subgroups):
+    return with_subgroups(lr, specs) if isinstance(lr, dict) else lr
+
+
+def check_modes(recipe: Recipe, groups: tuple[str, ...], specs: Subgroups | None = None) -> None:
+    """The recipe's groups, modes, learning rates and explicit stages fit a family with these module groups (and
+    these subgroups, which take their parent's mode and rate wherever the recipe gives them none)."""
+    specs = specs or {}
+    groups = (*groups, *specs)
     where = recipe.where
     given = [
         k
@@ -75,7 +118,7 @@ def check_modes(recipe: Recipe, groups: tuple[str, ...]) -> None:
         if group not in groups:
             raise RecipeError(f"{where(key)}: {key}: '{family}' has no group '{group}'{suggest(group, groups)}")
     if recipe.stages is None and recipe.schedule is None:
-        modes = recipe.tuning.groups or DEFAULT_GROUPS
+        modes = with_subgroups(recipe.tuning.groups or DEFAULT_GROUPS, specs)
         missing = [g for g in groups if g not in modes]
         if missing:
             raise RecipeError(
@@ -83,12 +126,15 @@ def check_modes(recipe: Recipe, groups: tuple[str, ...]) -> None:
                 f"'{family}': missing {', '.join(missing)}"
             )
     if recipe.stages is not None:
-        check_stages(recipe, recipe.stages, groups, key="stages")
+        check_stages(recipe, [_filled_stage(s, specs) for s in recipe.stages], groups, key="stages", specs=specs)
 
 
-def check_stages(recipe: Recipe, stages: list[StageSection], groups: tuple[str, ...], *, key: str) -> None:
+def check_stages(
+    recipe: Recipe, stages: list[StageSection], groups: tuple[str, ...], *, key: str, specs: Subgroups | None = None
+) -> None:
     """Rules every stage list obeys, the recipe's own or a preset's (`key`: where they came from, for messages)."""
     where = recipe.where
+    default_lr = _filled_lr(recipe.optim.lr, specs or {})
     from_recipe = key == "stages"  # an expanded preset has no lines of its own: point at the `schedule:` key
 
     def place(subkey: str) -> tuple[str, str]:
@@ -102,7 +148,7 @@ def check_stages(recipe: Recipe, stages: list[StageSection], groups: tuple[str, 
             at, label = place(f"{i}.name")
             raise RecipeError(f"{at}: {label}: '{name}' is used by an earlier stage; stage names must be unique")
     for i, stage in enumerate(stages):
-        for subkey, message in stage_problems(stage, groups, recipe.optim.lr):
+        for subkey, message in stage_problems(stage, groups, default_lr):
             if subkey == "(optim.lr)":  # the stage has no lr of its own: the gap is in optim.lr
                 raise RecipeError(f"{where('optim.lr')}: optim.lr (used by stages.{i}, which has no lr): {message}")
             at, label = place(f"{i}.{subkey}")
@@ -120,8 +166,10 @@ def check_stages(recipe: Recipe, stages: list[StageSection], groups: tuple[str, 
 
 
 def expand_stages(recipe: Recipe, family) -> list[StageSection]:
-    """The stages to run, as written, from a preset, or the single `train` stage; each checked."""
-    groups = tuple(family.group_prefixes)
+    """The stages to run, as written, from a preset, or the single `train` stage; each checked, every subgroup given
+    a mode (its parent's unless named)."""
+    specs = subgroup_specs(recipe, tuple(family.group_prefixes), family.subgroups)
+    groups = (*family.group_prefixes, *specs)
     if recipe.stages:
         stages, key = list(recipe.stages), "stages"
     elif recipe.schedule:
@@ -130,10 +178,12 @@ def expand_stages(recipe: Recipe, family) -> list[StageSection]:
     else:
         stages = [StageSection(name="train", groups=dict(recipe.tuning.groups or DEFAULT_GROUPS))]
         key = "tuning.groups"
-    check_stages(recipe, stages, groups, key=key)
+    stages = [_filled_stage(stage, specs) for stage in stages]
+    check_stages(recipe, stages, groups, key=key, specs=specs)
+    optim_lr = _filled_lr(recipe.optim.lr, specs)
     filled = []
     for stage in stages:
-        lr = stage.lr if stage.lr is not None else recipe.optim.lr
+        lr = stage.lr if stage.lr is not None else optim_lr
         rates = {g: (lr[g] if isinstance(lr, dict) else lr) for g, m in stage.groups.items() if m != "frozen"}
         filled.append(stage.model_copy(update={"lr": rates}))
     return filled

@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 # token counts with narrower, shallower layers (33 M parameters) so a 2-core CPU trains it in seconds per step;
 # its vocabulary is padded to 2,560 rows so the LM head is a similar share of the LLM (6%) as the real 0.8B's
 # 32k-row head (10%).
-# "0.8b" / "2b" are the real shapes (random init) for a GPU.
+# "0.8b" / "2b" are the real shapes (random init) for a GPU. The `ovis2-*` shapes are Ovis2's (AIMv2 on 448 px crops,
+# patch 14, hidden_stride 2 → 256 visual tokens per crop, as the real checkpoints; Qwen2 LLM with a tied head):
+# "ovis2-small" narrow and shallow for the CPU, "ovis2-1b" the real sizes (AIMv2-large + Qwen2.5-0.5B; the visual
+# vocabulary of 65,536 is the Ovis1.6 one, unconfirmed for Ovis2) for a GPU. A shape without `family` is Mississippi.
 MODELS = {
     "tiny": {
         "llm": "llama",
@@ -70,17 +73,52 @@ MODELS = {
         "text_intermediate": 6912,
         "vocab_size": 32010,
     },
+    "ovis2-small": {
+        "family": "ovis",
+        "variant": "ovis2",
+        "image_size": 448,
+        "patch_size": 14,
+        "vision_hidden": 384,
+        "vision_layers": 6,
+        "vision_heads": 6,
+        "text_hidden": 512,
+        "text_layers": 6,
+        "text_heads": 8,
+        "text_kv_heads": 4,
+        "visual_vocab_size": 4096,
+        "vocab_size": 2560,
+    },
+    "ovis2-1b": {
+        "family": "ovis",
+        "variant": "ovis2",
+        "image_size": 448,
+        "patch_size": 14,
+        "vision_hidden": 1024,
+        "vision_layers": 24,
+        "vision_heads": 8,
+        "text_hidden": 896,
+        "text_layers": 24,
+        "text_heads": 14,
+        "text_kv_heads": 2,
+        "visual_vocab_size": 65536,
+        "vocab_size": 151936,
+    },
 }
 
 
+def model_family(shape: str) -> str:
+    return MODELS[shape].get("family", "mississippi")
+
+
 def build_model(out: Path, shape: str) -> Path:
-    """The checkpoint for `shape` under `out`, built once (in the original H2OVL Hub layout) and reused."""
+    """The checkpoint for `shape` under `out`, built once (in its family's original Hub layout) and reused."""
     from finetune.models import get_family
 
     folder = out / f"model-{shape}"
     marker = folder / ".shape.json"
     if not (marker.exists() and json.loads(marker.read_text()) == MODELS[shape]):
-        get_family("mississippi").build_tiny_checkpoint(folder, **MODELS[shape])
+        sizes = {k: v for k, v in MODELS[shape].items() if k != "family"}
+        get_family(model_family(shape)).build_tiny_checkpoint(folder, **sizes)
         marker.write_text(json.dumps(MODELS[shape]))
     return folder
 

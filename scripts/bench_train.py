@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import build_model, machine, markdown_table, run_child
+from bench_common import MODELS, build_model, machine, markdown_table, model_family, run_child
 from bench_trainers import CHILDREN, GROUPS
 
 TRAINERS = ("ours", "bare", "trl")
@@ -91,7 +91,7 @@ def combine(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small", choices=("tiny", "small", "0.8b", "2b"))
+    parser.add_argument("--model", default="small", choices=tuple(MODELS))
     parser.add_argument("--tuning", default="lora", choices=tuple(GROUPS))
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (all trainers)")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="as the recipes (InternVL's LoRA recipe)")
@@ -141,6 +141,7 @@ def main() -> None:
         write_dataset(data_dir, seed=0, n_train=samples, n_val=1, n_test=1, preset="invoices")
     config = {
         "checkpoint": str(checkpoint),
+        "family": model_family(args.model),
         "data": str(data_dir / "train.jsonl"),
         "out": str(out),
         "tuning": args.tuning,

@@ -34,7 +34,7 @@ def _samples(config: dict):
     from finetune.data.sources import read_records
     from finetune.models import get_family
 
-    family = get_family("mississippi")
+    family = get_family(config.get("family", "mississippi"))
     processor = family.load_processor(config["checkpoint"])
     skeleton = derive_skeleton(record.target for record in read_records(config["data"]))
     instruction = render_instruction(INSTRUCTION, skeleton)
@@ -168,11 +168,17 @@ def child_flops(config: dict) -> dict:
     }
 
 
+def _tokens_per_tile(processor) -> int:
+    """Image tokens per tile (Mississippi) or crop (Ovis): what one pass of the vision tower produces."""
+    settings = processor.settings
+    return getattr(settings, "tokens_per_tile", None) or settings.tokens_per_crop
+
+
 def _row_shapes(batch: dict, processor) -> list[list[int]]:
     """[real tokens, tiles] of each row of a batch (tiles from the row's image tokens)."""
     image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1)
     return [
-        [int(t), int(i) // processor.settings.tokens_per_tile]
+        [int(t), int(i) // _tokens_per_tile(processor)]
         for t, i in zip(batch["attention_mask"].sum(dim=1), image_tokens, strict=True)
     ]
 
@@ -185,7 +191,11 @@ def child_ours(config: dict) -> dict:
     run_dir = Path(config["out"]) / "ours-run"
     recipe = validate_recipe(
         {
-            "model": {"family": "mississippi", "path": config["checkpoint"], "attn_implementation": config["attn"]},
+            "model": {
+                "family": config.get("family", "mississippi"),
+                "path": config["checkpoint"],
+                "attn_implementation": config["attn"],
+            },
             "data": {"train": config["data"], "prompt": {"instruction": INSTRUCTION}, "max_length": 16384},
             "tuning": {
                 "groups": GROUPS[config["tuning"]],

@@ -17,6 +17,7 @@ from finetune.errors import UserError
 from finetune.models.mississippi import checkpoint as h2
 from finetune.models.mississippi import config as h2c
 from finetune.models.mississippi.tiny import build_tiny_h2ovl
+from finetune.models.weights import compile_pattern
 
 SHAPES = {"llama": {"llm": "llama", "use_msac": False}, "mistral": {"llm": "mistral", "use_msac": True}}
 TOKENS_PER_TILE = 4  # (56 / 14)² · 0.5²
@@ -236,7 +237,7 @@ def test_each_name_is_renamed_by_at_most_one_row_of_the_table(tiny):
     state = load_file(tiny / "model.safetensors")
     for names, side in ((state, 0), (h2.original_to_native(state), 1)):
         for name in names:
-            rows = [row for row in h2.NAME_TABLE if h2._compile(row[side]).fullmatch(name)]
+            rows = [row for row in h2.NAME_TABLE if compile_pattern(row[side]).fullmatch(name)]
             assert len(rows) <= 1, (name, rows)
 
 

@@ -211,3 +211,52 @@ def test_the_resolved_recipe_cannot_be_changed(recipe_file):
     assert longer.train.max_steps == 9 and resolved.train.max_steps is None
     # The origin (for file:line messages) survives resolution.
     assert resolved.where("train.max_steps") == recipe.where("train.max_steps")
+
+
+# --- subgroups ------------------------------------------------------------------------------------------------------
+
+
+def test_a_subgroup_takes_its_parents_mode_and_rate_unless_named(recipe_file):
+    from finetune.models import get_family
+    from finetune.resolve import resolve_recipe
+
+    subgroup = "tuning.subgroups={top: {of: vision, modules: [model.vision_tower.vision_model.encoder.layers.-1]}}"
+    recipe = load_recipe(recipe_file, [subgroup, "tuning.groups={vision: full, projector: frozen, llm: lora}"])
+    (stage,) = resolve_recipe(recipe, get_family("llava_onevision")).stages
+    assert stage.groups["top"] == "full" and stage.lr["top"] == stage.lr["vision"]
+    stages = (
+        "stages=[{name: a, groups: {vision: frozen, top: full, projector: full, llm: frozen}, lr: {top: 1e-3, "
+        "projector: 2e-4}}, {name: b, groups: {vision: full, projector: full, llm: full}, lr: {vision: 5e-5, "
+        "projector: 1e-5, llm: 1e-5}}]"
+    )
+    recipe = load_recipe(recipe_file, [subgroup, stages])
+    a, b = resolve_recipe(recipe, get_family("llava_onevision")).stages
+    assert a.groups["top"] == "full" and a.lr == {"top": 1e-3, "projector": 2e-4}
+    assert b.groups["top"] == "full" and b.lr["top"] == 5e-5  # not named in stage b: vision's mode and rate
+
+
+@pytest.mark.parametrize(
+    ("subgroups", "message"),
+    [
+        (
+            "{top: {of: visoin, modules: [x]}}",
+            r"tuning\.subgroups\.top\.of: 'llava_onevision' has no group 'visoin' "
+            r"\(did you mean 'vision'\?\)",
+        ),
+        ("{llm: {of: vision, modules: [x]}}", r"tuning\.subgroups\.llm: 'llm' is already a group"),
+        ("{top: {of: vision, modules: []}}", r"tuning\.subgroups\.top\.modules"),
+    ],
+)
+def test_subgroup_mistakes_are_one_line_naming_the_key(recipe_file, subgroups, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe_file, [f"tuning.subgroups={subgroups}"])
+
+
+def test_a_stage_naming_an_undeclared_subgroup_is_an_error(recipe_file):
+    stages = "stages=[{name: a, groups: {vision: frozen, top: full, projector: full, llm: frozen}}]"
+    with pytest.raises(RecipeError, match=r"stages\.0\.groups\.top: no group 'top'"):
+        load_recipe(recipe_file, [stages])
+
+
+def test_recipe_names_may_hold_dots():
+    assert resolve_recipe_path("ovis1.6-gemma2-9b-lora") == RECIPES_DIR / "ovis1.6-gemma2-9b-lora.yaml"

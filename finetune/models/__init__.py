@@ -11,9 +11,10 @@ from finetune.errors import UserError
 from finetune.models.base import ModelFamily
 from finetune.models.llava_onevision import LlavaOnevisionFamily
 from finetune.models.mississippi import MississippiFamily
+from finetune.models.ovis import OvisFamily
 
 # The registry: every family the toolkit supports, in the order they are listed to users.
-FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (MississippiFamily, LlavaOnevisionFamily)
+FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (MississippiFamily, LlavaOnevisionFamily, OvisFamily)
 
 FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in FAMILY_CLASSES}
 # config.json `model_type` → family name (to recognise a saved model or an adapter's base without a recipe).

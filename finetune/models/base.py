@@ -7,6 +7,7 @@ how it is served — to itself. The registry (`finetune.models`) is derived from
 
 from __future__ import annotations
 
+import copy
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -31,6 +32,27 @@ class Encoded:
         return len(self.input_ids)
 
 
+def _resolve_module_path(model: torch.nn.Module, path: str, subgroup: str) -> str:
+    """`a.b.-1` → `a.b.11` for a model whose `a.b` holds 12 modules; an unknown path is one line naming it."""
+    from finetune.errors import UserError
+
+    module, resolved = model, []
+    for part in path.split("."):
+        if part.lstrip("-").isdigit() and isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            index = int(part)
+            if not -len(module) <= index < len(module):
+                raise UserError(f"subgroup '{subgroup}': {path}: index {index} outside a list of {len(module)}")
+            part = str(index % len(module))
+            child = module[int(part)]
+        else:
+            child = getattr(module, part, None)
+        if not isinstance(child, torch.nn.Module):
+            raise UserError(f"subgroup '{subgroup}': {path}: the model has no module '{'.'.join([*resolved, part])}'")
+        module = child
+        resolved.append(part)
+    return ".".join(resolved)
+
+
 class ModelFamily(ABC):
     """Interface of a model family. Instances are stateless; the processor is passed in explicitly."""
 
@@ -46,6 +68,12 @@ class ModelFamily(ABC):
     modules_to_save: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Parameters the forward pass never uses (so DDP need not search for unused parameters every step).
     never_used_parameters: ClassVar[tuple[str, ...]] = ()
+    # Whether `save_pretrained` writes a layout transformers' own classes (AutoModelForImageTextToText) load and
+    # compute the same with. False for a family whose only faithful reader is its original remote code (Ovis).
+    saves_transformers_layout: ClassVar[bool] = True
+    # Groups carved out of a group above, for schedules finer than a group: name → (parent group, module paths; a
+    # negative number indexes a module list from its end). Recipes add their own (`tuning.subgroups`).
+    subgroups: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
 
     # --- loading ---------------------------------------------------------------------------------------
     @abstractmethod
@@ -123,6 +151,32 @@ class ModelFamily(ABC):
         return sorted(ids)
 
     # --- module groups -----------------------------------------------------------------------------------
+    def with_subgroups(self, model: torch.nn.Module, specs: dict[str, tuple[str, tuple[str, ...]]]) -> ModelFamily:
+        """This family with `specs` (name → (parent group, module paths)) carved out of their parents for `model`:
+        a copy whose groups put each subgroup's parameters in the subgroup (checked before the parent), whose LoRA
+        targets for it are the parent's, and which saves its modules beside an adapter when it trains fully."""
+        from finetune.errors import UserError
+
+        if not specs:
+            return self
+        carved: dict[str, tuple[str, ...]] = {}
+        for name, (parent, paths) in specs.items():
+            prefixes = tuple(f"{_resolve_module_path(model, path, name)}." for path in paths)
+            params = [p for p, _ in model.named_parameters() if p.startswith(prefixes)]
+            outside = [p for p in params if self.group_of(p) != parent]
+            if not params or outside:
+                why = f"{outside[0]} is in group '{self.group_of(outside[0])}'" if outside else "it holds no parameter"
+                raise UserError(f"subgroup '{name}': {', '.join(paths)} cannot be carved out of '{parent}': {why}")
+            carved[name] = prefixes
+        family = copy.copy(self)
+        family.group_prefixes = {**carved, **self.group_prefixes}
+        family.default_lora_targets = {
+            **self.default_lora_targets,
+            **{n: self.default_lora_targets.get(p, ()) for n, (p, _) in specs.items()},
+        }
+        family.modules_to_save = {**self.modules_to_save, **{n: tuple(x[:-1] for x in carved[n]) for n in carved}}
+        return family
+
     def group_of(self, parameter_name: str) -> str | None:
         """The module group of a parameter name (PEFT's `base_model.model.` prefix is ignored)."""
         name = parameter_name.removeprefix("base_model.model.")

@@ -32,7 +32,7 @@ from finetune.config import Recipe, ResolvedRecipe
 from finetune.errors import Interrupted
 from finetune.models import get_family
 from finetune.progress import Progress, info
-from finetune.resolve import resolve_recipe
+from finetune.resolve import resolve_recipe, subgroup_specs
 from finetune.training import stages as staging
 from finetune.training.checkpoint import (
     TrainerState,
@@ -109,6 +109,9 @@ class FineTuneRecipe:
             r.model.path, revision=r.model.revision, attn_implementation=r.model.attn_implementation
         )
         model.config.use_cache = False
+        # Subgroups (the family's and the recipe's) become groups of their own, now that their modules are known.
+        specs = subgroup_specs(r, tuple(self.family.group_prefixes), self.family.subgroups)
+        self.family = self.family.with_subgroups(model, specs)
         if r.tuning.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         check_lora_targets(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, 0))

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -42,6 +41,16 @@ from finetune.errors import UserError
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.mississippi.config import native_config, read_original_config
 from finetune.models.mississippi.image import IMG_CONTEXT
+from finetune.models.weights import (
+    NameTable,
+    check_layout,
+    compile_pattern,
+    meta_state_shapes,
+    names,
+    read_shapes,
+    read_tensors,
+    safetensors_files,
+)
 
 # Files of a Hub checkpoint we read: configs, tokenizer and remote code (.py, copied into original/), and weights.
 SIDE_FILE_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "*.py"]
@@ -78,33 +87,8 @@ NAME_TABLE = (
 )
 # The fused InternViT projection and its three native parts (`{part}`: q, k, v), split and fused in code.
 QKV_ORIGINAL, QKV_NATIVE = _LAYER + "attn.qkv.{wb}", _NATIVE_LAYER + "attention.{part}_proj.{wb}"
-_PLACEHOLDERS = {"layer": r"\d+", "wb": "weight|bias", "fc": "fc1|fc2", "part": "q|k|v", "rest": ".+"}
-
-
-def _compile(name_pattern: str) -> re.Pattern:
-    """A name pattern as a regex: literal text escaped, each `{placeholder}` a named group."""
-    pieces = re.split(r"\{(\w+)\}", name_pattern)  # literal, placeholder, literal, ..., literal
-    return re.compile("".join(f"(?P<{p}>{_PLACEHOLDERS[p]})" if i % 2 else re.escape(p) for i, p in enumerate(pieces)))
-
-
-# Both directions from the one table: (regex of one side, the other side as a `str.format` template).
-_TO_NATIVE = [(_compile(original), native) for original, native in NAME_TABLE]
-_TO_ORIGINAL = [(_compile(native), original) for original, native in NAME_TABLE]
-_QKV_ORIGINAL_RE, _QKV_NATIVE_RE = _compile(QKV_ORIGINAL), _compile(QKV_NATIVE)
-
-
-def _names(keys: Iterable[str], limit: int = 6) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
-    for pattern, template in rules:
-        match = pattern.fullmatch(key)
-        if match:
-            return template.format(**match.groupdict())
-    return None
+_TABLE = NameTable(NAME_TABLE)
+_QKV_ORIGINAL_RE, _QKV_NATIVE_RE = compile_pattern(QKV_ORIGINAL), compile_pattern(QKV_NATIVE)
 
 
 def original_to_native(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,13 +108,13 @@ def original_to_native(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             for part, rows in zip("qkv", torch.chunk(tensor, 3, dim=0), strict=True):
                 native[QKV_NATIVE.format(part=part, **qkv.groupdict())] = rows.clone()
             continue
-        new = _rename(key, _TO_NATIVE)
+        new = _TABLE.native_name(key)
         if new is None:
             unmapped.append(key)
         else:
             native[new] = tensor
     if unmapped:
-        raise UserError(f"{len(unmapped)} tensor(s) have no place in the native InternVL model: {_names(unmapped)}")
+        raise UserError(f"{len(unmapped)} tensor(s) have no place in the native InternVL model: {names(unmapped)}")
     return native
 
 
@@ -145,82 +129,26 @@ def native_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         if qkv:
             parts.setdefault((qkv["layer"], qkv["wb"]), {})[qkv["part"]] = tensor
             continue
-        new = _rename(key, _TO_ORIGINAL)
+        new = _TABLE.checkpoint_name(key)
         if new is None:
             unmapped.append(key)
         else:
             original[new] = tensor
     if unmapped:
-        raise UserError(f"{len(unmapped)} tensor(s) have no place in the original H2OVL layout: {_names(unmapped)}")
+        raise UserError(f"{len(unmapped)} tensor(s) have no place in the original H2OVL layout: {names(unmapped)}")
     for (layer, wb), qkv in sorted(parts.items()):
         absent = [QKV_NATIVE.format(layer=layer, part=part, wb=wb) for part in "qkv" if part not in qkv]
         if absent:
-            raise UserError(f"cannot fuse attn.qkv of vision layer {layer}: missing {_names(absent)}")
+            raise UserError(f"cannot fuse attn.qkv of vision layer {layer}: missing {names(absent)}")
         original[QKV_ORIGINAL.format(layer=layer, wb=wb)] = torch.cat([qkv[part] for part in "qkv"], dim=0)
     return original
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise UserError(f"{index}: shard(s) not found: {_names(missing)}")
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder}: no *.safetensors weights (H2OVL checkpoints are loaded from safetensors)")
-    return files
-
-
-def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if key in shapes:
-                    raise UserError(f"{file}: tensor {key} is stored twice")
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
-
-
 def _expected_original_shapes(config: InternVLConfig) -> dict[str, tuple[int, ...]]:
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    # A shape-only reference on the meta device. Under DeepSpeed ZeRO-3, transformers would build it partitioned
-    # and initialise its (absent) weights; hide the ZeRO-3 config from it for this one construction.
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        with torch.device("meta"):
-            reference = InternVLForConditionalGeneration(config)
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-    return {k: tuple(v.shape) for k, v in native_to_original(reference.state_dict()).items()}
-
-
-def check_layout(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """One-line error naming missing, unexpected and mis-shaped tensors (original names), if any."""
-    missing = set(expected) - set(found)
-    unexpected = set(found) - set(expected)
-    mismatched = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_names(unexpected)}")
-    if mismatched:
-        shown = [f"{k} {tuple(found[k])} (expected {tuple(expected[k])})" for k in mismatched[:6]]
-        more = f" (and {len(mismatched) - 6} more)" if len(mismatched) > 6 else ""
-        problems.append(f"wrong shape {', '.join(shown)}{more}")
-    if problems:
-        raise UserError(
-            f"{where}: weights do not match the H2OVL model its config.json describes: " + "; ".join(problems)
-        )
+    shapes = meta_state_shapes(InternVLForConditionalGeneration, config)
+    meta = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    return {k: tuple(v.shape) for k, v in native_to_original(meta).items()}
 
 
 def load_h2ovl(
@@ -236,7 +164,6 @@ def load_h2ovl(
     with one line naming it. A folder already in the native layout (config.json model_type `internvl`, e.g. our own
     `save_pretrained` output) is loaded with `from_pretrained` instead.
     """
-    from safetensors import safe_open
     from transformers import AutoTokenizer, GenerationConfig, PreTrainedConfig
 
     folder = resolve_checkpoint(path, revision, allow_patterns=HUB_PATTERNS)
@@ -254,13 +181,9 @@ def load_h2ovl(
         raise UserError(f"{folder}: the tokenizer has no {IMG_CONTEXT} token")
     config = native_config(original, image_token_id)
 
-    files = _safetensors_files(folder)
-    check_layout(_read_shapes(files), _expected_original_shapes(config), str(path))
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                state[key] = f.get_tensor(key)
+    files = safetensors_files(folder, "H2OVL")
+    check_layout(read_shapes(files), _expected_original_shapes(config), str(path), "H2OVL")
+    state = read_tensors(files)
     native = original_to_native(state)
     del state
     model = InternVLForConditionalGeneration.from_pretrained(

@@ -1,0 +1,270 @@
+"""A processor for Ovis: its tokenizer, chat format and page preprocessing, usable like a transformers processor.
+
+    processor = OvisProcessor.from_pretrained("AIDC-AI/Ovis2-1B")      # or a local folder, either layout
+    batch = processor(images=[[page]], text=[processor.render_prompt("Read it", num_images=1)])
+
+The original marks an image with `<image>` in the text and tokenizes the text around it chunk by chunk
+(`ConversationFormatter._tokenize_with_image_symbol`); each `<image>` becomes
+`[start, thumbnail, thumbnail-end, crop, column-sep, crop, …, row-sep, …, end]` (`construct_image_placeholders`).
+The original's negative placeholder ids become real tokens here: one image token per visual token of a crop and five
+indicator tokens — those of the `-hf` tokenizer when it has them, otherwise added to the tokenizer as special tokens
+(their ids may lie past the LLM's vocabulary: the model never looks them up, see `modeling.OvisForConditionalGeneration
+.embed`). `pixel_values` holds every crop of the batch in one [crops, 3, S, S] tensor, in the order of the tokens.
+
+Chat formats (`conversation_formatter.py`): Gemma2 `<bos><start_of_turn>user\\n{q}<end_of_turn>\\n<start_of_turn>model
+\\n` (the question stripped; a system prompt is an error), Qwen2 ChatML with the default system prompt "You are a
+helpful assistant.". Images come first in the question, one `<image>\\n` each (`ovis/serve/runner.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
+
+from finetune.errors import UserError
+from finetune.models.hub import resolve_checkpoint
+from finetune.models.ovis import image as ovis_image
+
+CONFIG_NAME = "ovis_processor_config.json"
+PROCESSOR_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]
+IMAGE_TOKEN = "<image>"  # the original's placeholder in the text, and (as in the -hf tokenizer) the image token
+INDICATOR_TOKENS = tuple(f"<ovis_visual_indicator_{i}>" for i in range(5))
+QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
+END_OF_TURN = {"gemma2": "<end_of_turn>", "qwen2": "<|im_end|>"}
+
+# The two formats as chat templates (for `apply_chat_template` and for whoever serves the model): an image part is
+# `<image>\n`, images before the text; Gemma2's question is stripped as the original formatter strips it.
+_CONTENT = (
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = namespace(text='') -%}"
+    "{%- for part in message['content'] | selectattr('type', 'equalto', 'image') -%}"
+    "{%- set content.text = content.text + '<image>\\n' -%}{%- endfor -%}"
+    "{%- for part in message['content'] | selectattr('type', 'equalto', 'text') -%}"
+    "{%- set content.text = content.text + part['text'] -%}{%- endfor -%}"
+    "{%- set content = content.text -%}{%- endif -%}"
+)
+CHAT_TEMPLATES = {
+    "gemma2": (
+        "{{- '<bos>' -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{{ raise_exception('Gemma does not support system prompt') }}{%- endif -%}"
+        + _CONTENT
+        + "{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
+        "{{ '<start_of_turn>' + role + '\\n' + content | trim + '<end_of_turn>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+    ),
+    "qwen2": (
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{ '<|im_start|>system\\n" + QWEN_SYSTEM_PROMPT + "<|im_end|>\\n' }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        + _CONTENT
+        + "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+}
+
+
+@dataclass
+class OvisImageSettings:
+    chat_format: str = "qwen2"  # gemma2 | qwen2
+    side: int = 448  # crop size S
+    tokens_per_crop: int = 256  # visual tokens per crop: ceil(S / patch / hidden_stride)²
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    rescale_factor: float = 1 / 255
+    max_partition: int = 9  # at most this many crops per page (plus the thumbnail); the recipe's memory cap
+
+    def normalisation(self) -> ovis_image.Normalisation:
+        return ovis_image.Normalisation(self.side, tuple(self.image_mean), tuple(self.image_std), self.rescale_factor)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}: not valid JSON ({err})") from None
+
+
+def settings_from_checkpoint(folder: Path, where: str) -> OvisImageSettings:
+    """Settings from an original (`model_type: ovis`) or `-hf` (`ovis2`) checkpoint's config.json and
+    preprocessor_config.json."""
+    from finetune.models.ovis.config import read_checkpoint_config  # the model config and the processor agree
+
+    layout = read_checkpoint_config(folder, where)
+    pre_file = folder / "preprocessor_config.json"
+    if not pre_file.is_file():
+        raise UserError(f"{where}: no preprocessor_config.json (Ovis checkpoints keep the image settings there)")
+    pre = _read_json(pre_file)
+    if pre.get("do_center_crop"):
+        raise UserError(f"{pre_file}: do_center_crop: true is not supported (the original refuses it too)")
+    # The original's crop side: CLIP's processor (AIMv2) names it crop_size, SigLIP's (and the -hf one's) size.
+    sizes = pre.get("crop_size") if layout.backbone == "aimv2" and "crop_size" in pre else pre.get("size", {})
+    side = int(sizes.get("height") or sizes.get("shortest_edge") or layout.image_size) if sizes else layout.image_size
+    return OvisImageSettings(
+        chat_format=layout.chat_format,
+        side=side,
+        tokens_per_crop=layout.tokens_per_crop(side),
+        image_mean=list(pre.get("image_mean", [0.5, 0.5, 0.5])),
+        image_std=list(pre.get("image_std", [0.5, 0.5, 0.5])),
+        rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+    )
+
+
+class OvisProcessor:
+    """Tokenizer + Ovis's partitioning and normalisation + its chat format."""
+
+    image_token = IMAGE_TOKEN
+
+    def __init__(self, tokenizer, settings: OvisImageSettings, token_ids: dict[str, int] | None = None):
+        if settings.chat_format not in END_OF_TURN:
+            raise UserError(f"chat_format: {settings.chat_format!r} is not one of {sorted(END_OF_TURN)}")
+        if settings.max_partition < 1:
+            raise UserError(f"model.processor.max_partition: {settings.max_partition} (must be at least 1)")
+        self.tokenizer = tokenizer
+        self.settings = settings
+        # Always the original formatter's format: a Qwen tokenizer's own template has another default system prompt.
+        tokenizer.chat_template = CHAT_TEMPLATES[settings.chat_format]
+        tokens = (IMAGE_TOKEN, *INDICATOR_TOKENS)
+        if token_ids is None:  # the original tokenizer has none of them: added, in this order, as special tokens
+            missing = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+            if missing:
+                tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+            token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+        self.token_ids = token_ids
+        self.image_token_id = token_ids[IMAGE_TOKEN]
+        self.indicator_ids = [token_ids[t] for t in INDICATOR_TOKENS]
+
+    @classmethod
+    def from_pretrained(cls, path: str, revision: str | None = None, **overrides) -> OvisProcessor:
+        """Load from a folder or Hub id in either layout; `overrides` set image settings (e.g. max_partition=4)."""
+        folder = resolve_checkpoint(path, revision, allow_patterns=PROCESSOR_PATTERNS)
+        # An empty config: AutoTokenizer would otherwise read config.json, whose auto_map points at remote code.
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=PretrainedConfig(), trust_remote_code=False)
+        ours = folder / CONFIG_NAME
+        settings = OvisImageSettings(**_read_json(ours)) if ours.is_file() else settings_from_checkpoint(folder, path)
+        unknown = set(overrides) - set(asdict(settings))
+        if unknown:
+            known = sorted(asdict(settings))
+            raise UserError(f"model.processor: unknown Ovis processor option(s) {sorted(unknown)}; known: {known}")
+        for key, value in overrides.items():
+            setattr(settings, key, value)
+        # The -hf layout fixes its image and indicator ids in config.json; the original's are added (in a fixed order,
+        # after the vocabulary, so every load of the same tokenizer gives the same ids).
+        from finetune.models.ovis.config import read_checkpoint_config
+
+        token_ids = read_checkpoint_config(folder, str(path)).token_ids
+        return cls(tokenizer, settings, token_ids)
+
+    def save_pretrained(self, out_dir) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out_dir)
+        self.save_settings(out_dir)
+
+    def save_settings(self, out_dir) -> None:
+        """The image settings alone (`ovis_processor_config.json`), beside a checkpoint's own tokenizer files."""
+        (Path(out_dir) / CONFIG_NAME).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+
+    # --- text ----------------------------------------------------------------------------------------------------
+    @property
+    def end_of_turn(self) -> str:
+        return END_OF_TURN[self.settings.chat_format]
+
+    def render_prompt(self, instruction: str, num_images: int) -> str:
+        """The prompt up to the assistant's turn, as the original formatter writes it with an empty preface."""
+        question = IMAGE_TOKEN + "\n"
+        question = question * num_images + instruction
+        if self.settings.chat_format == "gemma2":
+            return f"<bos><start_of_turn>user\n{question.strip()}<end_of_turn>\n<start_of_turn>model\n"
+        return (
+            f"<|im_start|>system\n{QWEN_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+
+    def _text_chunks(self, text: str) -> list[list[int]]:
+        """Token ids of the text between `<image>` placeholders, each chunk tokenised alone (as the original)."""
+        return [self.tokenizer(chunk, add_special_tokens=False)["input_ids"] for chunk in text.split(IMAGE_TOKEN)]
+
+    def image_placeholders(self, grid: tuple[int, int]) -> list[int]:
+        """The ids standing for one page of this grid (`construct_image_placeholders`, one crop = T image tokens)."""
+        start, thumb_end, col_sep, row_sep, end = self.indicator_ids
+        crop = [self.image_token_id] * self.settings.tokens_per_crop
+        ids = [start, *crop, thumb_end]
+        rows, cols = grid
+        if rows * cols > 1:
+            for r in range(rows):
+                for c in range(cols):
+                    ids += crop
+                    if c < cols - 1:
+                        ids.append(col_sep)
+                if r < rows - 1:
+                    ids.append(row_sep)
+        ids.append(end)
+        return ids
+
+    def grids_for(self, image_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Grids for (width, height) sizes, without touching pixels."""
+        s = self.settings
+        return [ovis_image.best_grid(w, h, s.side, s.max_partition) for w, h in image_sizes]
+
+    def tiles_for(self, image_sizes: list[tuple[int, int]]) -> list[int]:
+        """Images the backbone sees per page (crops plus the thumbnail), without touching pixels; named like the
+        Mississippi processor's, whose tiles play the same part (the benchmarks count tower passes with it)."""
+        return [ovis_image.num_crops(grid) for grid in self.grids_for(image_sizes)]
+
+    def encode(self, text: str, grids: list[tuple[int, int]]) -> list[int]:
+        chunks = self._text_chunks(text)
+        if len(chunks) - 1 != len(grids):
+            raise ValueError(f"text has {len(chunks) - 1} {IMAGE_TOKEN} placeholders for {len(grids)} images")
+        ids = list(chunks[0])
+        for grid, chunk in zip(grids, chunks[1:], strict=True):
+            ids += self.image_placeholders(grid) + chunk
+        return ids
+
+    # --- images --------------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        images: list[list[Image.Image]] | list[Image.Image] | None = None,
+        text: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        texts = [text] if isinstance(text, str) else list(text or [])
+        if images and isinstance(images[0], Image.Image):
+            images = [images] if len(texts) == 1 else [[image] for image in images]
+        images = images or [[] for _ in texts]
+        if len(images) != len(texts):
+            raise ValueError(f"{len(texts)} texts but images for {len(images)}")
+        norm, pixels, rows = self.settings.normalisation(), [], []
+        for sample_images, sample_text in zip(images, texts, strict=True):
+            grids = []
+            for page in sample_images:
+                crops, grid = ovis_image.preprocess(page, norm, self.settings.max_partition)
+                pixels.append(crops)
+                grids.append(grid)
+            rows.append(self.encode(sample_text, grids))
+        if len(rows) > 1 and len({len(r) for r in rows}) > 1:
+            raise ValueError("texts of unequal token length: batch them with finetune.data.dataset.Collator")
+        data = {
+            "input_ids": torch.tensor(rows),
+            "attention_mask": torch.ones(len(rows), len(rows[0]), dtype=torch.long),
+        }
+        if pixels:
+            data["pixel_values"] = torch.cat(pixels)
+        return BatchFeature(data, tensor_type=None if return_tensors == "pt" else return_tensors)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)

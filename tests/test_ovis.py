@@ -1,0 +1,259 @@
+"""Ovis specifics beyond the family contract: the original code's outputs, both checkpoint layouts, tensor-by-tensor
+loading and saving, the subgroups, and the paper schedule end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune.errors import UserError
+from finetune.models import get_family
+from finetune.models.ovis import checkpoint as oc
+from finetune.models.ovis.processor import OvisProcessor
+from finetune.models.ovis.tiny import write_hf_layout
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "ovis_reference.json").read_text())
+VARIANTS = {"ovis2": "test-ovis2", "ovis1.6": "test-ovis1.6"}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tiny(request, tmp_path_factory) -> tuple[str, Path]:
+    family = get_family("ovis")
+    preset = VARIANTS[request.param]
+    return request.param, family.build_tiny_checkpoint(tmp_path_factory.mktemp(preset), **family.tiny_presets[preset])
+
+
+@pytest.fixture(scope="module")
+def tiny_ovis2(tmp_path_factory) -> Path:
+    family = get_family("ovis")
+    return family.build_tiny_checkpoint(tmp_path_factory.mktemp("ovis2"), **family.tiny_presets["test-ovis2"])
+
+
+# --- what the original computes ----------------------------------------------------------------------------------
+
+
+def test_ids_and_logits_equal_the_original_codes(tiny):
+    """tests/data/ovis_reference.json holds what AIDC-AI's own code (transformers 4.46.3; see
+    scripts/ovis_reference.py) computes on these tiny checkpoints: the prompt, its ids (the original's negative
+    placeholders expanded here into one image token per visual token and the five indicator tokens), and per position
+    the argmax and log-sum-exp of the logits. The pages avoid resampling where they can (Pillow 12.3 and 13 differ by
+    ±1 in some bicubic downscales of noise); on these, both give the same pixels."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from ovis_reference import INSTRUCTION, pages
+
+    variant, path = tiny
+    processor = OvisProcessor.from_pretrained(str(path))
+    model = oc.load_ovis(str(path))
+    tokens = processor.settings.tokens_per_crop
+    for name, images in pages(processor.settings.side).items():
+        reference = REFERENCE[variant][name]
+        prompt = processor.render_prompt(INSTRUCTION, len(images))
+        assert prompt == reference["prompt"]
+        batch = processor(images=[images], text=[prompt])
+        expected_ids = []
+        for token in reference["input_ids"]:
+            if token == -300:  # one crop
+                expected_ids += [processor.image_token_id] * tokens
+            elif -305 <= token <= -301:
+                expected_ids.append(processor.indicator_ids[-301 - token])
+            else:
+                expected_ids.append(token)
+        assert batch["input_ids"][0].tolist() == expected_ids, name
+        assert float(batch["pixel_values"].double().sum()) == pytest.approx(reference["pixel_sum"], abs=1e-6)
+        with torch.no_grad():
+            logits = model(**batch).logits[0]
+        assert logits.argmax(-1).tolist() == reference["argmax"], name
+        torch.testing.assert_close(logits.logsumexp(-1), torch.tensor(reference["logsumexp"]), rtol=0, atol=1e-5)
+
+
+# --- loading and saving ------------------------------------------------------------------------------------------
+
+
+def test_every_original_tensor_maps_onto_a_parameter_and_back_bit_for_bit(tiny):
+    _, path = tiny
+    stored = load_file(path / "model.safetensors")
+    model = oc.load_ovis(str(path), dtype=torch.bfloat16)
+    native = model.state_dict()
+    mapped = oc.to_native(stored, "original", model_backbone(model))
+    assert set(mapped) == set(native) - {oc.TIED_HEAD}  # the tied head is the embedding table itself
+    for name, tensor in mapped.items():
+        assert torch.equal(native[name], tensor), name
+    back = oc.to_checkpoint(native, "original", model_backbone(model), tied_head=True)
+    assert back.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+def model_backbone(model) -> str:
+    return "siglip" if type(model.visual_tokenizer.backbone).__name__.startswith("Siglip") else "aimv2"
+
+
+def test_load_then_save_original_is_bit_identical(tiny, tmp_path):
+    _, path = tiny
+    model = oc.load_ovis(str(path), dtype=torch.bfloat16)
+    out = oc.save_checkpoint(model, tmp_path / "saved", path)
+    saved, stored = load_file(out / "model.safetensors"), load_file(path / "model.safetensors")
+    assert saved.keys() == stored.keys()
+    assert all(saved[k].dtype == stored[k].dtype and torch.equal(saved[k], stored[k]) for k in stored)
+    assert json.loads((out / "config.json").read_text()) == json.loads((path / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (path / name).read_bytes(), name
+
+
+def test_float32_model_is_saved_as_float32_and_says_so(tiny, tmp_path):
+    _, path = tiny
+    model = oc.load_ovis(str(path))
+    out = oc.save_checkpoint(model, tmp_path / "saved", path)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == config["llm_config"]["torch_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("fault", ["missing", "renamed", "reshaped"])
+def test_a_missing_renamed_or_misshaped_tensor_is_named(tiny, tmp_path, fault):
+    _, path = tiny
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in path.iterdir():
+        if file.name != "model.safetensors":
+            (broken / file.name).write_bytes(file.read_bytes())
+    state = load_file(path / "model.safetensors")
+    victim = "visual_tokenizer.head.0.weight"
+    if fault == "missing":
+        del state[victim]
+        expected = f"missing {victim}"
+    elif fault == "renamed":
+        state["visual_tokenizer.head.zero.weight"] = state.pop(victim)
+        expected = "unexpected visual_tokenizer.head.zero.weight"
+    else:
+        state[victim] = state[victim][:-1].contiguous()
+        expected = f"wrong shape {victim}"
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(UserError, match=expected):
+        oc.load_ovis(str(broken))
+
+
+def test_hf_layout_loads_the_same_weights_with_identical_logits(tiny_ovis2, tmp_path):
+    """transformers' `-hf` layout of the same Ovis2 weights: transformers' own class reads our conversion with no
+    missing or unexpected weight (so the names are its names), and our model computes identical logits from it."""
+    from PIL import Image
+    from transformers import Ovis2ForConditionalGeneration
+
+    hf = write_hf_layout(tiny_ovis2, tmp_path / "hf")
+    _, info = Ovis2ForConditionalGeneration.from_pretrained(hf, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    page = Image.new("RGB", (150, 50), (240, 10, 10))
+    batches = []
+    for path in (tiny_ovis2, hf):
+        processor = OvisProcessor.from_pretrained(str(path))
+        batches.append(processor(images=[[page]], text=[processor.render_prompt("Read it", 1)]))
+    assert all(torch.equal(batches[0][k], batches[1][k]) for k in batches[0])
+    with torch.no_grad():
+        original = oc.load_ovis(str(tiny_ovis2))(**batches[0]).logits
+        converted = oc.load_ovis(str(hf))(**batches[1]).logits
+    assert torch.equal(original, converted)
+    # Saved back into the -hf layout, bit for bit.
+    out = oc.save_checkpoint(oc.load_ovis(str(hf), dtype=torch.bfloat16), tmp_path / "hf-saved", hf)
+    saved, stored = load_file(out / "model.safetensors"), load_file(hf / "model.safetensors")
+    assert saved.keys() == stored.keys() and all(torch.equal(saved[k], stored[k]) for k in stored)
+
+
+def test_checkpoint_config_errors_name_the_field(tiny_ovis2, tmp_path):
+    from finetune.models.ovis.config import read_checkpoint_config
+
+    config = json.loads((tiny_ovis2 / "config.json").read_text())
+    for change, field in [
+        ({"conversation_formatter_class": "Llama3ConversationFormatter"}, "conversation_formatter_class"),
+        (
+            {"visual_tokenizer_config": {**config["visual_tokenizer_config"], "tokenize_function": "gumbel_argmax"}},
+            "tokenize_function",
+        ),
+        ({"model_type": "llava"}, "model_type"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UserError, match=field):
+            read_checkpoint_config(tmp_path)
+
+
+# --- groups and the paper schedule --------------------------------------------------------------------------------
+
+
+def test_last_block_subgroup_is_carved_out_of_vision(tiny_ovis2):
+    family = get_family("ovis")
+    model = oc.load_ovis(str(tiny_ovis2))
+    carved = family.with_subgroups(model, family.subgroups)
+    last = len(model.visual_tokenizer.backbone.encoder.layers) - 1
+    groups = carved.assign_groups(model)
+    assert groups["vision_last_block"] and all(
+        name.startswith(f"visual_tokenizer.backbone.encoder.layers.{last}.") for name in groups["vision_last_block"]
+    )
+    assert not any(f"layers.{last}." in name for name in groups["vision"])
+    with pytest.raises(UserError, match=r"no module 'visual_tokenizer\.backbone\.blocks'"):
+        family.with_subgroups(model, {"x": ("vision", ("visual_tokenizer.backbone.blocks.-1",))})
+    with pytest.raises(UserError, match="cannot be carved out of 'vision'"):
+        family.with_subgroups(model, {"x": ("vision", ("llm.model.layers.0",))})
+
+
+@pytest.mark.slow
+def test_paper_schedule_trains_exactly_each_stages_groups(tiny, simple_docs, tmp_path, fresh_accelerate_state):
+    """`schedule: paper`: stage 1 changes the visual head, the visual embedding table and the backbone's LAST block
+    only; stage 2 the whole visual tokenizer; stage 3 everything. Frozen weights stay bit-identical, and the
+    parameters the original never uses (the backbone's final norm, SigLIP's pooling head) never change."""
+    from finetune.recipe import load_recipe
+    from finetune.training.runner import FineTuneRecipe
+
+    _, path = tiny
+    overrides = {
+        "model.family": "ovis",
+        "model.path": str(path),
+        "tuning.groups": "null",
+        "schedule": "paper",
+        "data.train": str(simple_docs["train"]),
+        "data.val": "null",
+        "data.test": "null",
+        "eval.before_training": False,
+        "eval.after_training": False,
+        "train.max_steps": 6,
+        "train.batch_size": 2,
+        "train.checkpoint_every": "null",
+        "output.dir": str(tmp_path / "run"),
+    }
+    job = FineTuneRecipe(load_recipe("quickstart", [f"{k}={v}" for k, v in overrides.items()]))
+    job.setup()
+    assert [s.name for s in job.stages] == ["visual-head", "visual-tokenizer", "all"]
+    never_used = get_family("ovis").never_used_parameters
+
+    def weights():
+        return {n: p.detach().clone() for n, p in job.accelerator.unwrap_model(job.model).named_parameters()}
+
+    seen = {"before": weights()}
+    last = len(job.accelerator.unwrap_model(job.model).visual_tokenizer.backbone.encoder.layers) - 1
+
+    def check(job, index):
+        before, after = seen["before"], weights()
+        stage = job.stages[index]
+        for name, value in after.items():
+            mode = stage.groups[job.family.group_of(name)]
+            if mode == "frozen" or name.startswith(never_used):
+                assert torch.equal(value, before[name]), f"{stage.name}: {name} changed"
+            elif "embed_tokens" not in name:  # rows of unseen tokens get no gradient
+                assert not torch.equal(value, before[name]), f"{stage.name}: {name} did not change"
+        changed = {n for n, v in after.items() if not torch.equal(v, before[n])}
+        backbone = {n for n in changed if n.startswith("visual_tokenizer.backbone.")}
+        if index == 0:
+            assert backbone and all(f"encoder.layers.{last}." in n for n in backbone)
+            assert any(n.startswith("visual_tokenizer.head.") for n in changed) and "vte.weight" in changed
+            assert not any(n.startswith("llm.") for n in changed)
+        elif index == 1:
+            assert any("encoder.layers.0." in n for n in backbone) and not any(n.startswith("llm.") for n in changed)
+        else:
+            assert any(n.startswith("llm.") for n in changed)
+        seen["before"] = after
+
+    job.train(on_stage_end=check)
