@@ -257,3 +257,34 @@ def test_paper_schedule_trains_exactly_each_stages_groups(tiny, simple_docs, tmp
         seen["before"] = after
 
     job.train(on_stage_end=check)
+
+
+def test_processor_pads_texts_of_unequal_length_only_when_asked(tiny):
+    from PIL import Image
+
+    _, path = tiny
+    processor = OvisProcessor.from_pretrained(str(path))
+    pages = [[Image.new("RGB", (50, 50))], [Image.new("RGB", (150, 50))]]  # one crop; three crops + thumbnail
+    texts = [processor.render_prompt("a", 1), processor.render_prompt("a", 1)]
+    with pytest.raises(ValueError, match="padding=True"):
+        processor(images=pages, text=texts)
+    batch = processor(images=pages, text=texts, padding=True, padding_side="left")
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths[0] < lengths[1] == batch["input_ids"].shape[1]
+    assert batch["input_ids"][0, 0] == processor.tokenizer.pad_token_id and batch["attention_mask"][0, 0] == 0
+    assert batch["pixel_values"].shape[0] == sum(processor.tiles_for([(50, 50), (150, 50)]))
+
+
+def test_gemma2_format_refuses_a_system_prompt_and_strips_the_question(tiny):
+    variant, path = tiny
+    processor = OvisProcessor.from_pretrained(str(path))
+    if variant != "ovis1.6":
+        system = {"role": "system", "content": "Be brief."}
+        assert processor.apply_chat_template([system], tokenize=False).startswith("<|im_start|>system\nBe brief.")
+        return
+    # The original strips the whole question (images first), so only its ends lose their spaces.
+    assert processor.render_prompt("  Read it.  ", 1) == (
+        "<bos><start_of_turn>user\n<image>\n  Read it.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    with pytest.raises(Exception, match="Gemma does not support system prompt"):
+        processor.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)

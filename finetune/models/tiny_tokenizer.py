@@ -6,6 +6,9 @@ per character, which is what a tiny model learning to read from scratch needs.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -37,3 +40,16 @@ def train_tiny_tokenizer(
     )
     bpe.train_from_iterator(list(_CORPUS) + list(extra_corpus), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **tokenizer_kwargs)
+
+
+def save_tiny_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path, **config: object) -> None:
+    """Save in the old single-file layout (the chat template, if any, inside tokenizer_config.json) under the class
+    name `PreTrainedTokenizerFast`, which transformers 4 and 5 both load without remote code; `config` updates
+    tokenizer_config.json (e.g. add_bos_token=False, chat_template=...)."""
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "chat_template.jinja").unlink(missing_ok=True)
+    file = out_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(file.read_text())
+    tok_cfg.pop("backend", None)
+    tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", **config)
+    file.write_text(json.dumps(tok_cfg, indent=2) + "\n")

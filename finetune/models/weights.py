@@ -130,3 +130,26 @@ def check_layout(
         raise UserError(
             f"{where}: weights do not match the {model_name} model its config.json describes: " + "; ".join(problems)
         )
+
+
+def split_qkv(key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused [q; k; v] projection split by rows into its three parts (cloned: three views of one storage would
+    look like tied parameters)."""
+    if tensor.shape[0] % 3:
+        raise UserError(f"tensor {key} has shape {tuple(tensor.shape)}: its first dimension is not 3 × hidden")
+    q, k, v = (rows.clone() for rows in torch.chunk(tensor, 3, dim=0))
+    return q, k, v
+
+
+def fuse_qkv(
+    parts: Mapping[tuple[str, str], Mapping[str, torch.Tensor]], native: str, fused: str
+) -> dict[str, torch.Tensor]:
+    """q / k / v parts collected per (layer, weight-or-bias) fused back under the `fused` name pattern; an incomplete
+    triple raises naming the missing `native` names."""
+    out = {}
+    for (layer, wb), qkv in sorted(parts.items()):
+        absent = [native.format(layer=layer, part=part, wb=wb) for part in "qkv" if part not in qkv]
+        if absent:
+            raise UserError(f"cannot fuse attn.qkv of vision layer {layer}: missing {names(absent)}")
+        out[fused.format(layer=layer, wb=wb)] = torch.cat([qkv[part] for part in "qkv"], dim=0)
+    return out

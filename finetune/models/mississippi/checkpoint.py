@@ -45,11 +45,13 @@ from finetune.models.weights import (
     NameTable,
     check_layout,
     compile_pattern,
+    fuse_qkv,
     meta_state_shapes,
     names,
     read_shapes,
     read_tensors,
     safetensors_files,
+    split_qkv,
 )
 
 # Files of a Hub checkpoint we read: configs, tokenizer and remote code (.py, copied into original/), and weights.
@@ -102,11 +104,8 @@ def original_to_native(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     for key, tensor in state.items():
         qkv = _QKV_ORIGINAL_RE.fullmatch(key)
         if qkv:
-            if tensor.shape[0] % 3:
-                raise UserError(f"tensor {key} has shape {tuple(tensor.shape)}: its first dimension is not 3 × hidden")
-            # clone: three views of one storage would make tied-looking parameters
-            for part, rows in zip("qkv", torch.chunk(tensor, 3, dim=0), strict=True):
-                native[QKV_NATIVE.format(part=part, **qkv.groupdict())] = rows.clone()
+            for part, rows in zip("qkv", split_qkv(key, tensor), strict=True):
+                native[QKV_NATIVE.format(part=part, **qkv.groupdict())] = rows
             continue
         new = _TABLE.native_name(key)
         if new is None:
@@ -136,11 +135,7 @@ def native_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             original[new] = tensor
     if unmapped:
         raise UserError(f"{len(unmapped)} tensor(s) have no place in the original H2OVL layout: {names(unmapped)}")
-    for (layer, wb), qkv in sorted(parts.items()):
-        absent = [QKV_NATIVE.format(layer=layer, part=part, wb=wb) for part in "qkv" if part not in qkv]
-        if absent:
-            raise UserError(f"cannot fuse attn.qkv of vision layer {layer}: missing {names(absent)}")
-        original[QKV_ORIGINAL.format(layer=layer, wb=wb)] = torch.cat([qkv[part] for part in "qkv"], dim=0)
+    original.update(fuse_qkv(parts, QKV_NATIVE, QKV_ORIGINAL))
     return original
 
 

@@ -17,7 +17,7 @@ from finetune.models.mississippi.checkpoint import native_to_original
 from finetune.models.mississippi.config import ARCHITECTURE, MODEL_TYPE, native_config
 from finetune.models.mississippi.image import IMG_CONTEXT
 from finetune.models.mississippi.processor import H2OGPT2_CHAT_TEMPLATE
-from finetune.models.tiny_tokenizer import train_tiny_tokenizer
+from finetune.models.tiny_tokenizer import save_tiny_tokenizer, train_tiny_tokenizer
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|prompt|>", "<|answer|>", "<|end|>", "<img>", "</img>", IMG_CONTEXT]
 
@@ -68,17 +68,9 @@ def build_tiny_h2ovl(
         pad_token="<unk>",
         model_max_length=max_positions,
     )
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "chat_template.jinja").unlink(missing_ok=True)  # old layout: the template lives in tokenizer_config
-    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
-    tok_cfg.pop("backend", None)
-    tok_cfg.update(
-        tokenizer_class="PreTrainedTokenizerFast",
-        add_bos_token=False,
-        add_eos_token=False,
-        chat_template=H2OGPT2_CHAT_TEMPLATE,
+    save_tiny_tokenizer(
+        tokenizer, out_dir, add_bos_token=False, add_eos_token=False, chat_template=H2OGPT2_CHAT_TEMPLATE
     )
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
     mistral = llm == "mistral"

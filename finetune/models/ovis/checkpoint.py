@@ -28,11 +28,13 @@ from finetune.models.weights import (
     NameTable,
     check_layout,
     compile_pattern,
+    fuse_qkv,
     meta_state_shapes,
     names,
     read_shapes,
     read_tensors,
     safetensors_files,
+    split_qkv,
 )
 
 SIDE_FILE_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.jinja", "*.py"]
@@ -111,10 +113,8 @@ def to_native(state: Mapping[str, torch.Tensor], layout: str, backbone: str = "a
         elif backbone == "siglip":
             new = ORIGINAL_SIGLIP.native_name(key)
         elif qkv := _QKV_ORIGINAL_RE.fullmatch(key):
-            if tensor.shape[0] % 3:
-                raise UserError(f"tensor {key} has shape {tuple(tensor.shape)}: its first dimension is not 3 × hidden")
-            for part, rows in zip("qkv", torch.chunk(tensor, 3, dim=0), strict=True):
-                native[QKV_NATIVE.format(part=part, **qkv.groupdict())] = rows.clone()
+            for part, rows in zip("qkv", split_qkv(key, tensor), strict=True):
+                native[QKV_NATIVE.format(part=part, **qkv.groupdict())] = rows
             continue
         else:
             new = ORIGINAL_AIMV2.native_name(key)
@@ -158,11 +158,7 @@ def to_checkpoint(
             out[new] = tensor
     if unmapped:
         raise UserError(f"{len(unmapped)} tensor(s) have no place in the {layout} Ovis layout: {names(unmapped)}")
-    for (layer, wb), qkv in sorted(parts.items()):
-        absent = [QKV_NATIVE.format(layer=layer, part=p, wb=wb) for p in "qkv" if p not in qkv]
-        if absent:
-            raise UserError(f"cannot fuse attn.qkv of vision layer {layer}: missing {names(absent)}")
-        out[QKV_ORIGINAL.format(layer=layer, wb=wb)] = torch.cat([qkv[p] for p in "qkv"], dim=0)
+    out.update(fuse_qkv(parts, QKV_NATIVE, QKV_ORIGINAL))
     return out
 
 

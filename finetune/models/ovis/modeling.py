@@ -110,6 +110,22 @@ class VisualTokenizer(nn.Module):
         return F.pad(tokens, (0, NUM_INDICATORS))
 
 
+class _LanguageBackbone:
+    """The model without its LM head, as transformers 5's VLMs expose it (`model.base_model`): merged embeddings
+    through the LLM's decoder, returning its last hidden states. TRL's SFT / DPO trainers compute the loss from these
+    and the LM head in chunks (`add_fused_lm_head`). Not a module: it owns nothing, it only routes the call."""
+
+    _tp_plan = _pp_plan = None
+
+    def __init__(self, model: OvisForConditionalGeneration):
+        self.model = model
+
+    def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed(input_ids, pixel_values)
+        return self.model.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
 class OvisForConditionalGeneration(PreTrainedModel, GenerationMixin):
     """Ovis with the original's parameter names at the top (`llm.*`, `visual_tokenizer.*`, `vte.weight`)."""
 
@@ -128,6 +144,10 @@ class OvisForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.visual_tokenizer = VisualTokenizer(config)
         self.vte = VisualEmbedding(config.visual_vocab_size, config.text_config.hidden_size)
         self.post_init()
+
+    @property
+    def base_model(self) -> _LanguageBackbone:
+        return _LanguageBackbone(self)
 
     def get_input_embeddings(self):
         return self.llm.get_input_embeddings()

@@ -235,7 +235,13 @@ class OvisProcessor:
         images: list[list[Image.Image]] | list[Image.Image] | None = None,
         text: str | list[str] | None = None,
         return_tensors: str | None = "pt",
+        padding: bool | str = False,
+        padding_side: str | None = None,
+        add_special_tokens: bool = False,  # the prompt carries its own <bos> (Gemma2), as the original's does
+        **pad_kwargs,
     ) -> BatchFeature:
+        """Ids (and attention mask) for each text with its pages' placeholders expanded, and every crop's pixels.
+        Texts of unequal length need `padding` (as transformers' processors do); the pad token is the tokenizer's."""
         texts = [text] if isinstance(text, str) else list(text or [])
         if images and isinstance(images[0], Image.Image):
             images = [images] if len(texts) == 1 else [[image] for image in images]
@@ -250,12 +256,18 @@ class OvisProcessor:
                 pixels.append(crops)
                 grids.append(grid)
             rows.append(self.encode(sample_text, grids))
-        if len(rows) > 1 and len({len(r) for r in rows}) > 1:
-            raise ValueError("texts of unequal token length: batch them with finetune.data.dataset.Collator")
-        data = {
-            "input_ids": torch.tensor(rows),
-            "attention_mask": torch.ones(len(rows), len(rows[0]), dtype=torch.long),
-        }
+        if padding or len({len(r) for r in rows}) > 1:
+            if not padding:
+                raise ValueError("texts of unequal token length: pass padding=True (or batch with a collator)")
+            side = {"padding_side": padding_side} if padding_side else {}
+            data = dict(
+                self.tokenizer.pad({"input_ids": rows}, padding=padding, return_tensors="pt", **side, **pad_kwargs)
+            )
+        else:
+            data = {
+                "input_ids": torch.tensor(rows),
+                "attention_mask": torch.ones(len(rows), len(rows[0]), dtype=torch.long),
+            }
         if pixels:
             data["pixel_values"] = torch.cat(pixels)
         return BatchFeature(data, tensor_type=None if return_tensors == "pt" else return_tensors)

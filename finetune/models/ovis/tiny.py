@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from finetune.models.ovis.checkpoint import to_checkpoint
 from finetune.models.ovis.config import CheckpointConfig
 from finetune.models.ovis.modeling import OvisForConditionalGeneration
-from finetune.models.tiny_tokenizer import train_tiny_tokenizer
+from finetune.models.tiny_tokenizer import save_tiny_tokenizer, train_tiny_tokenizer
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 VARIANTS = ("ovis2", "ovis1.6")
@@ -39,12 +39,7 @@ def _tokenizer(variant: str, out_dir: Path, max_positions: int) -> dict[str, int
     else:  # Qwen2.5-Instruct: eos <|im_end|>, pad <|endoftext|>, no bos
         kwargs = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None}
     tokenizer = train_tiny_tokenizer(specials, model_max_length=max_positions, **kwargs)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "chat_template.jinja").unlink(missing_ok=True)
-    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
-    tok_cfg.pop("backend", None)
-    tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    save_tiny_tokenizer(tokenizer, out_dir, add_bos_token=False, add_eos_token=False)
     return {t: tokenizer.convert_tokens_to_ids(t) for t in specials} | {"__len__": len(tokenizer)}
 
 
