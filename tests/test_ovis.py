@@ -288,3 +288,36 @@ def test_gemma2_format_refuses_a_system_prompt_and_strips_the_question(tiny):
     )
     with pytest.raises(Exception, match="Gemma does not support system prompt"):
         processor.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+
+
+@pytest.mark.slow
+def test_tied_head_full_fine_tune_checkpoints_and_resumes_to_the_same_weights(tiny, simple_docs, tmp_path):
+    """Gemma2 and small Qwen2 tie their LM head to the embedding table: a checkpoint holds the tensor once (safetensors
+    refuses shared storage), and a run resumed from it ends with the uninterrupted run's weights, bit for bit."""
+    import shutil
+
+    from tests.conftest import run_train
+
+    _, path = tiny
+    args = {
+        "model.family": "ovis",
+        "model.path": str(path),
+        "data.train": str(simple_docs["train"]),
+        "data.val": "null",
+        "data.test": "null",
+        "eval.before_training": False,
+        "eval.after_training": False,
+        "train.max_steps": 4,
+        "train.batch_size": 2,
+        "train.checkpoint_every": 2,
+    }
+    overrides = ["recipe=quickstart"] + [f"{k}={v}" for k, v in args.items()]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_train([*overrides, f"output.dir={full}"])
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    run_train([*overrides, f"output.dir={resumed}", "output.if_exists=resume"])
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "llm.lm_head.weight" not in a  # tied: stored once, as in the AIDC-AI checkpoints

@@ -406,8 +406,19 @@ class FineTuneRecipe:
     def _keep_trained_weights_only(self, models, weights, output_dir) -> None:
         # Untouched weights come back from the base checkpoint on resume; saving them would make every LoRA
         # checkpoint as large as the model.
+        # A tied LM head is the embedding table under a second name: safetensors refuses to write shared storage,
+        # and loading the table restores the head, so only the first name of each tensor is kept.
         for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if self._trained_so_far(k.removeprefix("module."))}
+            kept, seen = {}, set()
+            for key, value in state.items():
+                if not self._trained_so_far(key.removeprefix("module.")):
+                    continue
+                storage = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+                if value.numel() and storage in seen:
+                    continue
+                seen.add(storage)
+                kept[key] = value
+            weights[i] = kept
 
     def _resume(self, checkpoint: Path) -> None:
         """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
