@@ -321,3 +321,23 @@ def test_tied_head_full_fine_tune_checkpoints_and_resumes_to_the_same_weights(ti
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "llm.lm_head.weight" not in a  # tied: stored once, as in the AIDC-AI checkpoints
+
+
+def test_processor_saved_beside_an_adapter_reloads_with_the_same_ids(tiny, tiny_ovis2, tmp_path):
+    """An adapter folder holds the processor (tokenizer with the image / indicator tokens, settings) but no model
+    config: the ids come back from what was saved, for the original layout and the -hf one alike."""
+    from PIL import Image
+
+    _, path = tiny
+    hf = write_hf_layout(tiny_ovis2, tmp_path / "hf")
+    page = Image.new("RGB", (150, 50), (10, 200, 10))
+    for source in (path, hf):
+        processor = OvisProcessor.from_pretrained(str(source), max_partition=4)
+        processor.save_pretrained(tmp_path / "adapter")
+        reloaded = OvisProcessor.from_pretrained(str(tmp_path / "adapter"))
+        assert reloaded.token_ids == processor.token_ids and reloaded.settings == processor.settings
+        prompt = processor.render_prompt("Read it", 1)
+        assert torch.equal(
+            processor(images=[[page]], text=[prompt])["input_ids"],
+            reloaded(images=[[page]], text=[prompt])["input_ids"],
+        )

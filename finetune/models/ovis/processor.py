@@ -149,18 +149,30 @@ class OvisProcessor:
         # An empty config: AutoTokenizer would otherwise read config.json, whose auto_map points at remote code.
         tokenizer = AutoTokenizer.from_pretrained(folder, config=PretrainedConfig(), trust_remote_code=False)
         ours = folder / CONFIG_NAME
-        settings = OvisImageSettings(**_read_json(ours)) if ours.is_file() else settings_from_checkpoint(folder, path)
+        saved_ids = None
+        if ours.is_file():
+            saved = _read_json(ours)
+            saved_ids = saved.pop("token_ids", None)
+            settings = OvisImageSettings(**saved)
+        else:
+            settings = settings_from_checkpoint(folder, path)
         unknown = set(overrides) - set(asdict(settings))
         if unknown:
             known = sorted(asdict(settings))
             raise UserError(f"model.processor: unknown Ovis processor option(s) {sorted(unknown)}; known: {known}")
         for key, value in overrides.items():
             setattr(settings, key, value)
-        # The -hf layout fixes its image and indicator ids in config.json; the original's are added (in a fixed order,
-        # after the vocabulary, so every load of the same tokenizer gives the same ids).
-        from finetune.models.ovis.config import read_checkpoint_config
+        # A checkpoint says its ids: the -hf layout fixes them in config.json; the original's are added (in a fixed
+        # order, after the vocabulary, so every load of the same tokenizer gives the same ids). A folder with no model
+        # config (an adapter's) has the tokenizer saved with them and the ids recorded beside it.
+        if (folder / "config.json").is_file():
+            from finetune.models.ovis.config import read_checkpoint_config
 
-        token_ids = read_checkpoint_config(folder, str(path)).token_ids
+            token_ids = read_checkpoint_config(folder, str(path)).token_ids
+        else:
+            token_ids = saved_ids
+            if token_ids and any(i >= len(tokenizer) for i in token_ids.values()):
+                raise UserError(f"{ours}: token_ids {token_ids} are not in the tokenizer saved beside it")
         return cls(tokenizer, settings, token_ids)
 
     def save_pretrained(self, out_dir) -> None:
@@ -171,7 +183,8 @@ class OvisProcessor:
 
     def save_settings(self, out_dir) -> None:
         """The image settings alone (`ovis_processor_config.json`), beside a checkpoint's own tokenizer files."""
-        (Path(out_dir) / CONFIG_NAME).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        saved = {**asdict(self.settings), "token_ids": self.token_ids}
+        (Path(out_dir) / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n")
 
     # --- text ----------------------------------------------------------------------------------------------------
     @property
