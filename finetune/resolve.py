@@ -157,7 +157,16 @@ def check_stages(
     if shares > 1 + 1e-9:
         raise RecipeError(f"{where(key)}: {key}: the fractions of the train budget add up to {shares:g} (> 1)")
     full = {g for s in stages for g, m in s.groups.items() if m == "full"}
-    both = sorted(full & {g for s in stages for g, m in s.groups.items() if m == "lora"})
+    lora = {g for s in stages for g, m in s.groups.items() if m == "lora"}
+    for name, (parent, _) in (specs or {}).items():
+        if name in lora and parent in full:
+            # A full group in a LoRA run trains as PEFT's copy of its modules, the subgroup's among them: adapters
+            # cannot also be injected inside that copy.
+            raise RecipeError(
+                f"{where(key)}: {key}: subgroup '{name}' is lora while its parent '{parent}' is full in some stage; "
+                f"train '{name}' full too, or keep '{parent}' frozen or lora"
+            )
+    both = sorted(full & lora)
     if both:
         raise RecipeError(
             f"{where(key)}: {key}: group(s) {', '.join(both)} are lora in one stage and full in another; a group's "

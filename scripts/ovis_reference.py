@@ -39,6 +39,13 @@ def pages(side: int) -> dict[str, list[Image.Image]]:
     return {"one-page": [noise], "two-crops": [halves], "two-pages": [halves, noise]}
 
 
+def pixel_digest(pixel_values: torch.Tensor) -> list[list[float]]:
+    """Per crop, in order: the sum of its values and their sum weighted by position (so order and placement show)."""
+    crops = pixel_values.double()
+    weights = torch.arange(crops[0].numel(), dtype=torch.float64).reshape(crops[0].shape) / crops[0].numel()
+    return [[round(float(c.sum()), 6), round(float((c * weights).sum()), 6)] for c in crops]
+
+
 def main(original: str, checkpoint: str, variant: str, out: str) -> None:
     stub = Path(tempfile.mkdtemp()) / "deepspeed"
     stub.mkdir()
@@ -49,7 +56,13 @@ def main(original: str, checkpoint: str, variant: str, out: str) -> None:
 
     for cls in (formatters.QwenConversationFormatter, formatters.GemmaConversationFormatter):
         cls.support_tokenizer_types = [*cls.support_tokenizer_types, "PreTrainedTokenizerFast"]
-    model = Ovis.from_pretrained(checkpoint, torch_dtype=torch.float32, multimodal_max_length=8192).eval()
+    model, info = Ovis.from_pretrained(
+        checkpoint, torch_dtype=torch.float32, multimodal_max_length=8192, output_loading_info=True
+    )
+    # Every weight read from the file (a missing one would be initialised, and the comparison would mean little).
+    if any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        raise SystemExit(f"the original code did not load every weight: {info}")
+    model = model.eval()
     side = model.get_visual_tokenizer().get_image_size()[0]
     record = {}
     for name, images in pages(side).items():
@@ -59,12 +72,22 @@ def main(original: str, checkpoint: str, variant: str, out: str) -> None:
             mask = torch.ones(1, len(input_ids), dtype=torch.bool)
             _, embeds, _, merged_mask = model.merge_multimodal(input_ids[None], mask, None, [pixel_values])
             logits = model.llm(inputs_embeds=embeds, attention_mask=merged_mask).logits[0]
+            generated = model.generate(
+                input_ids[None],
+                attention_mask=mask,
+                pixel_values=[pixel_values],
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=model.generation_config.eos_token_id,
+                pad_token_id=model.text_tokenizer.pad_token_id,
+            )[0]
         record[name] = {
             "prompt": prompt,
             "input_ids": input_ids.tolist(),
-            "pixel_sum": float(pixel_values.double().sum()),
+            "pixel_digest": pixel_digest(pixel_values),
             "argmax": logits.argmax(-1).tolist(),
             "logsumexp": [round(float(x), 6) for x in logits.logsumexp(-1)],
+            "generated": generated.tolist(),
         }
     path = Path(out)
     data = json.loads(path.read_text()) if path.exists() else {}

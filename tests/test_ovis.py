@@ -39,13 +39,14 @@ def tiny_ovis2(tmp_path_factory) -> Path:
 def test_ids_and_logits_equal_the_original_codes(tiny):
     """tests/data/ovis_reference.json holds what AIDC-AI's own code (transformers 4.46.3; see
     scripts/ovis_reference.py) computes on these tiny checkpoints: the prompt, its ids (the original's negative
-    placeholders expanded here into one image token per visual token and the five indicator tokens), and per position
-    the argmax and log-sum-exp of the logits. The pages avoid resampling where they can (Pillow 12.3 and 13 differ by
-    ±1 in some bicubic downscales of noise); on these, both give the same pixels."""
+    placeholders expanded here into one image token per visual token and the five indicator tokens), a per-crop digest
+    of the pixels (sum and position-weighted sum: order and placement show), per position the argmax and log-sum-exp
+    of the logits, and 8 greedy tokens from its `generate`. The pages avoid resampling where they can (Pillow 12.3
+    and 13 differ by ±1 in some bicubic downscales of noise); on these, both give the same pixels."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    from ovis_reference import INSTRUCTION, pages
+    from ovis_reference import INSTRUCTION, pages, pixel_digest
 
     variant, path = tiny
     processor = OvisProcessor.from_pretrained(str(path))
@@ -65,11 +66,22 @@ def test_ids_and_logits_equal_the_original_codes(tiny):
             else:
                 expected_ids.append(token)
         assert batch["input_ids"][0].tolist() == expected_ids, name
-        assert float(batch["pixel_values"].double().sum()) == pytest.approx(reference["pixel_sum"], abs=1e-6)
+        digest = torch.tensor(pixel_digest(batch["pixel_values"]), dtype=torch.float64)
+        torch.testing.assert_close(
+            digest, torch.tensor(reference["pixel_digest"], dtype=torch.float64), rtol=0, atol=1e-5
+        )
         with torch.no_grad():
             logits = model(**batch).logits[0]
+            generated = model.generate(
+                **batch,
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=model.generation_config.eos_token_id,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )[0, batch["input_ids"].shape[1] :]
         assert logits.argmax(-1).tolist() == reference["argmax"], name
         torch.testing.assert_close(logits.logsumexp(-1), torch.tensor(reference["logsumexp"]), rtol=0, atol=1e-5)
+        assert generated.tolist() == reference["generated"], name
 
 
 # --- loading and saving ------------------------------------------------------------------------------------------
@@ -198,6 +210,34 @@ def test_last_block_subgroup_is_carved_out_of_vision(tiny_ovis2):
         family.with_subgroups(model, {"x": ("vision", ("visual_tokenizer.backbone.blocks.-1",))})
     with pytest.raises(UserError, match="cannot be carved out of 'vision'"):
         family.with_subgroups(model, {"x": ("vision", ("llm.model.layers.0",))})
+    top2 = ("visual_tokenizer.backbone.encoder.layers.-2", "visual_tokenizer.backbone.encoder.layers.-1")
+    both = {**family.subgroups, "top2": ("vision", top2)}
+    with pytest.raises(UserError, match="already in subgroup 'vision_last_block'"):
+        family.with_subgroups(model, both)
+
+
+def test_subgroup_modes_hold_inside_peft_copies_and_take_the_parents_lora_targets(tiny_ovis2):
+    """In a LoRA run a `full` group trains as PEFT's copy of its modules; a frozen subgroup inside it stays frozen
+    (its parameters are told apart inside the copy), and a subgroup in lora mode takes the recipe's targets for its
+    parent."""
+    from finetune.config import LoraSection
+    from finetune.training.tuning import inject_lora, lora_targets, set_trainable
+
+    family = get_family("ovis")
+    model = oc.load_ovis(str(tiny_ovis2))
+    carved = family.with_subgroups(model, family.subgroups)
+    modes = {"vision": "full", "vision_last_block": "frozen", "projector": "frozen", "llm": "lora"}
+    wrapped = inject_lora(model, carved, LoraSection(), ["llm"], ["vision"])
+    plan = set_trainable(wrapped, carved, modes, uses_lora=True)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert any(".modules_to_save." in n and "encoder.layers.0." in n for n in trainable)
+    assert not any("encoder.layers.1." in n for n in trainable)  # the last block: frozen, also inside the copy
+    assert plan.trainable.get("vision_last_block", 0) == 0 and plan.frozen["vision_last_block"] > 0
+    lora = LoraSection(targets={"vision": ["out_proj"]})
+    assert lora_targets(carved, lora, ["vision", "vision_last_block"]) == {
+        "vision": ["out_proj"],
+        "vision_last_block": ["out_proj"],
+    }
 
 
 @pytest.mark.slow

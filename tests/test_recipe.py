@@ -220,10 +220,11 @@ def test_a_subgroup_takes_its_parents_mode_and_rate_unless_named(recipe_file):
     from finetune.models import get_family
     from finetune.resolve import resolve_recipe
 
-    subgroup = "tuning.subgroups={top: {of: vision, modules: [model.vision_tower.vision_model.encoder.layers.-1]}}"
-    recipe = load_recipe(recipe_file, [subgroup, "tuning.groups={vision: full, projector: frozen, llm: lora}"])
+    subgroup = "tuning.subgroups={top: {of: vision, modules: [model.vision_tower.encoder.layers.-1]}}"
+    groups = "tuning.groups={vision: full, projector: frozen, llm: lora}"
+    recipe = load_recipe(recipe_file, [subgroup, groups, "optim.lr={vision: 2e-6, llm: 1e-4}"])
     (stage,) = resolve_recipe(recipe, get_family("llava_onevision")).stages
-    assert stage.groups["top"] == "full" and stage.lr["top"] == stage.lr["vision"]
+    assert stage.groups["top"] == "full" and stage.lr == {"vision": 2e-6, "top": 2e-6, "llm": 1e-4}
     stages = (
         "stages=[{name: a, groups: {vision: frozen, top: full, projector: full, llm: frozen}, lr: {top: 1e-3, "
         "projector: 2e-4}}, {name: b, groups: {vision: full, projector: full, llm: full}, lr: {vision: 5e-5, "
@@ -250,6 +251,13 @@ def test_a_subgroup_takes_its_parents_mode_and_rate_unless_named(recipe_file):
 def test_subgroup_mistakes_are_one_line_naming_the_key(recipe_file, subgroups, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(recipe_file, [f"tuning.subgroups={subgroups}"])
+
+
+def test_a_lora_subgroup_inside_a_full_parent_is_refused(recipe_file):
+    subgroup = "tuning.subgroups={top: {of: vision, modules: [model.vision_tower.encoder.layers.-1]}}"
+    stages = "stages=[{name: a, groups: {vision: full, top: lora, projector: frozen, llm: lora}}]"
+    with pytest.raises(RecipeError, match=r"subgroup 'top' is lora while its parent 'vision' is full"):
+        load_recipe(recipe_file, [subgroup, stages])
 
 
 def test_a_stage_naming_an_undeclared_subgroup_is_an_error(recipe_file):

@@ -38,7 +38,7 @@ def _resolve_module_path(model: torch.nn.Module, path: str, subgroup: str) -> st
 
     module, resolved = model, []
     for part in path.split("."):
-        if part.lstrip("-").isdigit() and isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+        if re.fullmatch(r"-?\d+", part) and isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
             index = int(part)
             if not -len(module) <= index < len(module):
                 raise UserError(f"subgroup '{subgroup}': {path}: index {index} outside a list of {len(module)}")
@@ -74,6 +74,7 @@ class ModelFamily(ABC):
     # Groups carved out of a group above, for schedules finer than a group: name → (parent group, module paths; a
     # negative number indexes a module list from its end). Recipes add their own (`tuning.subgroups`).
     subgroups: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
+    subgroup_parents: ClassVar[dict[str, str]] = {}  # set on a carved copy (with_subgroups): subgroup → parent
 
     # --- loading ---------------------------------------------------------------------------------------
     @abstractmethod
@@ -160,6 +161,7 @@ class ModelFamily(ABC):
         if not specs:
             return self
         carved: dict[str, tuple[str, ...]] = {}
+        taken: dict[str, str] = {}  # parameter → the subgroup that holds it
         for name, (parent, paths) in specs.items():
             prefixes = tuple(f"{_resolve_module_path(model, path, name)}." for path in paths)
             params = [p for p, _ in model.named_parameters() if p.startswith(prefixes)]
@@ -167,8 +169,13 @@ class ModelFamily(ABC):
             if not params or outside:
                 why = f"{outside[0]} is in group '{self.group_of(outside[0])}'" if outside else "it holds no parameter"
                 raise UserError(f"subgroup '{name}': {', '.join(paths)} cannot be carved out of '{parent}': {why}")
+            shared = [p for p in params if p in taken]
+            if shared:
+                raise UserError(f"subgroup '{name}': {shared[0]} is already in subgroup '{taken[shared[0]]}'")
+            taken.update(dict.fromkeys(params, name))
             carved[name] = prefixes
         family = copy.copy(self)
+        family.subgroup_parents = {n: p for n, (p, _) in specs.items()}
         family.group_prefixes = {**carved, **self.group_prefixes}
         family.default_lora_targets = {
             **self.default_lora_targets,
@@ -179,7 +186,10 @@ class ModelFamily(ABC):
 
     def group_of(self, parameter_name: str) -> str | None:
         """The module group of a parameter name (PEFT's `base_model.model.` prefix is ignored)."""
+        # PEFT's prefix, and the path segments of its trainable copies (a full group in a LoRA run), which may hold
+        # a subgroup's parameters too.
         name = parameter_name.removeprefix("base_model.model.")
+        name = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
         for group, prefixes in self.group_prefixes.items():
             if name.startswith(prefixes):
                 return group

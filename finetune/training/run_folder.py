@@ -64,7 +64,10 @@ def record_recipe(recipe: Recipe, run_dir: Path, *, resumed: bool, is_main_proce
         changed = sorted(
             k
             for k in saved.keys() | current.keys()
-            if saved.get(k) != current.get(k) and not RESUME_MAY_CHANGE.match(k)
+            if saved.get(k) != current.get(k)
+            and not RESUME_MAY_CHANGE.match(k)
+            # a key added to the recipe schema since the run was recorded, left at its empty default
+            and not (k not in saved and current.get(k) in (None, {}, [], "{}", "[]"))
         )
         if changed:
             raise UserError(

@@ -409,7 +409,7 @@ class FineTuneRecipe:
         # A tied LM head is the embedding table under a second name: safetensors refuses to write shared storage,
         # and loading the table restores the head, so only the first name of each tensor is kept.
         for i, state in enumerate(weights):
-            kept, seen = {}, set()
+            kept, seen = type(state)(), set()  # Accelerate's own safetensors clean-up only takes OrderedDicts
             for key, value in state.items():
                 if not self._trained_so_far(key.removeprefix("module.")):
                     continue

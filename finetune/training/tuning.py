@@ -69,8 +69,15 @@ def check_groups(family: ModelFamily, modes: dict[str, str]) -> None:
 
 
 def lora_targets(family: ModelFamily, lora: LoraSection, groups: list[str]) -> dict[str, list[str]]:
-    """Leaf-module targets per LoRA group (the recipe's, else the family's defaults)."""
-    targets = {g: list(lora.targets.get(g) or family.default_lora_targets.get(g, ())) for g in groups}
+    """Leaf-module targets per LoRA group (the recipe's, else the family's defaults); a subgroup the recipe names no
+    targets for takes its parent's."""
+
+    def of(group: str) -> list[str]:
+        parent = family.subgroup_parents.get(group)
+        given = lora.targets.get(group) or (lora.targets.get(parent) if parent else None)
+        return list(given or family.default_lora_targets.get(group, ()))
+
+    targets = {g: of(g) for g in groups}
     empty = [g for g, leaves in targets.items() if not leaves]
     if empty:
         raise UserError(f"tuning.lora.targets: group(s) {empty} are in lora mode but have no target modules")

@@ -103,6 +103,7 @@ class OvisFamily(ModelFamily):
 
     # --- loading ---------------------------------------------------------------------------------------
     def load_processor(self, path: str, revision: str | None = None, **options) -> OvisProcessor:
+        # options: `max_partition` (the crop cap); see OvisProcessor.from_pretrained
         return OvisProcessor.from_pretrained(path, revision=revision, **options)
 
     def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa"):
@@ -116,6 +117,9 @@ class OvisFamily(ModelFamily):
         source = resolve_checkpoint(source_path, allow_patterns=SIDE_FILE_PATTERNS)
         save_checkpoint(model, out_dir, source, state_dict=state_dict)
         processor.save_settings(out_dir)  # the crop cap and image settings the model was trained with
+        # The chat format it was trained with, for servers that read the template (vLLM's chat endpoint): a Qwen
+        # tokenizer's own template has another default system prompt. The tokenizer files stay the source's.
+        (Path(out_dir) / "chat_template.jinja").write_text(processor.tokenizer.chat_template)
 
     # --- publishing ----------------------------------------------------------------------------------------
     def serving_commands(self, repo_id: str, *, base: str | None, adapter: bool) -> list[str]:

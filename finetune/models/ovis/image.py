@@ -88,14 +88,15 @@ class Normalisation:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     rescale_factor: float = 1 / 255
+    resample: int = Image.BICUBIC  # the image processor's `resample` (3, bicubic, in every Ovis checkpoint)
 
 
 def square(crop: Image.Image, norm: Normalisation) -> torch.Tensor:
-    """One crop as the backbone's [3, S, S] input: aspect-keeping bicubic resize, then normalised as transformers'
+    """One crop as the backbone's [3, S, S] input: aspect-keeping resize (bicubic), then normalised as transformers'
     image processors do (float64 rescale cast to float32, then (x − mean) / std in float32), centred on zeros."""
     side = norm.side
     width, height = resize_target(*crop.size, side)
-    resized = crop.resize((width, height), resample=Image.BICUBIC)
+    resized = crop.resize((width, height), resample=norm.resample)
     pixels = (np.asarray(resized, dtype=np.float64) * norm.rescale_factor).astype(np.float32)
     pixels = (pixels - np.asarray(norm.mean, dtype=np.float32)) / np.asarray(norm.std, dtype=np.float32)
     out = torch.zeros(3, side, side, dtype=torch.float32)

@@ -103,10 +103,9 @@ class VisualTokenizer(nn.Module):
         logits = self.head(features)
         if self.tokenize_function == "softmax":
             tokens = logits.softmax(dim=-1)
-        else:  # "st_argmax": the one-hot argmax forward, the softmax's gradient backward
-            soft = logits.softmax(dim=-1)
-            hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
-            tokens = hard - soft.detach() + soft
+        else:  # "st_argmax", as the original writes it: the one-hot argmax forward, the logits' identity backward
+            hard = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+            tokens = hard - logits.detach() + logits
         return F.pad(tokens, (0, NUM_INDICATORS))
 
 

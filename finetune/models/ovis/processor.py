@@ -31,6 +31,7 @@ from finetune.models.hub import resolve_checkpoint
 from finetune.models.ovis import image as ovis_image
 
 CONFIG_NAME = "ovis_processor_config.json"
+RECIPE_OPTIONS = ("max_partition",)
 PROCESSOR_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]
 IMAGE_TOKEN = "<image>"  # the original's placeholder in the text, and (as in the -hf tokenizer) the image token
 INDICATOR_TOKENS = tuple(f"<ovis_visual_indicator_{i}>" for i in range(5))
@@ -81,9 +82,12 @@ class OvisImageSettings:
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     rescale_factor: float = 1 / 255
     max_partition: int = 9  # at most this many crops per page (plus the thumbnail); the recipe's memory cap
+    resample: int = 3  # PIL's bicubic, as the checkpoints' image processors say
 
     def normalisation(self) -> ovis_image.Normalisation:
-        return ovis_image.Normalisation(self.side, tuple(self.image_mean), tuple(self.image_std), self.rescale_factor)
+        return ovis_image.Normalisation(
+            self.side, tuple(self.image_mean), tuple(self.image_std), self.rescale_factor, self.resample
+        )
 
 
 def _read_json(file: Path) -> dict:
@@ -107,7 +111,11 @@ def settings_from_checkpoint(folder: Path, where: str) -> OvisImageSettings:
         raise UserError(f"{pre_file}: do_center_crop: true is not supported (the original refuses it too)")
     # The original's crop side: CLIP's processor (AIMv2) names it crop_size, SigLIP's (and the -hf one's) size.
     sizes = pre.get("crop_size") if layout.backbone == "aimv2" and "crop_size" in pre else pre.get("size", {})
-    side = int(sizes.get("height") or sizes.get("shortest_edge") or layout.image_size) if sizes else layout.image_size
+    if isinstance(sizes, int):  # an old-style bare number
+        sizes = {"height": sizes}
+    if not isinstance(sizes, dict):
+        raise UserError(f"{pre_file}: size / crop_size must be an object or a number, not {sizes!r}")
+    side = int(sizes.get("height") or sizes.get("shortest_edge") or layout.image_size)
     return OvisImageSettings(
         chat_format=layout.chat_format,
         side=side,
@@ -115,6 +123,7 @@ def settings_from_checkpoint(folder: Path, where: str) -> OvisImageSettings:
         image_mean=list(pre.get("image_mean", [0.5, 0.5, 0.5])),
         image_std=list(pre.get("image_std", [0.5, 0.5, 0.5])),
         rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+        resample=int(pre.get("resample", 3)),
     )
 
 
@@ -126,8 +135,6 @@ class OvisProcessor:
     def __init__(self, tokenizer, settings: OvisImageSettings, token_ids: dict[str, int] | None = None):
         if settings.chat_format not in END_OF_TURN:
             raise UserError(f"chat_format: {settings.chat_format!r} is not one of {sorted(END_OF_TURN)}")
-        if settings.max_partition < 1:
-            raise UserError(f"model.processor.max_partition: {settings.max_partition} (must be at least 1)")
         self.tokenizer = tokenizer
         self.settings = settings
         # Always the original formatter's format: a Qwen tokenizer's own template has another default system prompt.
@@ -153,15 +160,23 @@ class OvisProcessor:
         if ours.is_file():
             saved = _read_json(ours)
             saved_ids = saved.pop("token_ids", None)
+            unknown = set(saved) - set(OvisImageSettings.__dataclass_fields__)
+            if unknown:
+                raise UserError(f"{ours}: unknown setting(s) {sorted(unknown)}")
             settings = OvisImageSettings(**saved)
         else:
             settings = settings_from_checkpoint(folder, path)
-        unknown = set(overrides) - set(asdict(settings))
+        # Only the crop cap is the recipe's to choose; the rest are facts of the checkpoint (its crop size, token
+        # count and normalisation), which a change would make the model see pages it was not trained on.
+        unknown = set(overrides) - set(RECIPE_OPTIONS)
         if unknown:
-            known = sorted(asdict(settings))
-            raise UserError(f"model.processor: unknown Ovis processor option(s) {sorted(unknown)}; known: {known}")
-        for key, value in overrides.items():
-            setattr(settings, key, value)
+            raise UserError(
+                f"model.processor: unknown Ovis processor option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}"
+            )
+        cap = overrides.get("max_partition", settings.max_partition)
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise UserError(f"model.processor.max_partition: {cap!r} (must be a whole number, at least 1)")
+        settings.max_partition = cap
         # A checkpoint says its ids: the -hf layout fixes them in config.json; the original's are added (in a fixed
         # order, after the vocabulary, so every load of the same tokenizer gives the same ids). A folder with no model
         # config (an adapter's) has the tokenizer saved with them and the ids recorded beside it.

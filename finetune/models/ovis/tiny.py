@@ -216,6 +216,11 @@ def build_tiny_ovis(
         for name, param in model.llm.named_parameters():
             if param.ndim == 2 and "embed_tokens" not in name and name != "lm_head.weight":
                 param.normal_(0.0, llm_layer_std)
+        # Norm weights and biases start at 1 / 0, which a loader that misses them would also produce: moved off
+        # those values, a misnamed norm changes the outputs (and the comparison with the original code shows it).
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn(param.shape) * 0.1)
     state = to_checkpoint(model.state_dict(), "original", ckpt.backbone, tied_head=True)
     state = {k: v.detach().to(torch.bfloat16).contiguous().clone() for k, v in state.items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
