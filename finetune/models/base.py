@@ -32,6 +32,18 @@ class Encoded:
         return len(self.input_ids)
 
 
+def pages_per_text(images, text) -> tuple[list[str], list[list[Image.Image]]]:
+    """A processor call's texts and, for each, its pages: `text` one string or a list; `images` a list of page lists,
+    a flat list of pages (all for the one text, or one per text), or None."""
+    texts = [text] if isinstance(text, str) else list(text or [])
+    if images and isinstance(images[0], Image.Image):
+        images = [images] if len(texts) == 1 else [[image] for image in images]
+    images = images or [[] for _ in texts]
+    if len(images) != len(texts):
+        raise ValueError(f"{len(texts)} texts but images for {len(images)}")
+    return texts, images
+
+
 def _resolve_module_path(model: torch.nn.Module, path: str, subgroup: str) -> str:
     """`a.b.-1` → `a.b.11` for a model whose `a.b` holds 12 modules; an unknown path is one line naming it."""
     from finetune.errors import UserError

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
 
 from finetune.errors import UserError
+from finetune.models.base import pages_per_text
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.mississippi import config as h2ovl_config
 from finetune.models.mississippi import image as h2ovl_image
@@ -158,12 +159,7 @@ class H2OVLProcessor:
         return_tensors: str | None = "pt",
         **tokenizer_kwargs,
     ):
-        texts = [text] if isinstance(text, str) else list(text or [])
-        if images and isinstance(images[0], Image.Image):
-            images = [images] if len(texts) == 1 else [[image] for image in images]
-        images = images or [[] for _ in texts]
-        if len(images) != len(texts):
-            raise ValueError(f"{len(texts)} texts but images for {len(images)}")
+        texts, images = pages_per_text(images, text)
         s = self.settings
         pixel_values, expanded = [], []
         for sample_images, sample_text in zip(images, texts, strict=True):

@@ -27,6 +27,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
 
 from finetune.errors import UserError
+from finetune.models.base import pages_per_text
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.ovis import image as ovis_image
 
@@ -270,12 +271,7 @@ class OvisProcessor:
     ) -> BatchFeature:
         """Ids (and attention mask) for each text with its pages' placeholders expanded, and every crop's pixels.
         Texts of unequal length need `padding` (as transformers' processors do); the pad token is the tokenizer's."""
-        texts = [text] if isinstance(text, str) else list(text or [])
-        if images and isinstance(images[0], Image.Image):
-            images = [images] if len(texts) == 1 else [[image] for image in images]
-        images = images or [[] for _ in texts]
-        if len(images) != len(texts):
-            raise ValueError(f"{len(texts)} texts but images for {len(images)}")
+        texts, images = pages_per_text(images, text)
         norm, pixels, rows = self.settings.normalisation(), [], []
         for sample_images, sample_text in zip(images, texts, strict=True):
             grids = []
