@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+from finetune.atomic import WRITE_ERRNOS, describe_errno
 from finetune.errors import Interrupted, UserError
 
 COMMANDS = {
@@ -83,6 +84,13 @@ def run_entry_point(entry: Callable[[list[str] | None], object], argv: list[str]
         return _report(_one_line(err.message), err.exit_code)
     except KeyboardInterrupt:
         return _report("interrupted", Interrupted.exit_code)
+    except OSError as err:
+        # The machine, not the code: a full disk, a quota, a read-only or forbidden folder. One line with the path
+        # and the errno; anything else an OSError can mean keeps its traceback.
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        return _report(f"error: {where}{describe_errno(err.errno)}", UserError.exit_code)
     return 0
 
 

@@ -95,6 +95,11 @@ class ModelSection(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # Family-specific processor options, checked by the family (mississippi: max_tiles_per_image, use_msac, ...).
     processor: Annotated[dict[str, Any], Frozen] = Field(default_factory=FrozenDict)
+    # Whether saved models (final/, best/, merges) and publish folders keep the source checkpoint's remote code: its
+    # `*.py` files and the `auto_map` of config.json, tokenizer and processor configs. The toolkit never runs remote
+    # code (every family loads natively), so this only governs what is saved and published; off (the default), a
+    # model card's serve command has no --trust-remote-code.
+    trust_remote_code: bool = False
 
 
 class LoraSection(Section):
@@ -149,6 +154,15 @@ class DataSection(Section):
     max_length: int = Field(2048, gt=0, description="Samples longer than this are dropped and counted.")
     on_bad_sample: Literal["error", "skip"] = "error"
     max_train_samples: int | None = Field(None, gt=0)
+    max_image_pixels: int = Field(
+        89_478_485,  # PIL's default Image.MAX_IMAGE_PIXELS (finetune.data.dataset.DEFAULT_MAX_IMAGE_PIXELS)
+        gt=0,
+        description=(
+            "An image with more pixels (width × height, read from its header before decoding) is a bad sample "
+            "(on_bad_sample says whether that stops the run or skips it): decompression bombs and absurd scans are "
+            "refused before they fill memory. This limit applies, not PIL's process-wide Image.MAX_IMAGE_PIXELS."
+        ),
+    )
 
 
 class OptimSection(Section):

@@ -9,6 +9,8 @@
 / local base checkpoint. The prompt comes from the model's `prompt.json` (what it was trained with), else from
 `--instruction` with the skeleton derived from the data. Writes `metrics.json`, `predictions.jsonl` and
 `report.html` to `--out` (default: `eval-<data name>` inside the evaluated model folder, e.g. `runs/x/final/`).
+An earlier evaluation in that folder is never replaced silently: the command refuses before loading anything unless
+`--overwrite` is given, and even then the earlier folder stays whole until the new one is complete.
 The scalar metrics go to stdout as one JSON object, everything else to stderr. `python -m finetune.eval` is the
 same command; through Python: `evaluate_model(...)`.
 """
@@ -42,12 +44,15 @@ def evaluate_model(
     headline: str = "strict",
     max_samples: int | None = None,
     report: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Generate and score; returns the metrics and writes metrics.json, predictions.jsonl and report.html."""
+    """Generate and score; returns the metrics and writes metrics.json, predictions.jsonl and report.html. An
+    existing evaluation in the output folder is replaced only with `overwrite` (else `UserError`, before any work)."""
     from accelerate import Accelerator
 
+    from finetune.atomic import atomic_folder
     from finetune.constrained import JsonConstraint
-    from finetune.data.dataset import prepare_samples
+    from finetune.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, prepare_samples
     from finetune.data.prompt import derive_skeleton, render_instruction
     from finetune.data.sources import read_records
     from finetune.evaluation import evaluate, write_eval
@@ -58,6 +63,8 @@ def evaluate_model(
     source = resolve_model(model, family=family, base=base)
     if data in ("train", "val", "test"):
         data = source.split(data)
+    out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{Path(data).stem}"
+    check_eval_out(out, overwrite=overwrite)
     fam, processor, net = load_model_and_processor(source)
     if source.prompt:  # the skeleton the model was trained with; --instruction may only reword the instruction
         skeleton = source.prompt["skeleton"]
@@ -83,6 +90,8 @@ def evaluate_model(
         skeleton=skeleton,
         max_length=1 << 20,
         limit=max_samples,
+        # the run's own limit, so that it reads the pages it was trained on
+        max_image_pixels=source.recipe.get("data", {}).get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS,
     )
     if not samples:
         raise UserError(f"{data}: no usable samples ({report_.summary()})")
@@ -113,11 +122,31 @@ def evaluate_model(
         headline=headline,
         schema=answer_schema,
     )
-    out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{Path(data).stem}"
     if accelerator.is_main_process:
-        write_eval(result, out, report=report, title=f"{model} on {data}")
+        with atomic_folder(out, manifest=False) as tmp:  # an earlier evaluation stays whole until this one is
+            write_eval(result, tmp, report=report, title=f"{model} on {data}")
         info(f"metrics, predictions{' and report' if report else ''} written to {out}")
     return result.metrics
+
+
+EVAL_FILES = ("metrics.json", "predictions.jsonl")
+
+
+def check_eval_out(out: Path, *, overwrite: bool) -> None:
+    """Refuse an output folder that holds an earlier evaluation (unless `overwrite`) or anything else (always: the
+    whole folder would be replaced)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not any((out / name).is_file() for name in EVAL_FILES):
+        raise UserError(f"{out}: exists and holds no evaluation (no metrics.json) to replace; choose another --out")
+    if not overwrite:
+        raise UserError(
+            f"{out}: an earlier evaluation is there; pass --overwrite to replace it, or choose another --out"
+        )
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
@@ -130,6 +159,11 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
     parser.add_argument("--model", required=True, help="run folder, saved model / adapter folder, or base checkpoint")
     parser.add_argument("--data", required=True, help="val / test (with a run folder) or a JSONL file / dataset")
     parser.add_argument("--out", help="output folder (default: <model>/eval-<data name>)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier evaluation in the output folder (without it, the command refuses to)",
+    )
     parser.add_argument("--family", help="model family (default: from the run's recipe or the checkpoint config)")
     parser.add_argument("--base", help="base checkpoint of an adapter (default: the one it records)")
     parser.add_argument("--instruction", help="prompt instruction when the model has no prompt.json")
@@ -163,6 +197,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
         headline=args.headline,
         max_samples=args.max_samples,
         report=not args.no_report,
+        overwrite=args.overwrite,
     )
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     return metrics

@@ -6,6 +6,9 @@ The merged model is saved the way a full fine-tune is (the family's `save_pretra
 layout with processor, tokenizer and chat template, and for Mississippi also in the original H2OVL layout
 (`original/`, read by the original `model.chat` code and vLLM's H2OVL loader). `prompt.json` comes along.
 Weights trained fully beside the adapter (PEFT `modules_to_save`, e.g. a projector) are part of the merge.
+The base's remote code (`*.py`, `auto_map`) is not carried into the merged model unless the run's recipe says
+`model.trust_remote_code: true`. The folder is written beside `--out` and renamed into place with a manifest, so an
+earlier one (`--overwrite`) stays whole until the new one is complete.
 Stdout gets the output folder's path alone; `python -m finetune.merge` is the same command.
 """
 
@@ -16,31 +19,38 @@ import shutil
 import sys
 from pathlib import Path
 
+from finetune.atomic import atomic_folder
 from finetune.cli import ArgumentParser, run_entry_point
 from finetune.errors import UserError
-from finetune.loading import load_model_and_processor, resolve_model
+from finetune.loading import ModelSource, load_model_and_processor, resolve_model
 from finetune.progress import info
 
 
 def merge_adapter(
     model: str, out_dir: str | Path, *, base: str | None = None, family: str | None = None, overwrite: bool = False
 ) -> Path:
-    """Base + adapter → one model in `out_dir`; returns `out_dir`."""
+    """Base + adapter → one model in `out_dir` (written atomically, with a manifest); returns `out_dir`."""
     source = resolve_model(model, family=family, base=base)
     if not source.adapter:
         raise UserError(f"{source.weights}: not a LoRA adapter (no adapter_config.json); nothing to merge")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
+    with atomic_folder(out) as tmp:
+        write_merged(source, tmp)
+    return out
+
+
+def write_merged(source: ModelSource, out: Path) -> None:
+    """The merged model of the adapter `source` saved into the folder `out`, with its prompt.json; remote code only
+    if the run's recipe opts in (`model.trust_remote_code`)."""
     fam, processor, peft_model = load_model_and_processor(source)
     merged = peft_model.merge_and_unload()  # LoRA folded into the weights; modules_to_save copies put in place
-    fam.save_pretrained(merged, processor, out, source_path=source.base)
+    remote_code = bool((source.recipe.get("model") or {}).get("trust_remote_code", False))
+    fam.save_pretrained(merged, processor, out, source_path=source.base, remote_code=remote_code)
     prompt = Path(source.weights) / "prompt.json"
     if prompt.is_file():
         shutil.copy2(prompt, out / "prompt.json")
-    return out
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> Path:

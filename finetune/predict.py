@@ -63,7 +63,7 @@ def predict(
     from accelerate import Accelerator
 
     from finetune.constrained import JsonConstraint
-    from finetune.data.dataset import prepare_samples
+    from finetune.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, prepare_samples
     from finetune.data.prompt import render_instruction
     from finetune.evaluation import evaluate
     from finetune.loading import load_model_and_processor, resolve_model
@@ -83,6 +83,8 @@ def predict(
         instruction_text=instruction_text,
         skeleton=skeleton,
         max_length=1 << 20,
+        # the run's own limit, so that it reads the pages it was trained on
+        max_image_pixels=source.recipe.get("data", {}).get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS,
     )
     if len(samples) != len(images):
         raise UserError(f"some images could not be read: {report.summary()}")

@@ -6,24 +6,27 @@
 The folder that is (or would be) uploaded is written first, to `<run>/publish/<adapter|merged>/`: the weights in
 safetensors, processor, tokenizer and chat template, `prompt.json`, the run's resolved `training_recipe.yaml` and
 a model card (`README.md`: Hub metadata with the evaluation results as `model-index`, how it was trained, the
-results table and copy-paste usage for transformers and vLLM). `--dry-run`, or an offline environment
-(`HF_HUB_OFFLINE=1`), stops there and says so. The upload goes through `huggingface_hub` (`create_repo` +
-`upload_folder`); the token comes from the environment (`HF_TOKEN`) or `huggingface-cli login`, and is never
-written to the folder, the card or the logs.
+results table and copy-paste usage for transformers and vLLM). It is built beside its place and renamed into it
+when complete (an earlier one stays whole until then), with no manifest: it is uploaded exactly as it is. Remote
+code (`*.py` files, `auto_map` in config.json and the tokenizer / processor configs) is left out unless the run's
+recipe says `model.trust_remote_code: true`; the card's serve command says `--trust-remote-code` only then.
+`--dry-run`, or an offline environment (`HF_HUB_OFFLINE=1`), stops there and says so. The upload goes through
+`huggingface_hub` (`create_repo` + `upload_folder`); the token comes from the environment (`HF_TOKEN`) or
+`huggingface-cli login`, and is never written to the folder, the card or the logs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from finetune.atomic import MANIFEST, atomic_folder
 from finetune.cli import ArgumentParser, run_entry_point
 from finetune.errors import UserError
-from finetune.loading import resolve_model
+from finetune.loading import read_json, resolve_model
 from finetune.progress import info
 
 # metrics.json keys → model-index metric types and the names shown on the Hub
@@ -40,33 +43,50 @@ def build_publish_folder(
     run_dir: str | Path, repo_id: str, *, merged: bool = False, license: str = "apache-2.0"
 ) -> Path:
     """Write the exact folder an upload sends; returns it."""
-    run = Path(run_dir)
-    if not (run / "recipe.yaml").is_file() or not (run / "final").is_dir():
-        raise UserError(f"{run}: not a finished run folder (needs recipe.yaml and final/)")
-    source = resolve_model(str(run))
-    out = run / "publish" / ("merged" if merged else "adapter" if source.adapter else "model")
-    if out.exists():
-        shutil.rmtree(out)  # always rebuilt from the run: nothing stale is uploaded
-    if merged and source.adapter:
-        from finetune.merge import merge_adapter
+    from finetune.models.base import drop_remote_code, remote_code_files
 
-        merge_adapter(str(run), out)
-    else:
-        shutil.copytree(run / "final", out, ignore=shutil.ignore_patterns("eval-*"))
-    shutil.copy2(run / "recipe.yaml", out / "training_recipe.yaml")
-    is_adapter = source.adapter and not merged
-    kind = "lora" if is_adapter else "merged" if merged else "full-fine-tune"
-    card = model_card(run, source.recipe, repo_id=repo_id, adapter=is_adapter, kind=kind, license=license)
-    card.save(out / "README.md")
+    run = Path(run_dir)
+    if run.is_dir() and not (run / "recipe.yaml").is_file():
+        raise UserError(f"{run}: not a run folder (no recipe.yaml)")
+    source = resolve_model(str(run))  # final/ checked whole (or its absence explained) before anything is written
+    remote_code = bool((source.recipe.get("model") or {}).get("trust_remote_code", False))
+    out = run / "publish" / ("merged" if merged else "adapter" if source.adapter else "model")
+    # Always rebuilt from the run, so nothing stale is uploaded; no manifest: the folder is uploaded as it is.
+    with atomic_folder(out, manifest=False) as tmp:
+        if merged and source.adapter:
+            from finetune.merge import write_merged
+
+            write_merged(source, tmp)
+        else:
+            skip = ["eval-*", MANIFEST, ".*", *([] if remote_code else ["*.py"])]
+            shutil.copytree(source.weights, tmp, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
+        if not remote_code:  # a run saved before model.trust_remote_code existed may still carry some
+            drop_remote_code(tmp)
+        shutil.copy2(run / "recipe.yaml", tmp / "training_recipe.yaml")
+        is_adapter = source.adapter and not merged
+        kind = "lora" if is_adapter else "merged" if merged else "full-fine-tune"
+        card = model_card(
+            run,
+            source.recipe,
+            repo_id=repo_id,
+            adapter=is_adapter,
+            kind=kind,
+            license=license,
+            remote_code=bool(remote_code_files(tmp)),
+        )
+        card.save(tmp / "README.md")
     return out
 
 
-def model_card(run: Path, recipe: dict, *, repo_id: str, adapter: bool, kind: str, license: str):
+def model_card(
+    run: Path, recipe: dict, *, repo_id: str, adapter: bool, kind: str, license: str, remote_code: bool = False
+):
     """A `huggingface_hub.ModelCard`: metadata (base model, library, pipeline, license, datasets, tags,
-    model-index with the evaluation results) and the text."""
+    model-index with the evaluation results) and the text. `remote_code`: whether the published folder carries
+    remote code (its serve command then says `--trust-remote-code`, and only then)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
     after, before = metrics.get("after", {}), metrics.get("before", {})
     data = recipe.get("data", {})
     split = recipe.get("eval", {}).get("split", "val")
@@ -103,17 +123,19 @@ def model_card(run: Path, recipe: dict, *, repo_id: str, adapter: bool, kind: st
         ],
         eval_results=eval_results or None,
     )
-    text = "---\n" + card_data.to_yaml() + "\n---\n\n" + _card_text(run, recipe, repo_id, adapter, after, before)
-    return ModelCard(text)
+    body = _card_text(run, recipe, repo_id, adapter, after, before, remote_code=remote_code)
+    return ModelCard("---\n" + card_data.to_yaml() + "\n---\n\n" + body)
 
 
-def _card_text(run: Path, recipe: dict, repo_id: str, adapter: bool, after: dict, before: dict) -> str:
+def _card_text(
+    run: Path, recipe: dict, repo_id: str, adapter: bool, after: dict, before: dict, *, remote_code: bool
+) -> str:
     from finetune.models import get_family
 
     model = recipe.get("model", {})
-    info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
-    report = json.loads((run / "data_report.json").read_text()) if (run / "data_report.json").is_file() else {}
-    prompt = json.loads((run / "final" / "prompt.json").read_text())
+    info = read_json(run / "run_info.json") if (run / "run_info.json").is_file() else {}
+    report = read_json(run / "data_report.json") if (run / "data_report.json").is_file() else {}
+    prompt = read_json(run / "final" / "prompt.json")
     lines = [
         f"# {repo_id}",
         "",
@@ -193,7 +215,13 @@ def _card_text(run: Path, recipe: dict, repo_id: str, adapter: bool, after: dict
         "",
         "```bash",
     ]
-    lines += [*get_family(family).serving_commands(repo_id, base=model.get("path"), adapter=adapter), "```"]
+    serve = get_family(family).serving_commands(
+        repo_id, base=model.get("path"), adapter=adapter, remote_code=remote_code
+    )
+    lines += [*serve, "```"]
+    if remote_code:
+        lines += ["", "This repository carries its base checkpoint's remote code (`*.py`, `auto_map`), hence"]
+        lines += ["`--trust-remote-code`: read that code before you run it."]
     lines += ["", "Send the prompt above with the document image as the user turn.", ""]
     return "\n".join(line for line in lines if line is not None)
 

@@ -79,7 +79,7 @@ def _fmt(key: str, value: Any) -> str:
 
 def thumbnail_data_uri(ref: Any, max_side: int = THUMB_MAX) -> str:
     """Open an image reference and return it as a `data:image/jpeg;base64,...` URI, long side <= `max_side`."""
-    image = load_image(ref)
+    image = load_image(ref, max_pixels=None)  # an evaluated sample's image, checked when the sample was prepared
     image.thumbnail((max_side, max_side))  # keeps aspect ratio, never upscales
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=82)

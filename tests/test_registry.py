@@ -137,8 +137,13 @@ def test_an_unknown_family_suggests_the_closest_name():
 def test_serving_commands_are_the_family_s():
     mississippi, llava = get_family("mississippi"), get_family("llava_onevision")
     assert llava.serving_commands("me/reader", base="llava-hf/x", adapter=False) == ["vllm serve me/reader"]
-    # a whole Mississippi model is served from the original layout kept in original/
+    # a whole Mississippi model is served from the original layout kept in original/; --trust-remote-code only
+    # where the folder was saved with its remote code (model.trust_remote_code)
     assert mississippi.serving_commands("me/reader", base="h2oai/x", adapter=False) == [
+        "huggingface-cli download me/reader --local-dir reader",
+        "vllm serve reader/original",
+    ]
+    assert mississippi.serving_commands("me/reader", base="h2oai/x", adapter=False, remote_code=True) == [
         "huggingface-cli download me/reader --local-dir reader",
         "vllm serve reader/original --trust-remote-code",
     ]

@@ -3,13 +3,21 @@
 `prepare_samples` runs once before training: it opens every image (a corrupt file fails here, not at step
 9,000), checks every target, computes each sample's exact token count without processing pixels, and drops
 over-length samples — never truncating, because a cut inside the image tokens or the JSON teaches garbage.
-What was skipped and why is counted in a :class:`DataReport`, which the trainer prints before step 1.
+What was skipped and why is counted in a :class:`DataReport`, which the trainer prints before step 1; so are
+duplicate samples (kept: repeating a sample may be deliberate oversampling).
+
+Images are size-checked from their header before they are decoded: one with more pixels than `max_pixels`
+(`data.max_image_pixels`) is a bad sample, whatever PIL's own process-wide `Image.MAX_IMAGE_PIXELS` says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import os
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,9 +33,16 @@ from finetune.errors import UserError
 from finetune.models.base import IGNORE_INDEX, ModelFamily
 from finetune.progress import is_main_process, progress_if_slow
 
+# PIL's default Image.MAX_IMAGE_PIXELS (and data.max_image_pixels's): a quarter GiB of 24-bit (3-byte) pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
 
 class DataError(UserError):
     """A bad sample in strict mode; the message names the file and line (or row) and the reason."""
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed (a decompression bomb, or a scan at a resolution nobody trains on)."""
 
 
 @dataclass
@@ -48,28 +63,117 @@ class DataReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason → first origin, to help find it
+    duplicates: int = 0  # kept samples with the same images and target as an earlier kept one (still kept)
+    duplicate_examples: list[str] = field(default_factory=list)  # the first two, "file:9 duplicates file:2"
 
     def summary(self) -> str:
         parts = [f"{self.split}: {self.read} read, {self.kept} kept"]
         for reason, count in sorted(self.skipped.items()):
             parts.append(f"{count} skipped ({reason}; first at {self.examples[reason]})")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicate{'s' if self.duplicates > 1 else ''} kept")
         return ", ".join(parts)
 
+    def duplicates_warning(self) -> str | None:
+        """One line about the duplicate samples, or None when there are none."""
+        if not self.duplicates:
+            return None
+        many = self.duplicates > 1
+        return (
+            f"{self.split}: {self.duplicates} sample{'s' if many else ''} repeat{'' if many else 's'} an earlier one "
+            f"(same images and target): {', '.join(self.duplicate_examples)}; kept, as repeating a sample may be "
+            f"deliberate oversampling"
+        )
 
-def load_image(ref: Any) -> Image.Image:
-    """Decode an image reference into an RGB PIL image (EXIF rotation applied; CMYK, palette, 16-bit handled)."""
+
+_PIL_LIMIT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit_lifted():
+    """PIL's decompression-bomb check (the process-wide `Image.MAX_IMAGE_PIXELS`) off for the duration, then
+    restored: the limit that applies is the caller's. Locked, so that two threads cannot restore each other's
+    value and leave it changed."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _image_name(ref: Any) -> str:
+    if isinstance(ref, dict):
+        return str(ref["path"]) if ref.get("path") else "(embedded bytes)"
+    if isinstance(ref, Image.Image):
+        return "(in-memory image)"
+    return str(ref)
+
+
+def load_image(ref: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image reference into an RGB PIL image (EXIF rotation applied; CMYK, palette, 16-bit handled).
+
+    Raises ImageTooLarge, before decoding (the size comes from the header), for more than `max_pixels` pixels;
+    `max_pixels=None` for an image already checked (a prepared sample's)."""
     if isinstance(ref, Image.Image):
         image = ref
-    elif isinstance(ref, dict):  # datasets' Image feature with decode=False
-        image = Image.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") else Image.open(ref["path"])
     else:
-        image = Image.open(Path(ref))
-    image.load()  # decode fully now: truncated / corrupt files raise here
+        # Image.open reads only the header; PIL's own check (which warns above its limit, and refuses above twice
+        # that) is lifted for it so that ours decides, with a message giving the size.
+        with _pil_pixel_limit_lifted():
+            if isinstance(ref, dict):  # datasets' Image feature with decode=False
+                image = Image.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") else Image.open(ref["path"])
+            else:
+                image = Image.open(Path(ref))
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        if image is not ref:
+            image.close()
+        raise ImageTooLarge(
+            f"image {_image_name(ref)} is {width}×{height} = {width * height:,} pixels, over "
+            f"data.max_image_pixels={max_pixels:,}"
+        )
+    # Some formats check PIL's limit again while decoding (GIF frames, TIFF tiles): lifted where ours is higher.
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    lift = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)
+    try:
+        with _pil_pixel_limit_lifted() if lift else contextlib.nullcontext():
+            image.load()  # decode fully now: truncated / corrupt files raise here
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image {_image_name(ref)}: {err}") from None
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bit instead of clipping (convert("RGB") would saturate to white)
         image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
+
+
+def _image_key(ref: Any) -> Any:
+    """What identifies an image for duplicate detection: its file, or a hash of its bytes / pixels."""
+    if isinstance(ref, Image.Image):
+        return ("pixels", ref.mode, ref.size, hashlib.sha1(ref.tobytes()).hexdigest())
+    if isinstance(ref, dict):
+        if ref.get("bytes"):
+            return ("bytes", hashlib.sha1(ref["bytes"]).hexdigest())
+        return ("file", os.path.realpath(ref["path"]))
+    return ("file", os.path.realpath(ref))
+
+
+def _sample_key(images: list[Any], target: dict) -> tuple:
+    return (tuple(_image_key(ref) for ref in images), json.dumps(target, sort_keys=True, ensure_ascii=False))
+
+
+def _empty_source(source: Any) -> str | None:
+    """`source: no samples (...)` when a file or dataset named by path holds no sample at all, else None."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source)
+    if str(source).startswith("hf:") or not path.is_file():
+        return f"{source}: no samples (the dataset is empty)"
+    if path.stat().st_size == 0:
+        return f"{source}: no samples (the file is empty)"
+    return f"{source}: no samples (the file is empty: blank lines only)"
 
 
 def prepare_samples(
@@ -85,13 +189,16 @@ def prepare_samples(
     image_column: str = "image",
     target_column: str = "target",
     limit: int | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[list[Sample], DataReport]:
     """Read, validate and measure one split. Strict (`on_bad_sample="error"`) raises DataError on the first bad
-    sample; lenient (`"skip"`) skips it and counts it. Over-length samples are always dropped and counted."""
+    sample; lenient (`"skip"`) skips it and counts it. Over-length samples are always dropped and counted;
+    duplicates are kept and counted. A file (or dataset) with no sample at all is a UserError in both modes."""
     report = DataReport(split=split)
     tokenizer = processor.tokenizer
     eot_id = tokenizer.convert_tokens_to_ids(family.end_of_turn_token(processor))
     samples: list[Sample] = []
+    first_seen: dict[tuple, str] = {}  # sample key → origin of its first kept occurrence
 
     def skip(record: RawRecord, reason: str, detail: str) -> None:
         if on_bad_sample == "error":
@@ -115,7 +222,7 @@ def prepare_samples(
                 break
             report.read += 1
             if record.problem:
-                skip(record, "malformed record", record.problem)
+                skip(record, record.reason, record.problem)
                 continue
             if not isinstance(record.target, dict):
                 skip(
@@ -125,7 +232,10 @@ def prepare_samples(
                 )
                 continue
             try:
-                sizes = [load_image(ref).size for ref in record.images]
+                sizes = [load_image(ref, max_pixels=max_image_pixels).size for ref in record.images]
+            except ImageTooLarge as err:
+                skip(record, "image too large", str(err))
+                continue
             except FileNotFoundError as err:
                 skip(record, "missing image", f"field '{image_column}': image not found: {err.filename}")
                 continue
@@ -141,6 +251,17 @@ def prepare_samples(
                 report.examples.setdefault(f"longer than max_length={max_length}", f"{record.origin} ({length} tokens)")
                 continue
             samples.append(Sample(record.images, record.target, record.origin, [*answer_ids, eot_id], length))
+            key = _sample_key(record.images, record.target)
+            if key in first_seen:
+                report.duplicates += 1
+                if len(report.duplicate_examples) < 2:
+                    report.duplicate_examples.append(f"{record.origin} duplicates {first_seen[key]}")
+            else:
+                first_seen[key] = record.origin
+    if report.read == 0:  # not a bad sample to skip: there is no sample at all
+        empty = _empty_source(source)
+        if empty is not None:
+            raise UserError(empty)
     report.kept = len(samples)
     return samples, report
 
@@ -166,7 +287,7 @@ class DocumentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        images = [load_image(ref) for ref in sample.images]
+        images = [load_image(ref, max_pixels=None) for ref in sample.images]  # checked when prepared
         text = self.family.render_prompt(self.processor, self.instruction_text, len(images))
         encoded = self.family.encode_prompt(self.processor, images, text)
         input_ids, labels = encoded.input_ids, encoded.labels

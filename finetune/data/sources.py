@@ -1,12 +1,17 @@
 """Reading image→JSON pairs from a JSONL file, a Hugging Face dataset, or any Python iterable.
 
 Every record keeps its origin (`file.jsonl:17`, `dataset row 17`, `item 17`) so a bad sample can be named.
-Nothing here decodes images; :mod:`finetune.data.dataset` validates them.
+A record that cannot be used as read (a line that is not valid UTF-8 or not JSON, a missing field, a target that
+nests deeper than :data:`MAX_JSON_DEPTH` levels or holds a non-finite number) carries its `problem` instead of
+raising, so strict mode names it and lenient mode counts it. Nothing here decodes images;
+:mod:`finetune.data.dataset` validates them.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +20,10 @@ from typing import Any
 from PIL import Image
 
 from finetune.errors import UserError
+
+# A target may nest objects / lists this many levels deep (a flat object is 1 level). Real documents need a few;
+# a deeper one is a generator bug or a hostile file (Python's JSON reader gives up, with RecursionError, near 1,000).
+MAX_JSON_DEPTH = 64
 
 
 @dataclass
@@ -25,6 +34,7 @@ class RawRecord:
     target: Any
     origin: str
     problem: str | None = None  # set when the record itself is malformed (not valid JSON, missing field, ...)
+    reason: str = "malformed record"  # what a lenient run counts the problem as in the data report
 
 
 def read_records(
@@ -62,15 +72,30 @@ def _from_jsonl(path: Path, image_column: str, target_column: str) -> Iterator[R
     if not path.is_file():
         raise UserError(f"{path}: no such file" + (" (a folder must be a saved dataset)" if path.is_dir() else ""))
     base = path.parent
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    # Bytes, decoded line by line: one line that is not UTF-8 is one bad sample, not an unreadable file.
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             origin = f"{path}:{line_number}"
             try:
-                row = json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = len(raw[: err.start].decode("utf-8")) + 1
+                problem = f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})"
+                yield RawRecord([], None, origin, problem, "not valid UTF-8")
+                continue
+            try:
+                row = loads_json(line)
+            except RecursionError:
+                problem = f"line nests deeper than {MAX_JSON_DEPTH} levels (too deep for the JSON reader)"
+                yield RawRecord([], None, origin, problem, "nested too deep")
+                continue
             except json.JSONDecodeError as err:
                 yield RawRecord([], None, origin, f"invalid JSON line ({err.msg} at column {err.colno})")
+                continue
+            except ValueError as err:  # e.g. an integer literal of more than 4,300 digits
+                yield RawRecord([], None, origin, f"invalid JSON line ({err})")
                 continue
             if not isinstance(row, dict):
                 yield RawRecord([], None, origin, "line is not a JSON object")
@@ -105,10 +130,73 @@ def _record(row: dict, origin: str, image_column: str, target_column: str) -> Ra
     target = row[target_column]
     if isinstance(target, str):  # datasets often store nested JSON as a string column
         try:
-            target = json.loads(target)
+            target = loads_json(target)
+        except RecursionError:
+            problem = f"target nests deeper than {MAX_JSON_DEPTH} levels (too deep for the JSON reader)"
+            return RawRecord(images, None, origin, problem, "nested too deep")
         except json.JSONDecodeError as err:
             return RawRecord(images, None, origin, f"field '{target_column}' is a string but not JSON ({err.msg})")
+        except ValueError as err:
+            return RawRecord(images, None, origin, f"field '{target_column}' is a string but not JSON ({err})")
+    found = target_problem(target)
+    if found is not None:
+        reason, problem = found
+        return RawRecord(images, None, origin, problem, reason)
     return RawRecord(images, target, origin)
+
+
+class _NonFinite(float):
+    """A number JSON cannot hold (`NaN`, `Infinity`, `1e999`), kept with its spelling so the message can quote it."""
+
+    literal: str
+
+    def __new__(cls, literal: str):
+        value = super().__new__(cls, literal)
+        value.literal = literal
+        return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def loads_json(text: str) -> Any:
+    """`json.loads`, with `NaN` / `Infinity` / `-Infinity` (Python extensions, not JSON) and literals that overflow
+    a float (`1e999`) parsed to markers that :func:`target_problem` reports, instead of silently becoming nan/inf."""
+    return json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float)
+
+
+def target_problem(target: Any) -> tuple[str, str] | None:
+    """(reason, message) for the first thing in `target` no JSON document could hold: nesting deeper than
+    MAX_JSON_DEPTH levels, or a non-finite number. Iterative (a deep or cyclic Python object cannot overflow the
+    stack); None when the target is fine."""
+    stack: list[tuple[Any, tuple[str, ...], int]] = [(target, (), 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict):
+            children = list(value.items())
+        elif isinstance(value, (list, tuple)):
+            children = list(enumerate(value))
+        else:
+            if _non_finite(value):
+                literal = getattr(value, "literal", repr(value))
+                where = ".".join(path) if path else "the top level"
+                return "non-finite number", f"target holds a non-finite number ({literal}) at {where}"
+            continue
+        if depth + 1 > MAX_JSON_DEPTH:
+            return "nested too deep", f"target nests deeper than {MAX_JSON_DEPTH} levels"
+        stack.extend((child, (*path, str(key)), depth + 1) for key, child in reversed(children))
+    return None
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, numbers.Integral) or not isinstance(value, numbers.Real):  # bool is Integral
+        return False
+    try:
+        return not math.isfinite(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _undecoded_images(rows, image_column: str):

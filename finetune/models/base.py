@@ -8,6 +8,7 @@ how it is served — to itself. The registry (`finetune.models`) is derived from
 from __future__ import annotations
 
 import copy
+import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -42,6 +43,46 @@ def pages_per_text(images, text) -> tuple[list[str], list[list[Image.Image]]]:
     if len(images) != len(texts):
         raise ValueError(f"{len(texts)} texts but images for {len(images)}")
     return texts, images
+
+
+REMOTE_CODE_KEY = "auto_map"  # top-level key of config.json / tokenizer / processor configs naming remote classes
+
+
+def remote_code_files(folder: Path) -> list[Path]:
+    """What in a saved folder (and its subfolders) asks a loader to run code shipped with it: `*.py` files, and
+    JSON files (config.json, tokenizer_config.json, processor configs) with a top-level `auto_map`."""
+    found = []
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        if path.suffix == ".py" or (path.suffix == ".json" and _has_auto_map(path)):
+            found.append(path)
+    return found
+
+
+def _has_auto_map(path: Path) -> bool:
+    if f'"{REMOTE_CODE_KEY}"'.encode() not in path.read_bytes():  # cheap: most files (tokenizer.json) never say it
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and REMOTE_CODE_KEY in data
+
+
+def drop_remote_code(folder: Path) -> list[str]:
+    """Remove from a saved folder what `remote_code_files` finds: the `*.py` files, and `auto_map` from the JSON
+    files (rewritten otherwise unchanged). Returns the relative paths changed."""
+    changed = []
+    for path in remote_code_files(folder):
+        if path.suffix == ".py":
+            path.unlink()
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            del data[REMOTE_CODE_KEY]
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        changed.append(path.relative_to(folder).as_posix())
+    return changed
 
 
 def _resolve_module_path(model: torch.nn.Module, path: str, subgroup: str) -> str:
@@ -114,10 +155,12 @@ class ModelFamily(ABC):
         out_dir: Path,
         source_path: str | None = None,
         state_dict: dict | None = None,
+        remote_code: bool = False,
     ) -> None:
         """Save a (merged or fully trained) model with processor, tokenizer and chat template. `source_path`:
         the checkpoint it came from (files we cannot rebuild are copied from it); `state_dict`: gathered weights
-        (ZeRO-3 / FSDP)."""
+        (ZeRO-3 / FSDP); `remote_code` (the recipe's `model.trust_remote_code`): keep the source's remote code
+        (`*.py`, `auto_map`) in the saved folder; without it none is saved (`drop_remote_code`)."""
 
     # --- text and images ---------------------------------------------------------------------------------
     @abstractmethod
@@ -238,12 +281,17 @@ class ModelFamily(ABC):
         return None
 
     # --- publishing ----------------------------------------------------------------------------------------
-    def serving_commands(self, repo_id: str, *, base: str | None, adapter: bool) -> list[str]:
+    def serving_commands(
+        self, repo_id: str, *, base: str | None, adapter: bool, remote_code: bool = False
+    ) -> list[str]:
         """Shell lines that serve the published `repo_id` with vLLM (shown in its model card). `base`: the base
-        checkpoint an adapter applies to; `adapter`: whether `repo_id` holds a LoRA adapter or a whole model."""
+        checkpoint an adapter applies to; `adapter`: whether `repo_id` holds a LoRA adapter or a whole model;
+        `remote_code`: whether the published folder carries remote code (then, and only then, the lines say
+        `--trust-remote-code`)."""
+        trust = " --trust-remote-code" if remote_code else ""
         if adapter:
-            return [f"vllm serve {base} --enable-lora --lora-modules extractor={repo_id}"]
-        return [f"vllm serve {repo_id}"]
+            return [f"vllm serve {base}{trust} --enable-lora --lora-modules extractor={repo_id}"]
+        return [f"vllm serve {repo_id}{trust}"]
 
     # --- training schedules ----------------------------------------------------------------------------------
     def schedule(self, name: str, path: str, revision: str | None = None) -> list[dict[str, Any]]:

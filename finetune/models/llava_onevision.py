@@ -32,7 +32,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import Llava
 from transformers.processing_utils import ProcessorMixin
 
 from finetune.errors import UserError
-from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
+from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily, drop_remote_code
 from finetune.models.hub import resolve_checkpoint
 
 # ChatML as used by llava-hf's OneVision checkpoints: images first in the user turn, then the text.
@@ -198,7 +198,13 @@ class LlavaOnevisionFamily(ModelFamily):
         return model
 
     def save_pretrained(
-        self, model, processor, out_dir: Path, source_path: str | None = None, state_dict: dict | None = None
+        self,
+        model,
+        processor,
+        out_dir: Path,
+        source_path: str | None = None,
+        state_dict: dict | None = None,
+        remote_code: bool = False,
     ) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)
         processor.save_pretrained(out_dir)
@@ -212,6 +218,8 @@ class LlavaOnevisionFamily(ModelFamily):
             for name in _PASS_THROUGH_FILES:
                 if (Path(source_path) / name).exists() and not (out_dir / name).exists():
                     shutil.copy(Path(source_path) / name, out_dir / name)
+        if not remote_code:  # llava-hf's checkpoints have none; a derived one might name some in its configs
+            drop_remote_code(Path(out_dir))
 
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:

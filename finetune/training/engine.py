@@ -108,3 +108,32 @@ def run_info(accelerator: Accelerator, *, seconds: float, steps: int) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def decided_on_main(accelerator: Accelerator, decide):
+    """`decide()` run on the main process only, its result (or the `UserError` it raised) shared with every process,
+    so that all of them go on, or all stop with the same line, instead of the others waiting forever."""
+    if accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    from finetune.errors import UserError
+
+    box = [None]
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            box = [("ok", decide())]
+        except UserError as err:
+            box = [("user", str(err))]
+        except BaseException as err:
+            failure, box = err, [("bug", f"{type(err).__name__} on the main process")]
+    broadcast_object_list(box, from_process=0)
+    if failure is not None:
+        raise failure
+    kind, value = box[0]
+    if kind == "user":
+        raise UserError(value)
+    if kind == "bug":
+        raise RuntimeError(value)
+    return value

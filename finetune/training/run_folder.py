@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from finetune.atomic import write_text_atomic
 from finetune.config import Recipe
 from finetune.errors import UserError
 from finetune.recipe import dump_recipe
-from finetune.training.checkpoint import latest_checkpoint
+from finetune.training.checkpoint import list_checkpoints, resumable_checkpoint
+from finetune.training.run_lock import LOCK_NAME
 
 # Recipe keys a resumed run may change: budgets, checkpoint cadence, logging, evaluation, tracking, output.
 RESUME_MAY_CHANGE = re.compile(
@@ -21,37 +24,73 @@ RESUME_MAY_CHANGE = re.compile(
 )
 
 
-def check_run_dir(run_dir: Path, policy: str) -> Path | None:
-    """What `prepare_run_dir` will do, without doing it: refuses a folder the policy may not reuse, returns the
-    checkpoint to resume from. Called first, so that a run that cannot use its folder stops at once, while the
-    folder is changed only after the checkpoint and the data have been checked (an `overwrite` run that stops
-    on a mistyped model path must not have deleted the previous run)."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
+def has_content(run_dir: Path) -> bool:
+    """Whether the folder holds anything but its lock (which the run that is starting created)."""
+    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+
+
+@dataclass
+class RunFolderPlan:
+    """What the run does with its folder, decided under the folder's lock before anything is changed."""
+
+    resume_from: Path | None = None
+    clear: bool = False  # overwrite: empty the folder first
+    rejected: list[str] = field(default_factory=list)  # checkpoints newer than `resume_from` that failed to verify
+
+
+def check_run_dir(run_dir: Path, policy: str, *, required: tuple[str, ...], num_stages: int) -> RunFolderPlan:
+    """What `prepare_run_dir` will do, without doing it: refuses a folder the policy may not reuse, finds the newest
+    checkpoint that verifies for a resume. Called first, so that a run that cannot use its folder stops at once,
+    while the folder is changed only after the checkpoint and the data have been checked (an `overwrite` run that
+    stops on a mistyped model path must not have deleted the previous run)."""
+    exists = has_content(run_dir)
     if exists and policy == "error":
         raise UserError(
             f"{run_dir}: run folder exists; set output.if_exists=resume to continue it "
             f"or output.if_exists=overwrite to replace it"
         )
     if exists and policy == "resume":
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
+        if not list_checkpoints(run_dir):
             raise UserError(f"{run_dir}: output.if_exists=resume but the run has no checkpoint")
-        return resume_from
-    return None
+        resume_from, rejected = resumable_checkpoint(run_dir, required=required, num_stages=num_stages)
+        if resume_from is None:
+            raise UserError(
+                f"{run_dir}: output.if_exists=resume but no checkpoint verifies ({'; '.join(rejected)}); "
+                f"start again with output.if_exists=overwrite"
+            )
+        return RunFolderPlan(resume_from=resume_from, rejected=rejected)
+    return RunFolderPlan(clear=exists and policy == "overwrite")
 
 
-def prepare_run_dir(run_dir: Path, policy: str, accelerator) -> Path | None:
-    """Refuse to reuse a run folder unless the recipe says resume or overwrite; replace it for overwrite. Returns
-    the checkpoint to resume from, if any."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    resume_from = check_run_dir(run_dir, policy)
+def prepare_run_dir(run_dir: Path, plan: RunFolderPlan, accelerator) -> None:
+    """Empty the folder for an overwrite (its lock stays: it is this run's), make sure it exists."""
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 changes anything
     if accelerator.is_main_process:
-        if exists and policy == "overwrite":
-            shutil.rmtree(run_dir)
+        if plan.clear:
+            for child in run_dir.iterdir():
+                if child.name == LOCK_NAME:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return resume_from
+
+
+def trim_train_log(run_dir: Path, step: int) -> None:
+    """A resumed run logs the steps after its checkpoint again: drop the lines a killed run wrote past it."""
+    path = run_dir / "train_log.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def record_recipe(recipe: Recipe, run_dir: Path, *, resumed: bool, is_main_process: bool) -> None:
@@ -85,7 +124,7 @@ def load_metrics(run_dir: Path) -> dict:
 
 
 def save_metrics(run_dir: Path, metrics: dict) -> None:
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def flatten(tree, prefix: str = "") -> dict:

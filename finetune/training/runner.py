@@ -37,15 +37,26 @@ from finetune.training import stages as staging
 from finetune.training.checkpoint import (
     TrainerState,
     check_checkpoint_weights,
+    list_checkpoints,
     prune_checkpoints,
+    required_files,
     save_model,
     trained_so_far,
+    write_checkpoint,
 )
-from finetune.training.engine import check_replicas_agree, is_sharded, make_accelerator, run_info, zero_stage
+from finetune.training.engine import (
+    check_replicas_agree,
+    decided_on_main,
+    is_sharded,
+    make_accelerator,
+    run_info,
+    zero_stage,
+)
 from finetune.training.interrupt import InterruptFlag
 from finetune.training.loss import causal_lm_loss
 from finetune.training.run_eval import RunEvaluator
-from finetune.training.run_folder import check_run_dir, flatten, prepare_run_dir, record_recipe
+from finetune.training.run_folder import check_run_dir, flatten, prepare_run_dir, record_recipe, trim_train_log
+from finetune.training.run_lock import RunLock, describe_previous
 from finetune.training.sampler import batch_stream
 from finetune.training.throughput import Throughput
 from finetune.training.train_data import TrainData
@@ -72,6 +83,7 @@ class FineTuneRecipe:
         self.throughput = Throughput()  # samples, tokens and padding between log lines
         self.tokens_per_s = float("nan")
         self.interrupt = InterruptFlag()  # Ctrl-C: finish the step, save a checkpoint, stop
+        self.run_lock: RunLock | None = None  # held by the main process from setup to the end of run
         # Built by setup():
         self.family = get_family(self.recipe.model.family)
         self.accelerator: Accelerator | None = None
@@ -89,12 +101,34 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        """Build everything: accelerator, run folder, stages, data (validated, reported), model, first stage."""
+        """Build everything: accelerator, run folder (locked for the whole run), stages, data (validated,
+        reported), model, first stage."""
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give up the run folder's lock (the process's exit does it too)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _setup(self) -> None:
         r = self.recipe
         self.accelerator = make_accelerator(r, str(self.run_dir))
         self.family.check_engine(zero_stage(self.accelerator))
         set_seed(r.train.seed)
-        check_run_dir(self.run_dir, r.output.if_exists)  # refuse now; change the folder once all is checked
+        self._lock_run_dir()
+        # Refuse now, and find the checkpoint a resume starts from; change the folder once all is checked.
+        required = required_files(self.accelerator.num_processes, sharded=is_sharded(self.accelerator))
+        folder_plan = decided_on_main(
+            self.accelerator,
+            lambda: check_run_dir(self.run_dir, r.output.if_exists, required=required, num_stages=len(self.stages)),
+        )
+        for line in folder_plan.rejected:
+            self._info(f"warning: checkpoint {line}; falling back to an earlier one")
 
         self.processor = self.family.load_processor(r.model.path, r.model.revision, **r.model.processor)
         self.data = TrainData(r, self.family, self.processor)
@@ -116,7 +150,8 @@ class FineTuneRecipe:
             enable_gradient_checkpointing(model)
         check_lora_targets(model, self.family, r.tuning.lora, staging.lora_groups_from(self.stages, 0))
 
-        resume_from = prepare_run_dir(self.run_dir, r.output.if_exists, self.accelerator)
+        prepare_run_dir(self.run_dir, folder_plan, self.accelerator)
+        resume_from = folder_plan.resume_from
         if self.accelerator.is_main_process:
             self.data.write_report(self.run_dir)
         record_recipe(
@@ -144,6 +179,17 @@ class FineTuneRecipe:
             self._resume(resume_from)
         else:
             self._enter_stage(0)
+
+    def _lock_run_dir(self) -> None:
+        """The main process takes the run folder's lock; every process stops if another run holds it."""
+
+        def take():
+            self.run_lock = RunLock.acquire(self.run_dir)
+            return describe_previous(self.run_lock)
+
+        previous = decided_on_main(self.accelerator, take)
+        if previous:
+            self._info(f"warning: {previous}")
 
     # ------------------------------------------------------------------------------------------------ stages
     def _enter_stage(self, index: int) -> None:
@@ -211,6 +257,12 @@ class FineTuneRecipe:
     def run(self) -> dict:
         """Evaluate the base model, train every stage, evaluate again, save; returns the metrics. Ctrl-C while
         training saves a checkpoint and raises `Interrupted` with the command that resumes."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         metrics, started = self.metrics, time.time()
         if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples:
             metrics["before"] = self.evaluate("before")
@@ -392,10 +444,9 @@ class FineTuneRecipe:
     def save_checkpoint(self) -> Path:
         """A resumable checkpoint: trained weights, optimizer, scheduler, RNG, stage and data position."""
         path = self.run_dir / "checkpoints" / f"step_{self.state.global_step:06d}"
-        self.accelerator.save_state(str(path))
-        self.accelerator.wait_for_everyone()  # every rank's files are written before the completeness marker
+        previous = list_checkpoints(self.run_dir)
+        write_checkpoint(self.accelerator, path, self.state, previous[-1] if previous else None)
         if self.accelerator.is_main_process:
-            self.state.save(path)
             prune_checkpoints(self.run_dir, keep=self.recipe.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return path
@@ -424,6 +475,8 @@ class FineTuneRecipe:
         """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
         self.state = TrainerState.load(checkpoint)
         self.evaluator.forget_after(self.state.global_step)
+        if self.accelerator.is_main_process:
+            trim_train_log(self.run_dir, self.state.global_step)
         self._enter_stage(self.state.stage)
         # Non-strict: our checkpoints hold only the weights that trained (checked just after); DeepSpeed's own
         # checkpoints hold every weight and take their strictness flag under another name.
@@ -453,6 +506,7 @@ class FineTuneRecipe:
             adapter=self.uses_lora,
             source_path=self.recipe.model.path,
             prompt=prompt,
+            remote_code=self.recipe.model.trust_remote_code,
         )
         self._info(f"saved {'adapter' if self.uses_lora else 'model'} to {out}")
         return out

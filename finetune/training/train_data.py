@@ -58,6 +58,7 @@ class TrainData:
             for source in _stage_sources(stage)
             if eval_source is not None and str(source) == str(eval_source)
         ]
+        self.warnings += [line for rep in self.reports if (line := rep.duplicates_warning()) is not None]
 
     def _samples(self, source: str, split: str, limit: int | None = None) -> list[Sample]:
         key = f"{source}|{limit}"
@@ -75,6 +76,7 @@ class TrainData:
                 on_bad_sample=d.on_bad_sample,
                 image_column=d.image_column,
                 target_column=d.target_column,
+                max_image_pixels=d.max_image_pixels,
             )
             if not samples:
                 raise UserError(f"{split} ({source}): no usable samples ({report.summary()})")
@@ -105,6 +107,8 @@ class TrainData:
                         "kept": rep.kept,
                         "skipped": dict(rep.skipped),
                         "first_skipped_at": rep.examples,
+                        "duplicates": rep.duplicates,
+                        "first_duplicates": rep.duplicate_examples,
                     }
                     for rep in self.reports
                 },

@@ -54,7 +54,8 @@ from finetune.models.weights import (
     split_qkv,
 )
 
-# Files of a Hub checkpoint we read: configs, tokenizer and remote code (.py, copied into original/), and weights.
+# Files of a Hub checkpoint we read: configs, tokenizer and remote code (.py, copied into original/ when the recipe
+# says model.trust_remote_code), and weights.
 SIDE_FILE_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "*.py"]
 HUB_PATTERNS = [*SIDE_FILE_PATTERNS, "*.safetensors"]
 TOKENIZER_FILES = (
@@ -268,13 +269,14 @@ def save_original(
     return out_dir
 
 
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the tokenizer and generation files present in `src` to `dst`, plus the remote-code `*.py` files
-    (`configuration_h2ovl_chat.py`, `modeling_h2ovl_chat.py`, `conversation.py`, ...) that config.json's `auto_map`
-    needs for `trust_remote_code` loading. Returns the names copied."""
+def copy_tokenizer_files(src: str | Path, dst: str | Path, *, remote_code: bool = False) -> list[str]:
+    """Copy the tokenizer and generation files present in `src` to `dst`, and with `remote_code` the remote-code
+    `*.py` files (`configuration_h2ovl_chat.py`, `modeling_h2ovl_chat.py`, `conversation.py`, ...) that
+    config.json's `auto_map` needs for `trust_remote_code` loading. Returns the names copied."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    names = [n for n in TOKENIZER_FILES if (src / n).is_file()] + sorted(p.name for p in src.glob("*.py"))
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    names += sorted(p.name for p in src.glob("*.py")) if remote_code else []
     for name in names:
         shutil.copyfile(src / name, dst / name)
     return names

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
+from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily, drop_remote_code
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.mississippi import checkpoint as h2ovl_checkpoint
 from finetune.models.mississippi import config as h2ovl_config
@@ -155,7 +155,13 @@ class MississippiFamily(ModelFamily):
         )
 
     def save_pretrained(
-        self, model, processor, out_dir: Path, source_path: str | None = None, state_dict: dict | None = None
+        self,
+        model,
+        processor,
+        out_dir: Path,
+        source_path: str | None = None,
+        state_dict: dict | None = None,
+        remote_code: bool = False,
     ) -> None:
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir, state_dict=state_dict)
@@ -167,6 +173,8 @@ class MississippiFamily(ModelFamily):
                 "only the native layout was saved",
                 source_path,
             )
+            if not remote_code:
+                drop_remote_code(out_dir)
             return
         config = h2ovl_config.read_original_config(original_source)
         # The tiling the model was trained with, so model.chat and vLLM tile pages the same way.
@@ -179,16 +187,21 @@ class MississippiFamily(ModelFamily):
             force_image_size=s.tile_size,
         )
         h2ovl_checkpoint.save_original(model, out_dir / "original", config, state_dict=state_dict)
-        h2ovl_checkpoint.copy_tokenizer_files(original_source, out_dir / "original")
+        h2ovl_checkpoint.copy_tokenizer_files(original_source, out_dir / "original", remote_code=remote_code)
+        if not remote_code:  # config.json's auto_map (and any tokenizer or processor config's) points at the .py
+            drop_remote_code(out_dir)
 
     # --- publishing ----------------------------------------------------------------------------------------
-    def serving_commands(self, repo_id: str, *, base: str | None, adapter: bool) -> list[str]:
+    def serving_commands(
+        self, repo_id: str, *, base: str | None, adapter: bool, remote_code: bool = False
+    ) -> list[str]:
         if adapter:
-            return super().serving_commands(repo_id, base=base, adapter=adapter)
-        # vLLM's H2OVL loader reads the original layout, which save_pretrained keeps in original/.
+            return super().serving_commands(repo_id, base=base, adapter=adapter, remote_code=remote_code)
+        # vLLM's H2OVL loader reads the original layout, which save_pretrained keeps in original/; vLLM has its
+        # own H2OVLChatConfig, so the remote code is only needed where the folder was saved with it.
         return [
             f"huggingface-cli download {repo_id} --local-dir reader",
-            "vllm serve reader/original --trust-remote-code",
+            f"vllm serve reader/original{' --trust-remote-code' if remote_code else ''}",
         ]
 
     # --- text and images -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import UserError
+from finetune.models.base import drop_remote_code
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.ovis.config import read_checkpoint_config
 from finetune.models.ovis.modeling import OvisForConditionalGeneration
@@ -232,11 +233,14 @@ def save_checkpoint(
     *,
     state_dict: Mapping | None = None,
     dtype: torch.dtype | None = None,
+    remote_code: bool = False,
 ) -> Path:
     """Write the model in the layout of the `source` checkpoint folder: config.json (the source's, its `torch_dtype`
     set to what was written), model.safetensors in the source's names and in `dtype` (default: as held), and the
-    source's tokenizer, image-processor, generation and remote-code files — what the Hub remote code
-    (`trust_remote_code`) and vLLM's Ovis loader read."""
+    source's tokenizer, image-processor and generation files — what vLLM's Ovis loader reads. With `remote_code`
+    also the source's remote-code `*.py` files, and config.json keeps its `auto_map` (what the Hub remote code,
+    `trust_remote_code`, reads); without, neither, nor any `auto_map` in the copied tokenizer / processor
+    configs."""
     from safetensors.torch import save_file
 
     source, out_dir = Path(source), Path(out_dir)
@@ -259,6 +263,10 @@ def save_checkpoint(
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(_with_dtype(ckpt.raw, dtype), indent=2) + "\n")
     if source.resolve() != out_dir.resolve():
-        for name in [n for n in SIDE_FILES if (source / n).is_file()] + sorted(p.name for p in source.glob("*.py")):
+        names = [n for n in SIDE_FILES if (source / n).is_file()]
+        names += sorted(p.name for p in source.glob("*.py")) if remote_code else []
+        for name in names:
             shutil.copyfile(source / name, out_dir / name)
+    if not remote_code:
+        drop_remote_code(out_dir)
     return out_dir

@@ -110,23 +110,25 @@ class OvisFamily(ModelFamily):
         return load_ovis(path, revision=revision, dtype=dtype, attn_implementation=attn_implementation)
 
     def save_pretrained(
-        self, model, processor, out_dir: Path, source_path: str | None = None, state_dict: dict | None = None
+        self,
+        model,
+        processor,
+        out_dir: Path,
+        source_path: str | None = None,
+        state_dict: dict | None = None,
+        remote_code: bool = False,
     ) -> None:
         if source_path is None:
             raise ValueError("Ovis saves in the layout of its source checkpoint: source_path is required")
         source = resolve_checkpoint(source_path, allow_patterns=SIDE_FILE_PATTERNS)
-        save_checkpoint(model, out_dir, source, state_dict=state_dict)
+        save_checkpoint(model, out_dir, source, state_dict=state_dict, remote_code=remote_code)
         processor.save_settings(out_dir)  # the crop cap and image settings the model was trained with
         # The chat format it was trained with, for servers that read the template (vLLM's chat endpoint): a Qwen
         # tokenizer's own template has another default system prompt. The tokenizer files stay the source's.
         (Path(out_dir) / "chat_template.jinja").write_text(processor.tokenizer.chat_template)
 
-    # --- publishing ----------------------------------------------------------------------------------------
-    def serving_commands(self, repo_id: str, *, base: str | None, adapter: bool) -> list[str]:
-        # vLLM reads the original layout's config through its remote-code config class.
-        if adapter:
-            return [f"vllm serve {base} --trust-remote-code --enable-lora --lora-modules extractor={repo_id}"]
-        return [f"vllm serve {repo_id} --trust-remote-code"]
+    # --- publishing: the base class's vLLM lines; vLLM reads the AIDC-AI layout with its own OvisConfig, so they say
+    # --trust-remote-code only for a folder saved with its remote code (model.trust_remote_code).
 
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:
