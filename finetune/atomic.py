@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,10 +46,16 @@ def fsync_path(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """`path` holds either its old content or all of `text`, never a part (written aside, fsynced, renamed)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:  # a write's OSError names no file: the error line must
+        err.filename = err.filename or str(path)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
     fsync_path(path.parent)
 
@@ -69,7 +76,7 @@ def manifest_problem(folder: Path, *, required: tuple[str, ...] = ()) -> str | N
     listed file present with its size and sha256, every `required` file listed."""
     path = folder / MANIFEST
     if not path.is_file():
-        return f"{MANIFEST} is missing (the folder was never completed)"
+        return f"{MANIFEST} is missing (never completed, or written before checkpoints had manifests)"
     try:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
         if not isinstance(files, dict):
@@ -96,8 +103,8 @@ def _aside(dest: Path, what: str) -> Path:
 
 
 def recover(dest: Path) -> None:
-    """Undo what a kill between the two renames of `atomic_folder` left: the previous folder put aside and no new
-    one in place. Removes a half-written new folder."""
+    """Undo what a kill between the two renames of `commit` left: the previous folder put aside and no new one in
+    place (the previous one comes back). Removes a half-written new folder."""
     old, tmp = _aside(dest, "old"), _aside(dest, "tmp")
     if old.exists() and not dest.exists():
         os.replace(old, dest)
@@ -147,16 +154,22 @@ def atomic_folder(dest: Path, *, manifest: bool = True) -> Iterator[Path]:
 
 def write_error(err: BaseException, folder: Path) -> str | None:
     """For an error raised while writing into `folder`: `PATH: [Errno N ENAME] reason` when the machine refused the
-    write (disk full, quota, read-only, permission), else None (a bug, to be raised as is). torch.save writes through
-    C++ streams ("basic_ios::clear: iostream error") and safetensors through Rust, both losing the errno: a small
-    probe write into the same folder recovers it."""
+    write (disk full, quota, read-only, permission), else None (a bug, to be raised as is). Call it before removing
+    what the failed write left (that frees the space). torch.save writes through C++ streams ("basic_ios::clear:
+    iostream error", "unexpected pos") and safetensors through Rust ("os error 28"), losing or burying the errno:
+    it is read from the message, or recovered by a small probe write into the same folder."""
     if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
         return f"{err.filename or folder}: {describe_errno(err.errno)}"
+    if isinstance(err, OSError) or type(err).__name__ not in ("RuntimeError", "SafetensorError"):
+        return None
+    found = re.search(r"(?:os error|Errno) (\d+)", str(err))
+    if found and int(found.group(1)) in WRITE_ERRNOS:
+        return f"{folder}: {describe_errno(int(found.group(1)))}"
     probe_folder = folder if folder.is_dir() else folder.parent
-    probe = probe_folder / ".write-probe"
+    probe = probe_folder / f".write-probe-{os.getpid()}"
     try:
         with probe.open("wb") as handle:
-            handle.write(b"\0" * (4 * _CHUNK))
+            handle.write(b"\0" * _CHUNK)
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as probe_err:

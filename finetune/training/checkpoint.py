@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from finetune.atomic import atomic_folder, commit, manifest_problem, staging_folder, write_error
+from finetune.atomic import MANIFEST, atomic_folder, commit, manifest_problem, staging_folder, write_error
 from finetune.errors import UserError
 from finetune.models.base import drop_remote_code
+from finetune.training.engine import raise_if_any_failed
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
@@ -67,10 +68,19 @@ def required_files(num_processes: int, *, sharded: bool) -> tuple[str, ...]:
 
 def checkpoint_problem(checkpoint: Path, *, required: tuple[str, ...], num_stages: int) -> str | None:
     """What makes `checkpoint` unusable (one phrase naming the file), or None: every file as the manifest recorded
-    it, the required ones present, and a trainer position that can be true of this checkpoint."""
-    problem = manifest_problem(checkpoint, required=required)
-    if problem:
-        return problem
+    it, the required ones present, and a trainer position that can be true of this checkpoint. A checkpoint of an
+    earlier version (trainer state, the old completion marker, and no manifest) can only be checked for its files."""
+    mismatch = _process_count_mismatch(checkpoint, required)
+    if mismatch:
+        return mismatch
+    if is_unverifiable(checkpoint):
+        missing = [n for n in required if not (checkpoint / n).is_file() or not (checkpoint / n).stat().st_size]
+        if missing:
+            return f"{missing[0]} is missing or empty (required to continue the run exactly)"
+    else:
+        problem = manifest_problem(checkpoint, required=required)
+        if problem:
+            return problem
     try:
         raw = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
         state = TrainerState(**raw)
@@ -90,43 +100,80 @@ def checkpoint_problem(checkpoint: Path, *, required: tuple[str, ...], num_stage
     return None
 
 
-def resumable_checkpoint(run_dir: Path, *, required: tuple[str, ...], num_stages: int) -> tuple[Path | None, list]:
-    """The newest checkpoint that verifies, and a line for each newer one that did not (which file, what is
+def _process_count_mismatch(checkpoint: Path, required: tuple[str, ...]) -> str | None:
+    """A checkpoint written by fewer processes than this run has (one RNG state per process): the data shards and
+    RNG streams of the others do not exist, so the run cannot continue exactly; say how it can."""
+    needed = sum(1 for name in required if name.startswith("random_states_"))
+    try:
+        listed = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        listed = {p.name: None for p in checkpoint.glob("random_states_*.pkl")}
+    written = sum(1 for i in range(needed) if f"random_states_{i}.pkl" in listed)
+    others = {name for name in listed if name.startswith("random_states_")} - {
+        f"random_states_{i}.pkl" for i in range(needed)
+    }
+    if (0 < written < needed and all(f"random_states_{i}.pkl" in listed for i in range(written))) or others:
+        count = written + len(others)
+        return (
+            f"written by {count} process(es), this run has {needed}: resume with --num-processes {count} "
+            f"(the data shards and RNG streams are per process)"
+        )
+    return None
+
+
+def is_unverifiable(checkpoint: Path) -> bool:
+    """Written by a version before manifests: complete by its own marker, its contents unverifiable."""
+    return not (checkpoint / MANIFEST).exists() and (checkpoint / STATE_FILE).is_file()
+
+
+def resumable_checkpoint(
+    run_dir: Path, *, required: tuple[str, ...], num_stages: int
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and each newer one that did not with its problem (which file, what is
     wrong), newest first."""
     rejected = []
     for checkpoint in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(checkpoint, required=required, num_stages=num_stages)
         if problem is None:
             return checkpoint, rejected
-        rejected.append(f"{checkpoint}: {problem}")
+        rejected.append((checkpoint, problem))
     return None, rejected
 
 
 def write_checkpoint(accelerator, path: Path, state: TrainerState, latest_kept: Path | None) -> None:
     """Accelerate's state and the trainer position into a folder beside `path`, fsynced, with its manifest, then
     renamed to `path`: a kill or a full disk at any moment leaves either the whole checkpoint or none. Every
-    process calls this. An OS error (disk full, permission) is one line naming the path and the errno."""
+    process calls this; after each phase the processes compare notes, so a write refused on any of them (disk
+    full, permission) stops all of them with the same line naming the path and the errno."""
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if accelerator.is_main_process:
-            staging_folder(path)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every rank's files are written before the manifest
-        if accelerator.is_main_process:
-            state.save(tmp)
-            commit(tmp, path)
-    except Exception as err:  # only a refused write becomes a line; the rest is raised as it was
-        reason = write_error(err, path.parent)
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if reason is None:
+    kept = f"the latest complete checkpoint, {latest_kept.name}, is intact" if latest_kept else "no earlier one exists"
+
+    def attempt(action, on_this_process: bool) -> None:
+        failure = None
+        if on_this_process:
+            try:
+                action()
+            except Exception as err:  # only a refused write becomes a line; the rest is raised as it was
+                reason = write_error(err, tmp if tmp.is_dir() else path.parent)
+                if reason is None:
+                    raise
+                failure = f"could not write checkpoint {path}: {reason}; {kept}; free space and rerun with "
+                failure += "output.if_exists=resume"
+        try:
+            raise_if_any_failed(accelerator, failure)
+        except UserError:
+            if accelerator.is_main_process:  # after every process has stopped writing into it
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        kept = f"the latest complete checkpoint, {latest_kept.name}, is intact" if latest_kept else "none was before"
-        raise UserError(
-            f"could not write checkpoint {path}: {reason}; {kept}; free space and rerun with output.if_exists=resume"
-        ) from None
-    accelerator.wait_for_everyone()
+
+    attempt(lambda: staging_folder(path), accelerator.is_main_process)
+    attempt(lambda: accelerator.save_state(str(tmp)), True)
+
+    def finish() -> None:
+        state.save(tmp)
+        commit(tmp, path)
+
+    attempt(finish, accelerator.is_main_process)  # every rank's files are in tmp: the manifest covers them
 
 
 def trained_so_far(name: str, family, stages_so_far) -> bool:
@@ -172,32 +219,44 @@ def save_model(
     beside `out` and renamed into place with a manifest, so an earlier `out` stays whole until the new one is.
     `remote_code`: whether the source checkpoint's remote-code files and `auto_map` are carried over."""
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (ZeRO-3 / FSDP) weights; every rank calls it
+    failure = None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         try:
             with atomic_folder(out) as tmp:
-                if adapter:
-                    unwrapped.save_pretrained(tmp, state_dict=state_dict)
-                    processor.save_pretrained(tmp)
-                    if not remote_code:  # the base tokenizer's config may name remote code (`auto_map`)
-                        drop_remote_code(tmp)
-                else:
-                    family.save_pretrained(
-                        unwrapped,
-                        processor,
-                        tmp,
-                        source_path=source_path,
-                        state_dict=state_dict,
-                        remote_code=remote_code,
-                    )
-                # Prompting a model any other way than it was trained loses accuracy.
-                (tmp / "prompt.json").write_text(json.dumps(prompt, indent=2, ensure_ascii=False) + "\n")
-        except Exception as err:  # only a refused write becomes a line; the rest is raised as it was
-            reason = write_error(err, out.parent)
+                try:
+                    if adapter:
+                        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+                        processor.save_pretrained(tmp)
+                        if not remote_code:  # the base tokenizer's config may name remote code (`auto_map`)
+                            drop_remote_code(tmp)
+                    else:
+                        family.save_pretrained(
+                            unwrapped,
+                            processor,
+                            tmp,
+                            source_path=source_path,
+                            state_dict=state_dict,
+                            remote_code=remote_code,
+                        )
+                    # Prompting a model any other way than it was trained loses accuracy.
+                    (tmp / "prompt.json").write_text(json.dumps(prompt, indent=2, ensure_ascii=False) + "\n")
+                except Exception as err:  # only a refused write becomes a line; the rest is raised as it was
+                    reason = write_error(err, tmp)  # before the partial folder is removed, which frees the space
+                    if reason is None:
+                        raise
+                    raise _WriteRefused(reason) from None
+        except (_WriteRefused, OSError) as err:  # OSError: from the manifest and the renames
+            reason = str(err) if isinstance(err, _WriteRefused) else write_error(err, out.parent)
             if reason is None:
                 raise
-            raise UserError(
-                f"could not write {out}: {reason}; the checkpoints are intact: free space and rerun with "
-                f"output.if_exists=resume"
-            ) from None
+            failure = (
+                f"could not write {out}: {reason}; earlier checkpoints, if any, are intact: free space and rerun "
+                f"with output.if_exists=resume"
+            )
+    raise_if_any_failed(accelerator, failure)  # the other processes stop too instead of waiting
     accelerator.wait_for_everyone()
+
+
+class _WriteRefused(Exception):
+    """The machine refused a write of a model folder (the message: path and errno)."""

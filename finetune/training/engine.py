@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, GradientAccumulationPlugin, gather_object
 
+from finetune.atomic import write_error
 from finetune.config import Recipe
 from finetune.errors import UserError
 
@@ -117,8 +119,6 @@ def decided_on_main(accelerator: Accelerator, decide):
         return decide()
     from accelerate.utils import broadcast_object_list
 
-    from finetune.errors import UserError
-
     box = [None]
     failure = None
     if accelerator.is_main_process:
@@ -126,6 +126,9 @@ def decided_on_main(accelerator: Accelerator, decide):
             box = [("ok", decide())]
         except UserError as err:
             box = [("user", str(err))]
+        except OSError as err:
+            refused = write_error(err, Path(getattr(err, "filename", None) or "."))
+            failure, box = err, [("user", refused) if refused else ("bug", f"{type(err).__name__} on the main process")]
         except BaseException as err:
             failure, box = err, [("bug", f"{type(err).__name__} on the main process")]
     broadcast_object_list(box, from_process=0)
@@ -137,3 +140,15 @@ def decided_on_main(accelerator: Accelerator, decide):
     if kind == "bug":
         raise RuntimeError(value)
     return value
+
+
+def raise_if_any_failed(accelerator: Accelerator, failure: str | None) -> None:
+    """Every process reports how its part of a collective write went (None: fine; else one line); if any failed,
+    every process raises the same `UserError`, so that none is left waiting for the others at the next barrier."""
+    if accelerator.num_processes == 1:
+        if failure:
+            raise UserError(failure)
+        return
+    failures = [f for f in gather_object([failure]) if f]
+    if failures:
+        raise UserError(failures[0] if len(set(failures)) == 1 else f"{failures[0]} (and on other processes)")

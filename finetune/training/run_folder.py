@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from finetune.atomic import write_text_atomic
+from finetune.atomic import recover, write_text_atomic
 from finetune.config import Recipe
 from finetune.errors import UserError
 from finetune.recipe import dump_recipe
-from finetune.training.checkpoint import list_checkpoints, resumable_checkpoint
+from finetune.training.checkpoint import is_unverifiable, list_checkpoints, resumable_checkpoint
 from finetune.training.run_lock import LOCK_NAME
 
 # Recipe keys a resumed run may change: budgets, checkpoint cadence, logging, evaluation, tracking, output.
@@ -22,6 +23,9 @@ RESUME_MAY_CHANGE = re.compile(
     r"^(train\.(max_steps|epochs|checkpoint_every|keep_checkpoints|log_every|num_workers)"
     r"|stages\.\d+\.(max_steps|epochs|fraction|eval_at_end)|eval\..*|tracking\..*|output\..*)$"
 )
+
+
+REJECTED = ".rejected"  # suffix of a checkpoint folder set aside because it failed to verify
 
 
 def has_content(run_dir: Path) -> bool:
@@ -35,7 +39,8 @@ class RunFolderPlan:
 
     resume_from: Path | None = None
     clear: bool = False  # overwrite: empty the folder first
-    rejected: list[str] = field(default_factory=list)  # checkpoints newer than `resume_from` that failed to verify
+    rejected: list[Path] = field(default_factory=list)  # checkpoints newer than `resume_from` that failed to verify
+    warnings: list[str] = field(default_factory=list)  # one line each, for the log
 
 
 def check_run_dir(run_dir: Path, policy: str, *, required: tuple[str, ...], num_stages: int) -> RunFolderPlan:
@@ -54,11 +59,15 @@ def check_run_dir(run_dir: Path, policy: str, *, required: tuple[str, ...], num_
             raise UserError(f"{run_dir}: output.if_exists=resume but the run has no checkpoint")
         resume_from, rejected = resumable_checkpoint(run_dir, required=required, num_stages=num_stages)
         if resume_from is None:
+            problems = "; ".join(f"{path}: {problem}" for path, problem in rejected)
             raise UserError(
-                f"{run_dir}: output.if_exists=resume but no checkpoint verifies ({'; '.join(rejected)}); "
+                f"{run_dir}: output.if_exists=resume but no checkpoint verifies ({problems}); "
                 f"start again with output.if_exists=overwrite"
             )
-        return RunFolderPlan(resume_from=resume_from, rejected=rejected)
+        warnings = [f"checkpoint {path}: {problem}; set aside as {path.name}{REJECTED}" for path, problem in rejected]
+        if is_unverifiable(resume_from):
+            warnings.append(f"checkpoint {resume_from} has no manifest (an earlier version wrote it): not verified")
+        return RunFolderPlan(resume_from=resume_from, rejected=[path for path, _ in rejected], warnings=warnings)
     return RunFolderPlan(clear=exists and policy == "overwrite")
 
 
@@ -66,6 +75,15 @@ def prepare_run_dir(run_dir: Path, plan: RunFolderPlan, accelerator) -> None:
     """Empty the folder for an overwrite (its lock stays: it is this run's), make sure it exists."""
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 changes anything
     if accelerator.is_main_process:
+        # What a kill left half-done: a model folder put aside mid-replacement comes back, partial ones go.
+        for name in ("final", "best"):
+            recover(run_dir / name)
+        for partial in (run_dir / "checkpoints").glob(".step_*.tmp"):
+            shutil.rmtree(partial)
+        # Checkpoints that failed to verify would count towards keep_checkpoints and be taken for the latest:
+        # kept for a look, under a name no resume or prune considers.
+        for rejected in plan.rejected:
+            os.replace(rejected, rejected.with_name(rejected.name + REJECTED))
         if plan.clear:
             for child in run_dir.iterdir():
                 if child.name == LOCK_NAME:
@@ -105,8 +123,8 @@ def record_recipe(recipe: Recipe, run_dir: Path, *, resumed: bool, is_main_proce
             for k in saved.keys() | current.keys()
             if saved.get(k) != current.get(k)
             and not RESUME_MAY_CHANGE.match(k)
-            # a key added to the recipe schema since the run was recorded, left at its empty default
-            and not (k not in saved and current.get(k) in (None, {}, [], "{}", "[]"))
+            # a key added to the recipe schema since the run was recorded, left at its default
+            and not (k not in saved and (current.get(k) in (None, {}, [], "{}", "[]") or is_default(k, current[k])))
         )
         if changed:
             raise UserError(
@@ -138,3 +156,20 @@ def flatten(tree, prefix: str = "") -> dict:
         else:
             flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
     return flat
+
+
+def is_default(key: str, value) -> bool:
+    """Whether `value` is the recipe schema's default for the flattened `key` (`data.max_image_pixels`)."""
+    from pydantic import BaseModel
+
+    model: type[BaseModel] | None = Recipe
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field_info = model.model_fields.get(part) if model else None
+        if field_info is None:
+            return False
+        if i == len(parts) - 1:
+            return not field_info.is_required() and field_info.get_default(call_default_factory=True) == value
+        annotation = field_info.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return False

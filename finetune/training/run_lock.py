@@ -9,6 +9,7 @@ some network filesystems): runs on different nodes writing one folder on shared 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from finetune.errors import UserError
 
 LOCK_NAME = ".lock"
+NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # a filesystem without flock
 
 
 class RunLock:
@@ -30,6 +32,7 @@ class RunLock:
         self._handle = handle
         self.previous = previous  # the holder record a dead run left behind, if any
         self.created_folder = created_folder
+        self.note: str | None = None  # why the folder could not be locked, when it could not
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
@@ -48,6 +51,13 @@ class RunLock:
                     f"{run_dir}: run folder in use by another run ({_describe(holder)}); wait for it to end or "
                     f"choose another output.dir"
                 ) from None
+            except OSError as err:
+                if err.errno not in NO_FLOCK:
+                    raise
+                handle.close()  # some network filesystems (NFS without lockd, Lustre -o noflock) have no flock
+                lock = cls(path, None, None, created_folder=False)
+                lock.note = f"{run_dir}: its filesystem has no locks ({err.strerror}); the run folder is not locked"
+                return lock
             # The holder before us may have removed the file between our open and our lock: then the lock is on
             # a file nobody else will open; start again with the file at the path.
             try:
@@ -107,7 +117,10 @@ def _describe(holder: dict | None) -> str:
 
 
 def describe_previous(lock: RunLock) -> str | None:
-    """A line about a run that died holding the folder (its lock record was never cleared), if there was one."""
+    """A line about a run that died holding the folder (its lock record was never cleared), if there was one, or
+    about a folder that could not be locked."""
+    if lock.note:
+        return lock.note
     if not lock.previous:
         return None
     return f"the previous run in this folder ({_describe(lock.previous)}) did not end cleanly (killed or crashed)"

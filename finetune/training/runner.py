@@ -127,8 +127,8 @@ class FineTuneRecipe:
             self.accelerator,
             lambda: check_run_dir(self.run_dir, r.output.if_exists, required=required, num_stages=len(self.stages)),
         )
-        for line in folder_plan.rejected:
-            self._info(f"warning: checkpoint {line}; falling back to an earlier one")
+        for line in folder_plan.warnings:
+            self._info(f"warning: {line}")
 
         self.processor = self.family.load_processor(r.model.path, r.model.revision, **r.model.processor)
         self.data = TrainData(r, self.family, self.processor)
@@ -437,8 +437,13 @@ class FineTuneRecipe:
             }
             self.accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=step)
             if self.accelerator.is_main_process:
-                with (self.run_dir / "train_log.jsonl").open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                path = self.run_dir / "train_log.jsonl"
+                try:
+                    with path.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                except OSError as err:  # a write's OSError names no file: the error line must
+                    err.filename = err.filename or str(path)
+                    raise
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
