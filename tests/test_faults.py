@@ -524,3 +524,31 @@ def test_every_process_of_a_multi_process_run_stops_on_a_busy_folder(tiny_llava,
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert_one_line_error(result, f"run folder in use by another run (pid {holder.pid} on ")
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_a_model_folder_is_one_line_and_keeps_the_earlier_one(
+    tiny_llava, small_disk, fresh_accelerate_state
+):
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.errors import UserError
+    from finetune.models import get_family
+    from finetune.training.checkpoint import save_model
+
+    mount, resize = small_disk
+    family = get_family("llava_onevision")
+    processor = family.load_processor(str(tiny_llava))
+    model = get_peft_model(family.load_model(str(tiny_llava)), LoraConfig(r=4, target_modules=["q_proj"]))
+    accelerator = Accelerator(cpu=True)
+    kwargs = {"family": family, "processor": processor, "adapter": True, "source_path": str(tiny_llava)}
+    save_model(accelerator, model, mount / "final", prompt={"instruction": "first", "skeleton": {}}, **kwargs)
+    assert manifest_problem(mount / "final") is None
+    # Room for a few KB more: the next version of the folder cannot be written.
+    resize(shutil.disk_usage(mount).used + 16 * 1024)
+    with pytest.raises(UserError, match=r"could not write .*final: .*\[Errno 28 ENOSPC\] No space left on device"):
+        save_model(accelerator, model, mount / "final", prompt={"instruction": "second", "skeleton": {}}, **kwargs)
+    assert manifest_problem(mount / "final") is None  # the earlier folder, whole
+    assert json.loads((mount / "final" / "prompt.json").read_text())["instruction"] == "first"
+    assert sorted(p.name for p in mount.iterdir()) == ["final"]  # no partial folder left behind
