@@ -111,6 +111,24 @@ def copy_run(reference: Path, to: Path, *, drop: tuple[str, ...] = ("final",)) -
     return to
 
 
+def hold_lock(run: Path) -> subprocess.Popen:
+    """Another process holding `run`'s lock (until killed), as a run in progress does."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from finetune.training.run_lock import RunLock; "
+            "lock = RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
+            str(run),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 # ------------------------------------------------------------------------------------------ atomic folders
 
 
@@ -143,20 +161,8 @@ def test_an_atomic_folder_is_whole_or_absent_and_its_manifest_catches_every_chan
 
 def test_the_run_lock_names_its_holder_and_a_dead_holder_is_detected(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from finetune.training.run_lock import RunLock; "
-            "lock = RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)",
-            str(run),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(run)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(Exception, match=rf"run folder in use by another run \(pid {holder.pid} on "):
             RunLock.acquire(run)
     finally:
@@ -496,20 +502,8 @@ def test_a_checkpoint_of_another_process_count_says_how_to_resume(reference, tmp
 def test_every_process_of_a_multi_process_run_stops_on_a_busy_folder(tiny_llava, simple_docs, tmp_path):
     """The lock is the main process's; the others learn its outcome and stop with it, instead of waiting."""
     run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from finetune.training.run_lock import RunLock; "
-            "lock = RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(300)",
-            str(run),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(run)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         launch = [sys.executable, "-m", "finetune.train", "--cpu", "--num-processes", "2"]
         result = subprocess.run(
             [*launch, *train_args(tiny_llava, simple_docs, run)],
