@@ -2,6 +2,21 @@
 
 Every scorer takes already-parsed JSON values; a prediction of ``None`` means "the text was not valid JSON".
 
+Invalid predictions and undefined pairs (the same rules in every per-sample scorer and in :func:`score`):
+
+* A ``None`` (invalid-JSON) prediction scores 0 on every metric, whatever the gold (``{}``, ``[]``, ``""``
+  included): it is never "undefined", so an unparseable output can never be rewarded, nor dropped from a mean.
+* A metric that its published definition leaves undefined for a (valid prediction, gold) pair returns ``None``
+  for that pair instead of a number. :func:`score` averages such a metric over the defined pairs only and reports
+  how many pairs it left out as ``<metric>_undefined`` (an int, always present for ``field_f1`` and
+  ``ted_accuracy``); with no defined pair at all the mean is reported as 0.0 (as for an empty dataset) and the
+  count equals ``num_samples``.
+* Which pairs are undefined: exact match never (always defined; a valid ``{}`` for a gold ``{}`` matches); field F1
+  when neither side has a field after Donut's normalisation (``TP + FP + FN = 0``, 0/0); nTED accuracy when the gold
+  normalises to empty (``TED({}, gold) = 0``, 0/0), whatever the prediction; ANLS* never (its reference
+  implementation defines the empty-vs-empty case as 1.0); per-field accuracy only counts paths the gold has, and
+  schema conformance is always defined.
+
 Exact match (:func:`json_exact_match`), key order always ignored:
 
 * ``strict``: equal JSON values. Types must agree (``true`` is not ``1``, ``"1"`` is not ``1``), but ``1 == 1.0``.
@@ -12,7 +27,7 @@ Exact match (:func:`json_exact_match`), key order always ignored:
   ``null``, ``""`` (or whitespace only) and a missing key are alike: ``{"a": null, "b": 1} == {"b": 1}``; inside a
   list, ``null`` and ``""`` are alike but still hold their position. An empty object ``{}`` or list ``[]`` is not
   ``null``. Lists are compared in order. Booleans equal only booleans.
-* A ``None`` prediction never matches.
+* A ``None`` prediction never matches. Exact match is defined for every pair.
 
 Donut metrics (Kim et al., "OCR-free Document Understanding Transformer", ``JSONParseEvaluator`` in
 clovaai/donut ``donut/util.py``), reproduced with their quirks so numbers are comparable with published ones:
@@ -26,21 +41,26 @@ clovaai/donut ``donut/util.py``), reproduced with their quirks so numbers are co
 * Flatten: (dotted key path, string) pairs; list items share their parent's path, without indices.
 * Field F1 (micro over a dataset): each predicted pair still present in the gold list is a TP and is removed from
   it, otherwise an FP; leftover gold pairs are FNs. ``F1 = TP / (TP + (FP + FN) / 2)``. Donut divides by zero when
-  there are no fields at all; we return 0.0 for the dataset (1.0 for a single sample in :func:`score`).
+  there are no fields at all; we return 0.0 for the dataset, and for a single sample (:func:`field_f1`) ``None``
+  (undefined) for a valid prediction, 0.0 for an invalid one. An invalid prediction contributes its gold's fields
+  as FNs to the dataset counts; against a gold without fields it adds nothing (micro F1 has no term for it: see
+  ``valid_json_rate``).
 * Tree: root ``<root>``; dict keys are child nodes labelled with the key; a list of dicts gives one ``<subtree>``
   child per item; a list of scalars gives one ``"<leaf>" + value`` node per item. A label is a leaf if it
   *contains* "<leaf>" (Donut's substring test). Insert/remove cost = len(text without "<leaf>") for a leaf, else 1.
   Update cost = Levenshtein distance between two leaves' texts, 1 + len(leaf text) between a leaf and a non-leaf,
   otherwise 0 for equal labels, else 1.
-* nTED accuracy = ``max(0, 1 - TED(pred, gold) / TED({}, gold))``. Guard (ours, Donut divides by zero): when the
-  gold normalises to empty, the score is 1.0 if the prediction also normalises to empty, else 0.0.
+* nTED accuracy = ``max(0, 1 - TED(pred, gold) / TED({}, gold))``. When the gold normalises to empty,
+  ``TED({}, gold) = 0`` and Donut divides by zero: the accuracy is undefined (``None``) for a valid prediction,
+  whether or not it is empty too; an invalid prediction scores 0.0.
 
 ANLS* (Peer et al., package ``anls_star``): ``anls_score(gold, pred)``. For dicts it averages over the union of keys;
 a key missing from the prediction scores 1.0 only when the gold value is None (a gold "" or [] missing scores
 0.5), and an extra predicted key lowers the average (an extra null key included). Strings are lowercased and
 whitespace-collapsed, numbers compared via ``str()`` (so 12.5 vs "12.50" is a partial match), per-leaf similarity
 below 0.5 counts 0, lists are matched order-free (Hungarian). Gold ``{}`` with prediction ``{}`` gives 1.0, gold
-``{}`` with a non-empty prediction gives 0.0. A ``None`` prediction is scored as ``{}``.
+``{}`` with a non-empty prediction gives 0.0. A ``None`` prediction scores 0.0 (the package would score it as
+``{}``, a perfect answer to an empty gold).
 
 Per-field accuracy: per dotted path of the Donut-normalised gold, the share of samples (whose gold has the path)
 whose sorted normalised values there equal the prediction's — with Donut's normalisation, so a gold ``false`` or
@@ -177,8 +197,17 @@ def _field_counts(prediction: Any, gold: Any) -> tuple[int, int, int]:
     return tp, fp, len(gold_pairs)
 
 
-def _f1(tp: int, fp: int, fn: int, empty: float) -> float:
+def _f1(tp: int, fp: int, fn: int, empty: float | None) -> float | None:
     return tp / (tp + (fp + fn) / 2) if tp + fp + fn else empty
+
+
+def field_f1(prediction: Any, gold: Any) -> float | None:
+    """One sample's Donut field F1, ``TP / (TP + (FP + FN) / 2)``. 0.0 for a ``None`` (invalid) prediction, whatever
+    the gold; ``None`` (undefined, 0/0) for a valid prediction when neither side has a field after Donut's
+    normalisation (e.g. ``{}`` vs ``{}``, or ``{"a": ""}`` vs ``{}``)."""
+    if prediction is None:
+        return 0.0
+    return _f1(*_field_counts(prediction, gold), empty=None)
 
 
 def field_prf(predictions: list, golds: list) -> dict:
@@ -241,19 +270,27 @@ def _ted(a: zss.Node, b: zss.Node) -> float:
     )
 
 
-def ted_accuracy(prediction: Any, gold: Any) -> float:
-    """Donut's nTED accuracy, ``max(0, 1 - TED(pred, gold) / TED({}, gold))``; ``None`` prediction counts as {}."""
-    pred_norm = donut_normalize({} if prediction is None else prediction)
+def ted_accuracy(prediction: Any, gold: Any) -> float | None:
+    """Donut's nTED accuracy, ``max(0, 1 - TED(pred, gold) / TED({}, gold))``. 0.0 for a ``None`` (invalid)
+    prediction, whatever the gold; ``None`` (undefined) for a valid prediction when the gold normalises to empty
+    (``{}``, ``[]``, ``""``, ``{"a": ""}``, ...), where ``TED({}, gold) = 0`` and the definition divides by zero."""
+    if prediction is None:
+        return 0.0
+    pred_norm = donut_normalize(prediction)
     gold_norm = donut_normalize(gold)
-    if not gold_norm:  # TED({}, gold) would be 0: Donut divides by zero here
-        return 1.0 if not pred_norm else 0.0
+    if not gold_norm:  # TED({}, gold) = 0: undefined, not averaged in
+        return None
     gold_tree = _tree(gold_norm)
     return max(0.0, 1.0 - _ted(_tree(pred_norm), gold_tree) / _ted(_tree(donut_normalize({})), gold_tree))
 
 
 def anls_star(prediction: Any, gold: Any) -> float:
-    """ANLS* via the ``anls_star`` package (1.0 best); a ``None`` prediction counts as {}."""
-    return float(anls_score(gold, {} if prediction is None else prediction))
+    """ANLS* via the ``anls_star`` package (1.0 best). Always defined: the reference implementation scores a pair
+    with nothing to compare (``{}`` vs ``{}``, ``[]`` vs ``[]``) 1.0. 0.0 for a ``None`` (invalid) prediction,
+    whatever the gold (the package would score ``{}`` against a gold ``{}`` or ``{"a": null}`` 1.0)."""
+    if prediction is None:
+        return 0.0
+    return float(anls_score(gold, prediction))
 
 
 def _values_by_path(data: Any) -> dict[str, list]:
@@ -294,7 +331,11 @@ def score(
     schema: dict | None = None,
 ) -> tuple[dict, list[dict]]:
     """Aggregate metrics and per-sample scores; ``predictions`` are parsed objects or None (invalid JSON).
-    Conformance is checked against ``schema``, else the skeleton's schema (`finetune.schema`)."""
+    Conformance is checked against ``schema``, else the skeleton's schema (`finetune.schema`).
+
+    A per-sample ``field_f1`` / ``ted_accuracy`` of ``None`` is undefined for that pair (module docstring);
+    ``ted_accuracy`` is the mean over defined pairs only, ``field_f1`` is micro-averaged (undefined pairs add
+    nothing to its counts), and ``field_f1_undefined`` / ``ted_accuracy_undefined`` count the pairs left out."""
     if headline not in EXACT_MATCH_MODES:
         raise ValueError(f"unknown headline mode {headline!r}; expected one of {EXACT_MATCH_MODES}")
     _check_lengths(predictions, golds)
@@ -310,7 +351,7 @@ def score(
             "exact_match": strict if headline == "strict" else loose,
             "exact_match_strict": strict,
             "exact_match_normalized": loose,
-            "field_f1": _f1(*_field_counts(prediction, gold), empty=1.0),
+            "field_f1": field_f1(prediction, gold),
             "ted_accuracy": ted_accuracy(prediction, gold),
             "anls_star": anls_star(prediction, gold),
             "valid_json": prediction is not None,
@@ -321,8 +362,11 @@ def score(
 
     prf = field_prf(predictions, golds)
 
-    def rate(key: str) -> float:
-        return _mean([float(sample[key]) for sample in samples])
+    def rate(key: str) -> float:  # the mean over the pairs where the metric is defined
+        return _mean([float(sample[key]) for sample in samples if sample[key] is not None])
+
+    def undefined(key: str) -> int:
+        return sum(sample[key] is None for sample in samples)
 
     metrics = {
         "json_exact_match": rate("exact_match"),
@@ -332,7 +376,9 @@ def score(
         "field_precision": prf["precision"],
         "field_recall": prf["recall"],
         "field_f1": prf["f1"],
+        "field_f1_undefined": undefined("field_f1"),
         "ted_accuracy": rate("ted_accuracy"),
+        "ted_accuracy_undefined": undefined("ted_accuracy"),
         "anls_star": rate("anls_star"),
         "valid_json_rate": rate("valid_json"),
         "num_samples": len(samples),

@@ -18,6 +18,8 @@ _ABSENT = object()  # "no counterpart on the other side", distinct from a JSON n
 
 # Metric-name fragments that mean "a fraction in [0, 1]", shown as a percentage.
 _RATE_HINTS = ("rate", "match", "accuracy", "f1", "anls", "precision", "recall", "ted", "valid", "score")
+# "<metric>_undefined": how many pairs the metric was undefined for (left out of its mean; finetune.metrics).
+UNDEFINED_SUFFIX = "_undefined"
 
 CSS = """
 * { box-sizing: border-box; }
@@ -35,6 +37,7 @@ h2 { font-size: 16px; margin: 0 0 10px; }
 table.metrics { border-collapse: collapse; width: 100%; }
 table.metrics td { padding: 4px 8px; border-bottom: 1px solid #eceef2; }
 table.metrics td.v { text-align: right; font-variant-numeric: tabular-nums; font-weight: 600; }
+.undefined { color: #777; font-weight: normal; font-size: 12px; }
 .bar-row { display: grid; grid-template-columns: 220px 1fr 56px; gap: 8px; align-items: center; margin: 3px 0; }
 .bar-name { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; overflow: hidden;
             text-overflow: ellipsis; white-space: nowrap; }
@@ -167,6 +170,8 @@ def _card(record: dict) -> str:
     for key, name in (("field_f1", "field F1"), ("ted_accuracy", "TED acc"), ("anls_star", "ANLS*")):
         if record.get(key) is not None:
             scores.append(f"{escape(name)} <b>{100 * float(record[key]):.1f}%</b>")
+        elif key in record:  # scored, but the metric is undefined for this pair (e.g. nTED with an empty gold)
+            scores.append(f'{escape(name)} <b title="undefined for this pair, not in the mean">n/a</b>')
     if record.get("schema_valid") is not None:
         scores.append(f"schema <b>{'valid' if record['schema_valid'] else 'invalid'}</b>")
 
@@ -208,12 +213,32 @@ def _headline(metrics: dict, records: list[dict]) -> tuple[str, float | None]:
     return name or "exact_match", None
 
 
+def _scalar_metric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _metric_table(metrics: dict) -> str:
-    rows = [
-        f'<tr><td>{escape(str(k))}</td><td class="v">{escape(_fmt(str(k), v))}</td></tr>'
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
+    """One row per scalar metric; a metric with a `<name>_undefined` count shows it in its own row: the value is the
+    mean over the defined pairs only, "n/a" when no pair was defined."""
+    total = metrics.get("num_samples")
+    rows = []
+    for k, v in metrics.items():
+        if not _scalar_metric(v):
+            continue
+        key = str(k)
+        if key.endswith(UNDEFINED_SUFFIX) and _scalar_metric(metrics.get(key[: -len(UNDEFINED_SUFFIX)])):
+            continue  # shown with its metric
+        value, note = escape(_fmt(key, v)), ""
+        count = metrics.get(key + UNDEFINED_SUFFIX)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            of = f" of {total:,}" if isinstance(total, int) else ""
+            if isinstance(total, int) and count >= total:
+                value = "n/a"
+                note = f"undefined for all {total:,} samples"
+            else:
+                note = f"{count:,}{of} undefined, not in the mean"
+            note = f' <span class="undefined">({escape(note)})</span>'
+        rows.append(f'<tr><td>{escape(key)}</td><td class="v">{value}{note}</td></tr>')
     return f'<table class="metrics">{"".join(rows)}</table>' if rows else "<p>No scalar metrics.</p>"
 
 

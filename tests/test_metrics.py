@@ -9,6 +9,7 @@ from finetune.metrics import (
     conforms,
     donut_flatten,
     donut_normalize,
+    field_f1,
     field_prf,
     json_exact_match,
     per_field_accuracy,
@@ -170,9 +171,12 @@ def test_ted_scalar_list_order_matters():
     assert ted_accuracy({"a": ["y", "x"]}, {"a": ["x", "y"]}) == pytest.approx(1 / 3)
 
 
-def test_ted_empty_gold_guard():
-    assert ted_accuracy({}, {"a": ""}) == 1.0  # both normalise to empty
-    assert ted_accuracy({"a": "x"}, {}) == 0.0
+def test_ted_empty_gold_is_undefined():
+    # TED({}, gold) = 0 when the gold normalises to empty: Donut's ratio is 0/0 (or x/0), undefined for any valid
+    # prediction, empty or not; an invalid prediction still scores 0.
+    assert ted_accuracy({}, {"a": ""}) is None  # both normalise to empty
+    assert ted_accuracy({"a": "x"}, {}) is None
+    assert ted_accuracy(None, {}) == 0.0
 
 
 # --------------------------------------------------------------------------- ANLS*
@@ -292,9 +296,9 @@ def test_score_headline_and_without_skeleton():
     assert metrics["headline"] == "normalized" and metrics["json_exact_match"] == 1.0
     assert samples[0]["exact_match"] is True
     assert "schema_conformance_rate" not in metrics and "schema_valid" not in samples[0]
-    # Both sides without fields: the sample's own F1 is 1.0, the dataset F1 is 0.0 (no fields at all).
+    # Both sides without fields: the sample's own F1 is undefined (0/0), the dataset F1 is 0.0 (no fields at all).
     metrics, samples = score([{}], [{}])
-    assert samples[0]["field_f1"] == 1.0 and metrics["field_f1"] == 0.0
+    assert samples[0]["field_f1"] is None and metrics["field_f1"] == 0.0 and metrics["field_f1_undefined"] == 1
     with pytest.raises(ValueError):
         score([{}], [{}], headline="fuzzy")
     with pytest.raises(ValueError):
@@ -315,3 +319,87 @@ def test_score_empty_input():
     ):
         assert metrics[key] == 0.0
     assert metrics["per_field_accuracy"] == {}
+
+
+# --------------------------------------------------------------------------- invalid predictions, undefined pairs
+
+EMPTY_GOLDS = [{}, [], "", {"a": ""}, {"a": None}, {"a": []}, None, 0, False]
+
+
+@pytest.mark.parametrize("gold", [*EMPTY_GOLDS, {"a": "x"}, [{"a": "x"}], "x"])
+def test_invalid_prediction_scores_zero_on_every_metric(gold):
+    assert ted_accuracy(None, gold) == 0.0
+    assert anls_star(None, gold) == 0.0  # the package alone scores {} vs an empty gold 1.0
+    assert field_f1(None, gold) == 0.0
+    for mode in BOTH:
+        assert json_exact_match(None, gold, mode) is False
+    assert all(v == 0.0 for v in per_field_accuracy([None], [gold]).values())
+    metrics, (sample,) = score([gold], [None], skeleton={"a": ""})
+    per_sample = ("exact_match", "exact_match_strict", "exact_match_normalized", "field_f1", "ted_accuracy")
+    for key in (*per_sample, "anls_star", "schema_valid", "valid_json"):
+        assert sample[key] is not None and float(sample[key]) == 0.0, key
+    for key in (
+        "json_exact_match",
+        "json_exact_match_strict",
+        "json_exact_match_normalized",
+        "field_precision",
+        "field_recall",
+        "field_f1",
+        "ted_accuracy",
+        "anls_star",
+        "valid_json_rate",
+        "schema_conformance_rate",
+    ):
+        assert metrics[key] == 0.0, key
+    # An invalid prediction is never "undefined": it is counted as a 0, not dropped from the mean.
+    assert metrics["field_f1_undefined"] == metrics["ted_accuracy_undefined"] == 0
+
+
+@pytest.mark.parametrize("gold", EMPTY_GOLDS)
+def test_valid_prediction_against_an_empty_gold(gold):
+    # nTED: TED({}, gold) = 0, undefined whatever the prediction. Field F1: undefined only when neither side has a
+    # field; a predicted field against no gold field is an FP, F1 0.
+    assert ted_accuracy({}, gold) is None and ted_accuracy({"k": "v"}, gold) is None
+    assert field_f1({}, gold) is None and field_f1({"k": "v"}, gold) == 0.0
+    assert anls_star({"k": "v"}, gold) < 1.0  # always defined
+
+
+def test_empty_prediction_for_empty_gold_is_an_exact_match():
+    metrics, (sample,) = score([{}], [{}])
+    assert sample["exact_match_strict"] is True and sample["exact_match_normalized"] is True
+    assert metrics["json_exact_match"] == 1.0
+    assert sample["anls_star"] == 1.0 and metrics["anls_star"] == 1.0  # ANLS* defines it
+    assert sample["ted_accuracy"] is None and sample["field_f1"] is None
+    assert metrics["ted_accuracy_undefined"] == metrics["field_f1_undefined"] == 1
+    assert metrics["ted_accuracy"] == 0.0  # no defined pair: reported as 0.0, with the count saying why
+
+
+def test_undefined_pairs_are_counted_and_left_out_of_the_mean():
+    golds = [{"a": "abcd"}, {"a": "abcd"}, {}, {"a": ""}, {}, {}]
+    predictions = [
+        {"a": "abcd"},  # nTED 1, F1 1
+        {"a": "abce"},  # nTED 1 - 1/5 = 0.8 (test_ted_one_character_typo), F1 0 (1 FP, 1 FN)
+        {},  # empty gold: nTED undefined; no fields either side: F1 undefined
+        {"b": "x"},  # empty gold: nTED undefined; F1 0 (1 FP)
+        None,  # invalid: 0 on both, not undefined
+        {},  # undefined on both again
+    ]
+    metrics, samples = score(golds, predictions)
+    assert [s["ted_accuracy"] for s in samples] == [1.0, pytest.approx(0.8), None, None, 0.0, None]
+    assert [s["field_f1"] for s in samples] == [1.0, 0.0, None, 0.0, 0.0, None]
+    # Mean over the three defined pairs (1, 0.8, 0); averaging the undefined ones in as 1.0 would give 4.8 / 6.
+    assert metrics["ted_accuracy"] == pytest.approx(1.8 / 3)
+    assert metrics["ted_accuracy_undefined"] == 3
+    assert metrics["field_f1_undefined"] == 2
+    # Micro F1: tp 1, fp 2 (abce, b=x), fn 1 (abcd) -> 1 / (1 + 3/2) = 0.4; the undefined pairs add no counts.
+    assert metrics["field_f1"] == pytest.approx(0.4)
+    assert metrics["json_exact_match"] == pytest.approx(3 / 6)  # samples 1, 3 and 6: {} == {} is a match
+    assert metrics["num_samples"] == 6
+
+
+def test_score_is_json_serialisable_with_undefined_pairs():
+    import json
+
+    metrics, samples = score([{}], [{}])
+    assert json.loads(json.dumps(samples))[0]["ted_accuracy"] is None  # null, not NaN (not valid JSON)
+    assert json.loads(json.dumps(metrics, allow_nan=False))["ted_accuracy_undefined"] == 1

@@ -238,3 +238,23 @@ def test_report_renders_in_chromium(report, tmp_path):
     dom = _run_browser(exe, ["--dump-dom", url], home).stdout
     assert len(re.findall(r'class="sample-card[ "]', dom)) == len(records)
     assert len(set(re.findall(r'data-index="(\d+)"', dom))) == len(records)
+
+
+def test_report_shows_undefined_counts():
+    from finetune.metrics import score
+    from finetune.report import render_report
+
+    golds, predictions = [{"a": "x"}, {}, {}], [{"a": "x"}, {}, None]
+    metrics, samples = score(golds, predictions)
+    records = [
+        {"index": i, "target": g, "prediction": p, "valid_json": p is not None, **s}
+        for i, (g, p, s) in enumerate(zip(golds, predictions, samples, strict=True))
+    ]
+    html = render_report(records, metrics)
+    # nTED: sample 2 has an empty gold (undefined); the mean is over samples 1 and 3 (1 and 0) -> 50%.
+    assert 'ted_accuracy</td><td class="v">50.0% <span class="undefined">(1 of 3 undefined, not in the mean)' in html
+    assert ">ted_accuracy_undefined<" not in html  # folded into its metric's row
+    card = {i: c for i, c in _cards(html)}[1]
+    assert 'TED acc <b title="undefined for this pair, not in the mean">n/a</b>' in card
+    all_undefined = render_report([], {"ted_accuracy": 0.0, "ted_accuracy_undefined": 2, "num_samples": 2})
+    assert 'n/a <span class="undefined">(undefined for all 2 samples)' in all_undefined

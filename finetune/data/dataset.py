@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 
 from finetune.data.prompt import canonical_json
 from finetune.data.sources import RawRecord, count_records, read_records
+from finetune.data.target_stats import missing_or_empty_warning, target_field_stats
 from finetune.errors import UserError
 from finetune.models.base import IGNORE_INDEX, ModelFamily
 from finetune.progress import is_main_process, progress_if_slow
@@ -65,6 +66,8 @@ class DataReport:
     examples: dict[str, str] = field(default_factory=dict)  # reason → first origin, to help find it
     duplicates: int = 0  # kept samples with the same images and target as an earlier kept one (still kept)
     duplicate_examples: list[str] = field(default_factory=list)  # the first two, "file:9 duplicates file:2"
+    # Per skeleton field, over the kept targets: how often missing / empty / null / present (target_stats.py).
+    fields: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"{self.split}: {self.read} read, {self.kept} kept"]
@@ -84,6 +87,10 @@ class DataReport:
             f"(same images and target): {', '.join(self.duplicate_examples)}; kept, as repeating a sample may be "
             f"deliberate oversampling"
         )
+
+    def fields_warning(self, *, shapes_schema: bool = False) -> str | None:
+        """One line naming the fields missing or empty in some kept targets, or None when there are none."""
+        return missing_or_empty_warning(self.split, self.fields, shapes_schema=shapes_schema)
 
 
 _PIL_LIMIT_LOCK = threading.RLock()
@@ -263,6 +270,7 @@ def prepare_samples(
         if empty is not None:
             raise UserError(empty)
     report.kept = len(samples)
+    report.fields = target_field_stats(skeleton, [s.target for s in samples])
     return samples, report
 
 

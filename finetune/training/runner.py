@@ -380,13 +380,15 @@ class FineTuneRecipe:
             if r.optim.max_grad_norm:
                 acc.clip_grad_norm_(self.model.parameters(), r.optim.max_grad_norm)  # DeepSpeed: its own config
             self.optimizer.step()
+            # The rates this step used: read before the scheduler moves them on to the next step's.
+            lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.global_step += 1
             self.state.stage_step += 1
 
             loss = acc.reduce(step_loss, reduction="sum").item()  # per-rank partial sums → the global mean
-            self._log_step(bar, loss)
+            self._log_step(bar, loss, lrs)
             every = r.eval.every_steps
             if every and self.eval_samples and self.state.global_step % every == 0:
                 self._evaluate_during(f"step{self.state.global_step}")
@@ -406,9 +408,8 @@ class FineTuneRecipe:
                 f"trainable weights identical on all {self.accelerator.num_processes} processes (sha256 {digest})"
             )
 
-    def _log_step(self, bar, loss: float) -> None:
+    def _log_step(self, bar, loss: float, lrs: dict[str, float]) -> None:
         step, stage = self.state.global_step, self.stages[self.state.stage]
-        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         logs = step % self.recipe.train.log_every == 0 or self.state.stage_step == self.stage_total
         # Throughput since the previous log line (evaluations and checkpoints in between included).
         acc = self.accelerator

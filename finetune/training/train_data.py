@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from finetune.config import ResolvedRecipe, StageSection
-from finetune.data.dataset import Collator, DataReport, DocumentDataset, Sample, prepare_samples
+from finetune.data.dataset import Collator, DataReport, DocumentDataset, Sample, _sample_key, prepare_samples
 from finetune.data.prompt import render_instruction
 from finetune.errors import UserError
 from finetune.models.base import ModelFamily
@@ -59,6 +60,35 @@ class TrainData:
             if eval_source is not None and str(source) == str(eval_source)
         ]
         self.warnings += [line for rep in self.reports if (line := rep.duplicates_warning()) is not None]
+        # Only the training targets refine the answer schema (RunEvaluator): a key missing there becomes optional.
+        self.warnings += [
+            line for rep in self.reports if (line := rep.fields_warning(shapes_schema=rep.split == "train"))
+        ]
+        self.overlap = self._overlap_with_train()
+        self.warnings += [line for split, o in self.overlap.items() if (line := _overlap_warning(split, o))]
+
+    def _overlap_with_train(self) -> dict[str, dict]:
+        """Per eval split named (val, test): whether it is data.train's file, and (for the split this run reads)
+        how many of its kept samples have the same images and target as a training sample."""
+        d, split_read = self.recipe.data, self.recipe.eval.split
+        first_in_train: dict[tuple, str] = {}
+        for s in self.train_samples:
+            first_in_train.setdefault(_sample_key(s.images, s.target), s.origin)
+        overlap = {}
+        for split in ("val", "test"):
+            source = getattr(d, split)
+            if source is None:
+                continue
+            entry: dict = {"source": str(source), "same_file": _same_source(d.train, source)}
+            if split == split_read:
+                shared = [
+                    f"{s.origin} = {first_in_train[key]}"
+                    for s in self.eval_samples
+                    if (key := _sample_key(s.images, s.target)) in first_in_train
+                ]
+                entry.update(samples=len(self.eval_samples), shared=len(shared), first_shared=shared[:3])
+            overlap[split] = entry
+        return overlap
 
     def _samples(self, source: str, split: str, limit: int | None = None) -> list[Sample]:
         key = f"{source}|{limit}"
@@ -109,9 +139,11 @@ class TrainData:
                         "first_skipped_at": rep.examples,
                         "duplicates": rep.duplicates,
                         "first_duplicates": rep.duplicate_examples,
+                        "fields": rep.fields,
                     }
                     for rep in self.reports
-                },
+                }
+                | {"overlap_with_train": self.overlap},
                 indent=2,
             )
             + "\n"
@@ -149,6 +181,29 @@ class TrainData:
             generator=torch.Generator().manual_seed(seed),
             collate_fn=Collator(self.family, self.processor.tokenizer.pad_token_id, padding_side="right"),
         )
+
+
+def _same_source(a: str, b: str) -> bool:
+    """True if two data sources are the same file or folder (a hub dataset id: the same id)."""
+    if str(a).startswith("hf:") or str(b).startswith("hf:"):
+        return str(a) == str(b)
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _overlap_warning(split: str, o: dict) -> str | None:
+    overstate = f"scores on {split} overstate what the model learned"
+    if o["same_file"]:
+        return f"data.{split} ({o['source']}) is the same file as data.train: {overstate}"
+    if not o.get("shared"):
+        return None
+    more = ", ..." if o["shared"] > len(o["first_shared"]) else ""
+    return (
+        f"{split} shares {o['shared']} of {o['samples']} samples with train (same images and target): "
+        f"{', '.join(o['first_shared'])}{more}; {overstate}"
+    )
 
 
 def _stage_sources(stage: StageSection) -> list[str]:
