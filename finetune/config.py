@@ -163,6 +163,23 @@ class DataSection(Section):
             "refused before they fill memory. This limit applies, not PIL's process-wide Image.MAX_IMAGE_PIXELS."
         ),
     )
+    pdf_dpi: float = Field(
+        144,  # finetune.data.pdf.DEFAULT_PDF_DPI
+        gt=0,
+        le=1200,
+        description=(
+            "A PDF given as an image is rendered page by page at this resolution (A4 at 144 dpi: 1191×1684 px, "
+            "about a 150 dpi scan); each page is one image of the sample's prompt, in page order."
+        ),
+    )
+    max_pdf_pages: int = Field(
+        8,  # finetune.data.pdf.DEFAULT_MAX_PDF_PAGES
+        gt=0,
+        description=(
+            "A PDF with more pages is a bad sample (on_bad_sample: stop or skip), never truncated: every page "
+            "is an image in the prompt, and a long document would dwarf max_length."
+        ),
+    )
 
 
 class OptimSection(Section):

@@ -8,9 +8,13 @@ once and masks, at every generation step, the tokens that would leave the gramma
 Bounds make "always parseable" hold within a token budget, also for a model that has not learned anything:
 strings get a maximum length, numbers a range and lists a maximum number of items (a grammar with unbounded
 strings lets a confused model write one string until `max_new_tokens` runs out). `max_new_tokens` must still
-cover the longest answer the bounds allow. The bounds apply to decoding only, not to the schema that scores
-conformance. Separators are the compact ones our training targets use (`,` and `:`), so the grammar allows
-exactly the formatting the model was trained to write.
+cover the longest answer the bounds allow: `answer_token_budget` estimates it and `fit_token_budget` raises the
+default or warns (below). The bounds apply to decoding only, not to the schema that scores conformance.
+
+A training run saves the answer schema and its bounds with every model folder (`prompt.json`, key `answer`:
+`answer_record`), so that eval and predict decode and score a model with what it was trained on
+(`trained_answer`); folders saved before carry no such key and keep the defaults. Separators are the compact ones
+our training targets use (`,` and `:`), so the grammar allows exactly the formatting the model was trained to write.
 """
 
 from __future__ import annotations
@@ -25,6 +29,109 @@ from finetune.schema import schema_from_skeleton
 
 # Numbers the grammar allows while decoding; xgrammar turns a range into a bounded digit grammar.
 NUMBER_BOUND = 1e12
+# Bounds when no training targets are known.
+DEFAULT_MAX_STRING_LENGTH, DEFAULT_MAX_ITEMS = 64, 16
+# max_new_tokens when none is given, and the most `fit_token_budget` raises it to.
+DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP = 512, 4096
+# Characters a number takes at most in the estimate: sign, 13 digits, point and fraction digits, exponent.
+NUMBER_CHARS = 32
+# What a string character can be: ASCII, accented and CJK letters, symbols, characters outside the BMP (4 UTF-8
+# bytes: a byte-level tokenizer may spend a token on each) and the escapes the grammar allows (one unit each).
+PROBE_CHARACTERS = [chr(c) for c in range(32, 127)] + list("éßøœ€£¥§°±µ¶ąłşžЖжΩω中文字日本語한국어ไทยالعربية")
+PROBE_CHARACTERS += ["\U0001d11e", "\U00010348", "\U0001f9ff", "\U0002a6d6", "\U000e0041"]
+PROBE_CHARACTERS += ['\\"', "\\\\", "\\/", "\\b", "\\f", "\\n", "\\r", "\\t"]
+
+
+def default_bounds(
+    examples: list | None, *, max_string_length: int | None = None, max_items: int | None = None
+) -> tuple[int, int]:
+    """(max_string_length, max_items): the given ones, else sized from the training targets (`examples`): twice the
+    longest string (at least 16) and twice the longest list (at least 4); with no targets known, 64 and 16."""
+    if max_string_length is None:
+        max_string_length = max(16, 2 * longest_string(examples)) if examples else DEFAULT_MAX_STRING_LENGTH
+    if max_items is None:
+        max_items = max(4, 2 * longest_list(examples)) if examples else DEFAULT_MAX_ITEMS
+    return max_string_length, max_items
+
+
+def answer_record(schema: dict, max_string_length: int, max_items: int) -> dict:
+    """What a model folder keeps of its answers (prompt.json `answer`): the answer schema scoring conformance and
+    the decoding bounds."""
+    return {"schema": schema, "max_string_length": max_string_length, "max_items": max_items}
+
+
+def trained_answer(prompt: dict | None) -> dict | None:
+    """The `answer` record of a model folder's prompt.json, or None (a folder saved before it was kept)."""
+    answer = (prompt or {}).get("answer")
+    if not isinstance(answer, dict) or not isinstance(answer.get("schema"), dict):
+        return None
+    for key in ("max_string_length", "max_items"):
+        if not isinstance(answer.get(key), int) or isinstance(answer.get(key), bool) or answer[key] < 1:
+            return None
+    return answer
+
+
+def longest_answer_units(schema: dict, max_string_length: int, max_items: int) -> int:
+    """Characters of the longest compact JSON the bounded schema allows (an escape in a string counts as one
+    unit): every key present, every string at `max_string_length`, every list at `max_items`, numbers at
+    NUMBER_CHARS; a node allowing several types takes the longest."""
+    kinds = schema.get("type", ["string", "number", "boolean", "null"])
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    sizes = [4]  # null
+    if "object" in kinds:
+        props = schema.get("properties") or {}
+        body = sum(
+            len(json.dumps(k, ensure_ascii=False)) + 1 + longest_answer_units(v, max_string_length, max_items)
+            for k, v in props.items()
+        )
+        sizes.append(2 + body + max(0, len(props) - 1))
+    if "array" in kinds:
+        item = longest_answer_units(schema.get("items") or {}, max_string_length, max_items)
+        sizes.append(2 + max_items * item + max(0, max_items - 1))
+    if "string" in kinds:
+        sizes.append(2 + max_string_length)
+    if "number" in kinds or "integer" in kinds:
+        sizes.append(NUMBER_CHARS)
+    if "boolean" in kinds:
+        sizes.append(5)
+    return max(sizes)
+
+
+def tokens_per_unit(tokenizer) -> int:
+    """The most tokens this tokenizer spends on one character or escape of PROBE_CHARACTERS, encoded alone (a
+    conservative figure: in context merges only make it fewer)."""
+    counts = [len(tokenizer.encode(c, add_special_tokens=False)) for c in PROBE_CHARACTERS]
+    return max(1, *counts)
+
+
+def answer_token_budget(schema: dict, tokenizer, *, max_string_length: int, max_items: int) -> int:
+    """Tokens the longest answer the bounds allow may take: `longest_answer_units` × `tokens_per_unit`, plus the
+    end token."""
+    return longest_answer_units(schema, max_string_length, max_items) * tokens_per_unit(tokenizer) + 1
+
+
+def fit_token_budget(requested: int | None, needed: int, *, say=None) -> int:
+    """The max_new_tokens to generate with. Not given (`requested` None): DEFAULT_MAX_NEW_TOKENS, raised to `needed`
+    (at most MAX_NEW_TOKENS_CAP) with one info line. Given: kept as it is, with a warning when below `needed`.
+    Answers cut by the budget are reported as truncated (and scored as invalid) either way."""
+    if say is None:
+        from finetune.progress import info as say
+    if requested is not None:
+        if requested < needed:
+            say(
+                f"warning: --max-new-tokens {requested} may cut answers: the longest the decoding bounds allow "
+                f"takes up to {needed} tokens of this tokenizer; cut answers are reported as truncated"
+            )
+        return requested
+    if needed <= DEFAULT_MAX_NEW_TOKENS:
+        return DEFAULT_MAX_NEW_TOKENS
+    chosen = min(needed, MAX_NEW_TOKENS_CAP)
+    capped = " (capped; longer answers are cut and reported as truncated)" if needed > chosen else ""
+    say(
+        f"max_new_tokens raised from {DEFAULT_MAX_NEW_TOKENS} to {chosen}: the longest answer the decoding bounds "
+        f"allow takes up to {needed} tokens of this tokenizer{capped}"
+    )
+    return chosen
 
 
 def longest_string(values) -> int:
@@ -57,11 +164,19 @@ def _leaves(values):
             yield value
 
 
-def decoding_schema(skeleton: dict, *, examples: list | None, max_string_length: int, max_items: int) -> dict:
-    """The answer schema (`finetune.schema`) with bounds for decoding: strings of at most `max_string_length`
-    characters without raw control characters (xgrammar's length-bounded strings would let them through, and
-    they are not valid JSON), numbers within ±NUMBER_BOUND, lists of at most `max_items` items."""
-    schema = copy.deepcopy(schema_from_skeleton(skeleton, examples))
+def decoding_schema(
+    skeleton: dict,
+    *,
+    examples: list | None,
+    max_string_length: int,
+    max_items: int,
+    answer_schema: dict | None = None,
+) -> dict:
+    """The answer schema (`answer_schema`, else `finetune.schema` from the skeleton and examples) with bounds for
+    decoding: strings of at most `max_string_length` characters without raw control characters (xgrammar's
+    length-bounded strings would let them through, and they are not valid JSON), numbers within ±NUMBER_BOUND,
+    lists of at most `max_items` items."""
+    schema = copy.deepcopy(answer_schema if answer_schema is not None else schema_from_skeleton(skeleton, examples))
     # A JSON string body: any character but quote, backslash and control characters, or an escape; n at most.
     string_body = r'^([^\x00-\x1f"\\]|\\["\\/bfnrt]){0,' + str(max_string_length) + "}$"
 
@@ -97,14 +212,23 @@ class JsonConstraint:
         stop_token_ids: list[int],
         skeleton: dict,
         examples: list | None = None,
-        max_string_length: int = 64,
-        max_items: int = 16,
+        max_string_length: int = DEFAULT_MAX_STRING_LENGTH,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        answer_schema: dict | None = None,
     ):
         import xgrammar as xgr  # optional at import time: only constrained runs need it
 
         self.max_string_length, self.max_items = max_string_length, max_items
         self.schema = decoding_schema(
-            skeleton, examples=examples, max_string_length=max_string_length, max_items=max_items
+            skeleton,
+            examples=examples,
+            max_string_length=max_string_length,
+            max_items=max_items,
+            answer_schema=answer_schema,
+        )
+        # The longest answer the bounds allow, in tokens of this tokenizer (for max_new_tokens).
+        self.token_budget = answer_token_budget(
+            self.schema, tokenizer, max_string_length=max_string_length, max_items=max_items
         )
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.grammar = xgr.GrammarCompiler(info).compile_json_schema(
@@ -122,14 +246,12 @@ class JsonConstraint:
         examples: list | None = None,
         max_string_length: int | None = None,
         max_items: int | None = None,
+        answer_schema: dict | None = None,
     ) -> JsonConstraint:
-        """The constraint for a (prepared or plain) model of a family. Bounds not given are sized from the training
-        targets (`examples`): twice the longest string (at least 16) and twice the longest list (at least 4); with
-        no targets known, 64 characters and 16 items."""
-        if max_string_length is None:
-            max_string_length = max(16, 2 * longest_string(examples)) if examples else 64
-        if max_items is None:
-            max_items = max(4, 2 * longest_list(examples)) if examples else 16
+        """The constraint for a (prepared or plain) model of a family. Bounds not given: `default_bounds`."""
+        max_string_length, max_items = default_bounds(
+            examples, max_string_length=max_string_length, max_items=max_items
+        )
         return cls(
             processor.tokenizer,
             vocab_size=output_vocab_size(model),
@@ -138,6 +260,7 @@ class JsonConstraint:
             examples=examples,
             max_string_length=max_string_length,
             max_items=max_items,
+            answer_schema=answer_schema,
         )
 
     def logits_processor(self):

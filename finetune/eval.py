@@ -7,7 +7,10 @@
 
 `--model` is a run folder (its `final/` and `recipe.yaml` are used), a saved model or adapter folder, or a Hub id
 / local base checkpoint. The prompt comes from the model's `prompt.json` (what it was trained with), else from
-`--instruction` with the skeleton derived from the data. Writes `metrics.json`, `predictions.jsonl` and
+`--instruction` with the skeleton given by `--skeleton` (a JSON object or JSON file) or derived from the data. With
+`--constrained`, a model folder's saved answer schema and bounds (prompt.json `answer`) are used unless
+`--max-string-length` / `--max-items` say otherwise, and max_new_tokens is checked against the longest answer the
+bounds allow (`finetune.constrained.fit_token_budget`). Writes `metrics.json`, `predictions.jsonl` and
 `report.html` to `--out` (default: `eval-<data name>` inside the evaluated model folder, e.g. `runs/x/final/`).
 An earlier evaluation in that folder is never replaced silently: the command refuses before loading anything unless
 `--overwrite` is given, and even then the earlier folder stays whole until the new one is complete.
@@ -36,11 +39,12 @@ def evaluate_model(
     family: str | None = None,
     base: str | None = None,
     instruction: str | None = None,
+    skeleton: str | dict | None = None,
     constrained: bool = False,
     max_string_length: int | None = None,
     max_items: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
     headline: str = "strict",
     max_samples: int | None = None,
     report: bool = True,
@@ -51,16 +55,20 @@ def evaluate_model(
     from accelerate import Accelerator
 
     from finetune.atomic import atomic_folder
-    from finetune.constrained import JsonConstraint
+    from finetune.constrained import DEFAULT_MAX_NEW_TOKENS, JsonConstraint, fit_token_budget, trained_answer
     from finetune.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, prepare_samples
+    from finetune.data.pdf import pdf_settings
     from finetune.data.prompt import derive_skeleton, render_instruction
     from finetune.data.sources import read_records
     from finetune.evaluation import evaluate, write_eval
     from finetune.loading import load_model_and_processor, resolve_model
     from finetune.progress import info
-    from finetune.schema import schema_from_skeleton
+    from finetune.schema import read_skeleton, schema_from_skeleton
 
+    given_skeleton = read_skeleton(skeleton) if skeleton is not None else None
     source = resolve_model(model, family=family, base=base)
+    if given_skeleton is not None and source.prompt:
+        raise UserError(f"--skeleton: {source.weights} has the skeleton it was trained with (prompt.json); drop it")
     if data in ("train", "val", "test"):
         data = source.split(data)
     out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{Path(data).stem}"
@@ -70,17 +78,21 @@ def evaluate_model(
         skeleton = source.prompt["skeleton"]
         instruction_text = render_instruction(instruction, skeleton) if instruction else source.prompt["instruction"]
     else:
-        skeleton = derive_skeleton(r.target for r in read_records(data) if isinstance(r.target, dict))
+        skeleton = given_skeleton or derive_skeleton(r.target for r in read_records(data) if isinstance(r.target, dict))
         instruction_text = render_instruction(instruction or DEFAULT_INSTRUCTION, skeleton)
-    # The training targets, when the run's recipe tells where they are: they refine the answer schema and size the
-    # decoding bounds (never the gold answers being scored).
+    # The answer schema and bounds the model folder was saved with; else the training targets, when the run's recipe
+    # tells where they are: they refine the answer schema and size the decoding bounds (never the gold answers).
+    trained = trained_answer(source.prompt)
     train_data = source.recipe.get("data", {}).get("train")
     examples = (
         [r.target for r in read_records(train_data) if isinstance(r.target, dict)]
-        if train_data and Path(train_data).exists()
+        if trained is None and train_data and Path(train_data).exists()
         else None
     )
-    answer_schema = schema_from_skeleton(skeleton, examples)
+    answer_schema = trained["schema"] if trained else schema_from_skeleton(skeleton, examples)
+    if trained:
+        max_string_length = max_string_length or trained["max_string_length"]
+        max_items = max_items or trained["max_items"]
     samples, report_ = prepare_samples(
         data,
         split="eval",
@@ -92,6 +104,7 @@ def evaluate_model(
         limit=max_samples,
         # the run's own limit, so that it reads the pages it was trained on
         max_image_pixels=source.recipe.get("data", {}).get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS,
+        **pdf_settings(source.recipe),  # PDFs rendered as in training
     )
     if not samples:
         raise UserError(f"{data}: no usable samples ({report_.summary()})")
@@ -107,7 +120,14 @@ def evaluate_model(
             examples=examples,
             max_string_length=max_string_length,
             max_items=max_items,
+            answer_schema=answer_schema,
         )
+        info(
+            f"constrained decoding: strings up to {constraint.max_string_length} characters, lists up to "
+            f"{constraint.max_items} items"
+        )
+        max_new_tokens = fit_token_budget(max_new_tokens, constraint.token_budget)
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     result = evaluate(
         net,
         samples,
@@ -167,17 +187,27 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
     parser.add_argument("--family", help="model family (default: from the run's recipe or the checkpoint config)")
     parser.add_argument("--base", help="base checkpoint of an adapter (default: the one it records)")
     parser.add_argument("--instruction", help="prompt instruction when the model has no prompt.json")
+    parser.add_argument(
+        "--skeleton",
+        help="answer skeleton when the model has no prompt.json: a JSON object or a JSON file (default: from the data)",
+    )
     parser.add_argument("--constrained", action="store_true", help="schema-constrained decoding (xgrammar)")
     parser.add_argument(
         "--max-string-length",
         type=int,
-        help="constrained: longest string (default: from the run's training targets, else 64)",
+        help="constrained: longest string (default: the model folder's saved bound, else from the run's training "
+        "targets, else 64)",
     )
     parser.add_argument(
-        "--max-items", type=int, help="constrained: longest list (default: from the training targets, else 16)"
+        "--max-items", type=int, help="constrained: longest list (default: as --max-string-length, else 16)"
     )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="generation budget (default 512; constrained: raised to fit the longest answer the bounds allow, up to "
+        "4096; given, it is kept and a warning says when it is too small)",
+    )
     parser.add_argument("--headline", choices=["strict", "normalized"], default="strict")
     parser.add_argument("--max-samples", type=int)
     parser.add_argument("--no-report", action="store_true")
@@ -189,6 +219,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
         family=args.family,
         base=args.base,
         instruction=args.instruction,
+        skeleton=args.skeleton,
         constrained=args.constrained,
         max_string_length=args.max_string_length,
         max_items=args.max_items,

@@ -4,6 +4,10 @@ Teacher-forced loss says little about whether the JSON a model writes is right, 
 generates. Left padding, because a decoder-only model continues from the last position of each row. The metrics
 are in `finetune.metrics` (exact match strict / normalized, Donut's field F1 and nTED accuracy, ANLS*, per-field
 accuracy, valid-JSON and schema-conformance rates); `finetune.report` renders `report.html`.
+
+An answer whose generation stopped at `max_new_tokens` without an end token was cut by the budget: it is marked
+`truncated` and scored as invalid (no prediction, 0 on every metric), even where the cut text happens to parse;
+`truncated_rate` is the share of such answers.
 """
 
 from __future__ import annotations
@@ -134,9 +138,18 @@ def _generate(
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for i, text in zip(index.tolist(), texts, strict=True):
-                rows.append({"index": i, "text": text})
+            cut = cut_by_budget(new_tokens, family.stop_token_ids(processor), max_new_tokens)
+            for i, text, truncated in zip(index.tolist(), texts, cut, strict=True):
+                rows.append({"index": i, "text": text, "truncated": truncated})
     return rows
+
+
+def cut_by_budget(new_tokens: torch.Tensor, stop_token_ids, max_new_tokens: int) -> list[bool]:
+    """Per row of generated tokens: whether generation ran the whole budget without writing an end token (a row
+    that ended early is padded after its end token, so it holds one)."""
+    stop = torch.tensor(list(stop_token_ids), device=new_tokens.device)
+    ended = torch.isin(new_tokens, stop).any(dim=1)
+    return [bool(not e and new_tokens.shape[1] >= max_new_tokens) for e in ended.tolist()]
 
 
 def score(
@@ -147,8 +160,9 @@ def score(
     headline: str = "strict",
     schema: dict | None = None,
 ) -> EvalResult:
-    """Metrics and per-sample records from generated texts (rows: {"index", "text"})."""
-    parsed = [parse_json(row["text"]) for row in rows]
+    """Metrics and per-sample records from generated texts (rows: {"index", "text"} and "truncated" when the
+    answer was cut by the budget: scored as invalid)."""
+    parsed = [(None, False) if row.get("truncated") else parse_json(row["text"]) for row in rows]
     chosen = [samples[row["index"]] for row in rows]
     aggregate, per_sample = scoring.score(
         [s.target for s in chosen],
@@ -167,9 +181,11 @@ def score(
                 "prediction": obj,
                 "text": row["text"],
                 "valid_json": ok,
+                "truncated": bool(row.get("truncated")),
                 **sample_scores,
             }
         )
+    aggregate["truncated_rate"] = sum(bool(row.get("truncated")) for row in rows) / len(rows) if rows else 0.0
     return EvalResult(aggregate, records, images=[s.images for s in chosen])
 
 

@@ -4,7 +4,8 @@
 
 The merged model is saved the way a full fine-tune is (the family's `save_pretrained`): natively in transformers'
 layout with processor, tokenizer and chat template, and for Mississippi also in the original H2OVL layout
-(`original/`, read by the original `model.chat` code and vLLM's H2OVL loader). `prompt.json` comes along.
+(`original/`, read by the original `model.chat` code and vLLM's H2OVL loader). `prompt.json` comes along (with the
+answer schema and decoding bounds the run saved in it, which eval and predict use).
 Weights trained fully beside the adapter (PEFT `modules_to_save`, e.g. a projector) are part of the merge.
 The base's remote code (`*.py`, `auto_map`) is not carried into the merged model unless the run's recipe says
 `model.trust_remote_code: true`. The folder is written beside `--out` and renamed into place with a manifest, so an

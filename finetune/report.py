@@ -52,6 +52,7 @@ table.metrics td.v { text-align: right; font-variant-numeric: tabular-nums; font
 .origin { font-family: ui-monospace, Menlo, Consolas, monospace; color: #555; font-size: 12px; }
 .badge { padding: 2px 9px; border-radius: 10px; font-size: 12px; font-weight: 600; color: #fff; }
 .badge.match { background: #3f8f5b; } .badge.mismatch { background: #c9483e; } .badge.invalid { background: #7a3fb0; }
+.badge.truncated { background: #b5651d; }
 .scores { color: #555; font-size: 12px; } .scores b { color: #1d2330; }
 .card-body { display: grid; grid-template-columns: auto minmax(0, 1fr) minmax(0, 1fr); gap: 12px; }
 .thumbs img { display: block; max-width: 200px; height: auto; border: 1px solid #dde0e6; margin-bottom: 6px; }
@@ -160,7 +161,9 @@ def _sort_key(record: dict) -> tuple:
 
 def _card(record: dict) -> str:
     index = record.get("index", 0)
-    if not record.get("valid_json"):
+    if record.get("truncated"):  # cut by max_new_tokens: scored as invalid
+        status, badge, label = "invalid", "truncated", "truncated (max_new_tokens)"
+    elif not record.get("valid_json"):
         status, badge, label = "invalid", "invalid", "invalid JSON"
     elif record.get("exact_match"):
         status, badge, label = "ok", "match", "match"

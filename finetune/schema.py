@@ -84,3 +84,32 @@ def _schema(node: Any, seen: list | None) -> dict:
 def conforms(value: Any, schema: dict) -> bool:
     """True if `value` is valid against `schema` (Draft 2020-12)."""
     return Draft202012Validator(schema).is_valid(value)
+
+
+def read_skeleton(value: str | dict, option: str = "--skeleton") -> dict:
+    """A prompt skeleton given on the command line: a JSON object, as a JSON string or the path of a JSON file;
+    anything else is one line `{option}: ...` (a `UserError`)."""
+    import json
+    from pathlib import Path
+
+    from finetune.errors import UserError
+
+    if isinstance(value, dict):
+        skeleton = value
+    else:
+        text, where = value, "not valid JSON"
+        looks_json = value.lstrip().startswith(("{", "["))
+        if not looks_json and Path(value).expanduser().is_file():
+            try:
+                text, where = Path(value).expanduser().read_text(encoding="utf-8"), f"{value}: not valid JSON"
+            except (OSError, UnicodeDecodeError) as err:
+                raise UserError(f"{option}: {value}: unreadable ({getattr(err, 'strerror', None) or err})") from None
+        elif not looks_json:
+            raise UserError(f"{option}: {value!r} is neither a JSON object nor a JSON file")
+        try:
+            skeleton = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{option}: {where} (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(skeleton, dict) or not skeleton:
+        raise UserError(f"{option}: needs a non-empty JSON object (the answer's keys), got {json.dumps(skeleton)[:60]}")
+    return skeleton

@@ -8,7 +8,13 @@ table). For H2OVL-Mississippi (448 px tiles, up to 6 + thumbnail) each phase of 
 image is timed on its own — decode, grid resize, crop, thumbnail, to-tensor + normalise — and the whole (decode +
 the family's `preprocess`, which also converts to RGB) is timed once more as one call. LLaVA-OneVision's image
 processor (transformers' PIL implementation, anyres tiles of 384 px) is timed whole for comparison. One thread, as
-in a data-loader worker; the best of `--repeats` runs per phase (the least disturbed by other work on the machine)."""
+in a data-loader worker; the best of `--repeats` runs per phase (the least disturbed by other work on the machine).
+
+    python scripts/bench_preprocess.py --pdf [--pages 8] [--repeats 5]
+
+PDF input instead: a PDF of `--pages` A4 pages (synthetic invoices embedded as JPEG, as a scanner writes them), its
+check-time cost (open, count pages, page sizes: what `prepare_samples` does, no rendering) and its rendering
+(`load_image` of each page, pdfium through pypdfium2, to RGB) in pages/s at several DPIs."""
 
 from __future__ import annotations
 
@@ -115,15 +121,69 @@ def llava_processor(folder: Path):
     return family.load_processor(str(folder))
 
 
+def write_pdf(out: Path, pages: int, scale: float = 1.0) -> Path:
+    """A PDF of `pages` A4 pages (595×842 pt), each a synthetic invoice embedded at 150 dpi as a JPEG."""
+    from PIL import Image
+
+    from finetune.synthetic.invoices import make_document
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"a4-{pages}-pages-{scale:g}.pdf"
+    if not path.exists():
+        width, height = max(32, int(1240 * scale)), max(32, int(1754 * scale))
+        images = [
+            make_document(random.Random(f"bench/pdf/{i}"), "invoices")[0]
+            .convert("RGB")
+            .resize((width, height), Image.Resampling.BICUBIC)
+            for i in range(pages)
+        ]
+        images[0].save(path, "PDF", save_all=True, append_images=images[1:], resolution=150 * scale, quality=90)
+    return path
+
+
+def pdf_bench(args) -> None:
+    from finetune.data.dataset import load_image
+    from finetune.data.pdf import expand_pdf
+
+    out = Path(args.out)
+    path = write_pdf(out / "pages", args.pages, args.scale)
+    expand_pdf(path, max_pages=args.pages)  # warm-up: loads pdfium
+    rows, results = [], []
+    for dpi in (72, 144, 200):
+        check, pages = best_of(args.repeats, lambda dpi=dpi: expand_pdf(path, dpi=dpi, max_pages=args.pages))
+        render, images = best_of(args.repeats, lambda pages=pages: [load_image(p) for p in pages])
+        assert [im.size for im in images] == [p.size for p in pages]
+        width, height = pages[0].size
+        per_page = render / len(pages)
+        results.append({"dpi": dpi, "pages": len(pages), "size": [width, height], "check": check, "render": render})
+        rows.append(
+            [
+                str(dpi),
+                f"{width}×{height}",
+                f"{check / len(pages) * 1e3:.2f}",
+                f"{per_page * 1e3:.1f}",
+                f"{1 / per_page:.1f}",
+            ]
+        )
+    print(f"\n{machine()}; {path.name} ({path.stat().st_size / 1e6:.1f} MB); best of {args.repeats}")
+    print(markdown_table(["dpi", "page pixels", "check ms/page", "render ms/page", "pages/s"], rows))
+    (out / "results-pdf.json").write_text(json.dumps({"machine": machine(), "rows": results}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the pages (smoke tests)")
     parser.add_argument("--out", default="runs/bench-preprocess")
+    parser.add_argument("--pdf", action="store_true", help="time PDF page checking and rendering instead")
+    parser.add_argument("--pages", type=int, default=8, help="--pdf: pages in the PDF")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    if args.pdf:
+        pdf_bench(args)
+        return
     out = Path(args.out)
     files = write_pages(out / "pages", args.scale)
     llava = llava_processor(out / "llava-processor")

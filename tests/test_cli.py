@@ -114,7 +114,7 @@ def test_predict_writes_only_json_lines_to_stdout(tiny_mississippi, simple_docs)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 4  # the 4 test forms, nothing else (DeepSpeed's "Setting accelerator to CPU" was first)
-    assert all(set(json.loads(line)) == {"image", "prediction", "valid_json", "text"} for line in lines)
+    assert all(set(json.loads(line)) == {"image", "prediction", "valid_json", "truncated", "text"} for line in lines)
     assert "Traceback" not in result.stderr and "\r" not in result.stderr  # no weight-loading bar in a log
 
 

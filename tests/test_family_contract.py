@@ -136,6 +136,7 @@ PAGE_SIZES = {
     "tiny": [(20, 20)],
     "square": [(128, 128)],
     "two-images": [(64, 200), (300, 120)],
+    "three-images": [(64, 200), (300, 120), (90, 90)],  # several pages are labelled in some families' prompts
 }
 
 
@@ -237,7 +238,7 @@ def test_only_the_answer_and_the_end_of_turn_token_carry_labels(case, simple_doc
         assert ids[:-n].count(processor.image_token_id) >= len(images)
 
 
-@pytest.mark.parametrize("num_images", [1, 2], ids=["one-image", "two-images"])
+@pytest.mark.parametrize("num_images", [1, 2, 3], ids=["one-image", "two-images", "three-images"])
 def test_prompt_and_end_of_turn_token_are_the_chat_templates(case, num_images):
     """What the model is trained on is what its saved chat template writes (so whoever serves it prompts it the same
     way), and the labelled end-of-turn token is the one that closes the assistant's turn there."""

@@ -8,6 +8,10 @@ duplicate samples (kept: repeating a sample may be deliberate oversampling).
 
 Images are size-checked from their header before they are decoded: one with more pixels than `max_pixels`
 (`data.max_image_pixels`) is a bad sample, whatever PIL's own process-wide `Image.MAX_IMAGE_PIXELS` says.
+
+A PDF where an image is expected becomes its pages, one image each (finetune/data/pdf.py): expanded to
+:class:`~finetune.data.pdf.PdfPage` references when the samples are prepared (page count and sizes from the PDF,
+nothing rendered), rendered when a batch is built. The pixel limit applies to the rendered size.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
+from finetune.data.pdf import (
+    DEFAULT_MAX_PDF_PAGES,
+    DEFAULT_PDF_DPI,
+    PdfError,
+    PdfPage,
+    PdfTooManyPages,
+    expand_pdfs,
+    render_page,
+)
 from finetune.data.prompt import canonical_json
 from finetune.data.sources import RawRecord, count_records, read_records
 from finetune.data.target_stats import missing_or_empty_warning, target_field_stats
@@ -115,14 +128,35 @@ def _image_name(ref: Any) -> str:
         return str(ref["path"]) if ref.get("path") else "(embedded bytes)"
     if isinstance(ref, Image.Image):
         return "(in-memory image)"
-    return str(ref)
+    return str(ref)  # a PdfPage: file.pdf#page=2
+
+
+def _check_pixels(ref: Any, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image {_image_name(ref)} is {width}×{height} = {width * height:,} pixels, over "
+            f"data.max_image_pixels={max_pixels:,}"
+        )
+
+
+def image_size(ref: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image reference, checked as :func:`load_image` checks it; a PDF page's without
+    rendering it (its size is known from the page box and the DPI)."""
+    if isinstance(ref, PdfPage):
+        _check_pixels(ref, *ref.size, max_pixels)
+        return ref.size
+    return load_image(ref, max_pixels=max_pixels).size
 
 
 def load_image(ref: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image reference into an RGB PIL image (EXIF rotation applied; CMYK, palette, 16-bit handled).
 
     Raises ImageTooLarge, before decoding (the size comes from the header), for more than `max_pixels` pixels;
-    `max_pixels=None` for an image already checked (a prepared sample's)."""
+    `max_pixels=None` for an image already checked (a prepared sample's). A :class:`PdfPage` is rendered (after
+    the same check, on the size it will render to)."""
+    if isinstance(ref, PdfPage):
+        _check_pixels(ref, *ref.size, max_pixels)
+        return render_page(ref)
     if isinstance(ref, Image.Image):
         image = ref
     else:
@@ -133,14 +167,12 @@ def load_image(ref: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> I
                 image = Image.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") else Image.open(ref["path"])
             else:
                 image = Image.open(Path(ref))
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:
+    try:
+        _check_pixels(ref, *image.size, max_pixels)
+    except ImageTooLarge:
         if image is not ref:
             image.close()
-        raise ImageTooLarge(
-            f"image {_image_name(ref)} is {width}×{height} = {width * height:,} pixels, over "
-            f"data.max_image_pixels={max_pixels:,}"
-        )
+        raise
     # Some formats check PIL's limit again while decoding (GIF frames, TIFF tiles): lifted where ours is higher.
     pil_limit = Image.MAX_IMAGE_PIXELS
     lift = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)
@@ -158,6 +190,8 @@ def load_image(ref: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> I
 
 def _image_key(ref: Any) -> Any:
     """What identifies an image for duplicate detection: its file, or a hash of its bytes / pixels."""
+    if isinstance(ref, PdfPage):
+        return ("pdf", os.path.realpath(ref.path), ref.index, ref.dpi)
     if isinstance(ref, Image.Image):
         return ("pixels", ref.mode, ref.size, hashlib.sha1(ref.tobytes()).hexdigest())
     if isinstance(ref, dict):
@@ -197,10 +231,13 @@ def prepare_samples(
     target_column: str = "target",
     limit: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    pdf_dpi: float = DEFAULT_PDF_DPI,
+    max_pdf_pages: int = DEFAULT_MAX_PDF_PAGES,
 ) -> tuple[list[Sample], DataReport]:
     """Read, validate and measure one split. Strict (`on_bad_sample="error"`) raises DataError on the first bad
     sample; lenient (`"skip"`) skips it and counts it. Over-length samples are always dropped and counted;
-    duplicates are kept and counted. A file (or dataset) with no sample at all is a UserError in both modes."""
+    duplicates are kept and counted. A file (or dataset) with no sample at all is a UserError in both modes.
+    A PDF image is replaced by its pages (`pdf_dpi`; more than `max_pdf_pages` pages is a bad sample)."""
     report = DataReport(split=split)
     tokenizer = processor.tokenizer
     eot_id = tokenizer.convert_tokens_to_ids(family.end_of_turn_token(processor))
@@ -239,7 +276,14 @@ def prepare_samples(
                 )
                 continue
             try:
-                sizes = [load_image(ref, max_pixels=max_image_pixels).size for ref in record.images]
+                images = expand_pdfs(record.images, dpi=pdf_dpi, max_pages=max_pdf_pages)
+                sizes = [image_size(ref, max_pixels=max_image_pixels) for ref in images]
+            except PdfTooManyPages as err:
+                skip(record, f"PDF over max_pdf_pages={max_pdf_pages}", str(err))
+                continue
+            except PdfError as err:
+                skip(record, "unreadable PDF", f"field '{image_column}': {err}")
+                continue
             except ImageTooLarge as err:
                 skip(record, "image too large", str(err))
                 continue
@@ -257,8 +301,8 @@ def prepare_samples(
                 report.skipped[f"longer than max_length={max_length}"] += 1
                 report.examples.setdefault(f"longer than max_length={max_length}", f"{record.origin} ({length} tokens)")
                 continue
-            samples.append(Sample(record.images, record.target, record.origin, [*answer_ids, eot_id], length))
-            key = _sample_key(record.images, record.target)
+            samples.append(Sample(images, record.target, record.origin, [*answer_ids, eot_id], length))
+            key = _sample_key(images, record.target)
             if key in first_seen:
                 report.duplicates += 1
                 if len(report.duplicate_examples) < 2:

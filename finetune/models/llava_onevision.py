@@ -223,6 +223,7 @@ class LlavaOnevisionFamily(ModelFamily):
 
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:
+        # Several pages stay unlabelled `<image><image>…`, as llava-hf's OneVision chat_template.json writes them.
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": instruction}]
         return processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False

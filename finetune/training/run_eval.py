@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.config import ResolvedRecipe
-from finetune.constrained import JsonConstraint
+from finetune.constrained import JsonConstraint, answer_record, default_bounds
 from finetune.evaluation import evaluate, write_eval
 from finetune.schema import schema_from_skeleton
 from finetune.training.engine import zero_stage
@@ -40,6 +40,11 @@ class RunEvaluator:
         skeleton = recipe.data.prompt.skeleton
         # Conformance is scored against the skeleton refined by the training targets, never the gold answers.
         self.answer_schema = schema_from_skeleton(skeleton, train_targets)
+        # The decoding bounds, sized from the training targets; saved with every model folder (`answer`), also when
+        # this run does not decode constrained, so that eval / predict --constrained use them later.
+        self.max_string_length, self.max_items = default_bounds(
+            train_targets, max_string_length=recipe.eval.max_string_length
+        )
         self.constraint = None
         if recipe.eval.constrained:
             self.constraint = JsonConstraint.for_model(
@@ -48,14 +53,25 @@ class RunEvaluator:
                 processor,
                 skeleton,
                 examples=train_targets,
-                max_string_length=recipe.eval.max_string_length,
+                max_string_length=self.max_string_length,
+                max_items=self.max_items,
             )
             info(
                 f"constrained decoding: the answer schema, strings up to {self.constraint.max_string_length} "
                 f"characters, lists up to {self.constraint.max_items} items"
             )
+            if self.constraint.token_budget > recipe.eval.max_new_tokens:
+                info(
+                    f"warning: eval.max_new_tokens {recipe.eval.max_new_tokens} may cut answers: the longest the "
+                    f"decoding bounds allow takes up to {self.constraint.token_budget} tokens of this tokenizer; cut "
+                    f"answers are reported as truncated"
+                )
         self.metrics: dict = load_metrics(run_dir)  # a resumed run continues its history
         self.last_value = float("nan")  # the latest during-training score, for the progress bar
+
+    def answer(self) -> dict:
+        """The answer schema and decoding bounds a saved model folder keeps (prompt.json `answer`)."""
+        return answer_record(self.answer_schema, self.max_string_length, self.max_items)
 
     def evaluate(self, model, tag: str, step: int, samples=None, *, report: bool = True) -> dict:
         """Generate on the eval split (or `samples`) and score; writes `eval/{tag}_predictions.jsonl`,

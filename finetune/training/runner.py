@@ -503,6 +503,8 @@ class FineTuneRecipe:
         template and prompt.json."""
         out = out or self.run_dir / "final"
         prompt = {"instruction": self.instruction_text, "skeleton": self.recipe.data.prompt.skeleton}
+        if self.evaluator is not None:  # the answer schema and decoding bounds, for eval / predict --constrained
+            prompt["answer"] = self.evaluator.answer()
         save_model(
             self.accelerator,
             self.model,

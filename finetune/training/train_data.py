@@ -107,6 +107,8 @@ class TrainData:
                 image_column=d.image_column,
                 target_column=d.target_column,
                 max_image_pixels=d.max_image_pixels,
+                pdf_dpi=d.pdf_dpi,
+                max_pdf_pages=d.max_pdf_pages,
             )
             if not samples:
                 raise UserError(f"{split} ({source}): no usable samples ({report.summary()})")

@@ -6,8 +6,9 @@ into transformers' `InternVLForConditionalGeneration` (`checkpoint`), images are
 (`original/` inside the output folder), which the original `model.chat` code and vLLM's `H2OVLChatModel` read.
 
 Chat format `h2ogpt2`: `<|prompt|>{user}<|end|><|answer|>{assistant}<|end|>`; each image is an `<image>` line
-in the user turn, expanded by the processor. The template is written here rather than taken from the tokenizer:
-the original code keeps it in `conversation.py`, not in tokenizer_config.json.
+in the user turn (`Image-1: <image>`, `Image-2: <image>`, … when there are several: `processor.image_lines`),
+expanded by the processor. The template is written here rather than taken from the tokenizer: the original code
+keeps it in `conversation.py`, not in tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily, drop_remote
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.mississippi import checkpoint as h2ovl_checkpoint
 from finetune.models.mississippi import config as h2ovl_config
-from finetune.models.mississippi.processor import IMAGE_PLACEHOLDER, H2OVLProcessor
+from finetune.models.mississippi.processor import H2OVLProcessor, image_lines
 from finetune.models.mississippi.tiny import build_tiny_h2ovl
 
 PROMPT, ANSWER, END = "<|prompt|>", "<|answer|>", "<|end|>"
@@ -206,7 +207,7 @@ class MississippiFamily(ModelFamily):
 
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:
-        return f"{PROMPT}{(IMAGE_PLACEHOLDER + chr(10)) * num_images}{instruction}{END}{ANSWER}"
+        return f"{PROMPT}{image_lines(num_images)}{instruction}{END}{ANSWER}"
 
     def end_of_turn_token(self, processor) -> str:
         return END

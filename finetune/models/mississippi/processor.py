@@ -28,13 +28,17 @@ from finetune.models.mississippi import image as h2ovl_image
 
 # `h2ogpt2` (H2OVL's conversation.py: roles <|prompt|> / <|answer|>, separator <|end|>, system message prepended
 # as is, no separator after it). Whether the Hub tokenizer adds BOS is unconfirmed; this one does not. Content may be
-# a string or a list of parts; an image part becomes "<image>\n", which the processor expands.
+# a string or a list of parts; an image part becomes "<image>\n" (labelled when there are several: `image_lines`),
+# which the processor expands.
 H2OGPT2_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- else -%}{%- set content = namespace(text='') -%}"
+    "{%- else -%}{%- set content = namespace(text='', images=0) -%}"
+    "{%- set several = message['content'] | selectattr('type', 'equalto', 'image') | list | length > 1 -%}"
     "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '<image>\\n' -%}"
+    "{%- if part['type'] == 'image' -%}{%- set content.images = content.images + 1 -%}"
+    "{%- if several -%}{%- set content.text = content.text + 'Image-' + content.images | string + ': ' -%}{%- endif -%}"
+    "{%- set content.text = content.text + '<image>\\n' -%}"
     "{%- elif part['type'] == 'text' -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{{ content }}"
@@ -49,6 +53,16 @@ CONFIG_NAME = "h2ovl_processor_config.json"
 # What a processor reads from a Hub checkpoint: configs and tokenizer, not the weights.
 PROCESSOR_PATTERNS = ["*.json", "tokenizer.model", "*.jinja"]
 IMAGE_PLACEHOLDER = "<image>"
+
+
+def image_lines(num_images: int) -> str:
+    """The user turn's page lines: `<image>\\n` for one page; for several, each labelled `Image-{i}: <image>\\n`.
+    Source: H2OVL-Mississippi-2B's model card, multi-image example (InternVL's convention that H2OVL builds on, as in
+    OpenGVLab/InternVL internvl_chat/eval/mpdocvqa/evaluate_vqa.py, `VQADataset.__getitem__`, for multi-page documents).
+    """
+    if num_images == 1:
+        return f"{IMAGE_PLACEHOLDER}\n"
+    return "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1))
 
 
 @dataclass

@@ -13,7 +13,8 @@ indicator tokens — those of the `-hf` tokenizer when it has them, otherwise ad
 
 Chat formats (`conversation_formatter.py`): Gemma2 `<bos><start_of_turn>user\\n{q}<end_of_turn>\\n<start_of_turn>model
 \\n` (the question stripped; a system prompt is an error), Qwen2 ChatML with the default system prompt "You are a
-helpful assistant.". Images come first in the question, one `<image>\\n` each (`ovis/serve/runner.py`).
+helpful assistant.". Images come first in the question, one `<image>\\n` each (`ovis/serve/runner.py`); for several
+pages Ovis2 labels each `Image {i}: <image>\\n` (its model cards), Ovis1.6 does not (`image_lines`).
 """
 
 from __future__ import annotations
@@ -39,24 +40,35 @@ INDICATOR_TOKENS = tuple(f"<ovis_visual_indicator_{i}>" for i in range(5))
 QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
 END_OF_TURN = {"gemma2": "<end_of_turn>", "qwen2": "<|im_end|>"}
 
+
 # The two formats as chat templates (for `apply_chat_template` and for whoever serves the model): an image part is
-# `<image>\n`, images before the text; Gemma2's question is stripped as the original formatter strips it.
-_CONTENT = (
-    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- else -%}{%- set content = namespace(text='') -%}"
-    "{%- for part in message['content'] | selectattr('type', 'equalto', 'image') -%}"
-    "{%- set content.text = content.text + '<image>\\n' -%}{%- endfor -%}"
-    "{%- for part in message['content'] | selectattr('type', 'equalto', 'text') -%}"
-    "{%- set content.text = content.text + part['text'] -%}{%- endfor -%}"
-    "{%- set content = content.text -%}{%- endif -%}"
-)
+# `<image>\n` (labelled as `image_lines` does), images before the text; Gemma2's question is stripped as the original
+# formatter strips it.
+def _content(labels: bool) -> str:
+    # With labels, the image parts are a list, so that the loop knows its length.
+    images = "message['content'] | selectattr('type', 'equalto', 'image')" + (" | list" if labels else "")
+    label = "{%- if loop.length > 1 -%}{%- set content.text = content.text + 'Image ' + loop.index | string + ': ' -%}"
+    return (
+        "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+        "{%- else -%}{%- set content = namespace(text='') -%}"
+        "{%- for part in "
+        + images
+        + " -%}"
+        + (label + "{%- endif -%}" if labels else "")
+        + "{%- set content.text = content.text + '<image>\\n' -%}{%- endfor -%}"
+        "{%- for part in message['content'] | selectattr('type', 'equalto', 'text') -%}"
+        "{%- set content.text = content.text + part['text'] -%}{%- endfor -%}"
+        "{%- set content = content.text -%}{%- endif -%}"
+    )
+
+
 CHAT_TEMPLATES = {
     "gemma2": (
         "{{- '<bos>' -}}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' -%}"
         "{{ raise_exception('Gemma does not support system prompt') }}{%- endif -%}"
-        + _CONTENT
+        + _content(labels=False)
         + "{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
         "{{ '<start_of_turn>' + role + '\\n' + content | trim + '<end_of_turn>\\n' }}"
         "{%- endfor -%}"
@@ -66,7 +78,7 @@ CHAT_TEMPLATES = {
         "{%- if messages[0]['role'] != 'system' -%}"
         "{{ '<|im_start|>system\\n" + QWEN_SYSTEM_PROMPT + "<|im_end|>\\n' }}{%- endif -%}"
         "{%- for message in messages -%}"
-        + _CONTENT
+        + _content(labels=True)
         + "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
@@ -209,14 +221,21 @@ class OvisProcessor:
 
     def render_prompt(self, instruction: str, num_images: int) -> str:
         """The prompt up to the assistant's turn, as the original formatter writes it with an empty preface."""
-        question = IMAGE_TOKEN + "\n"
-        question = question * num_images + instruction
+        question = self.image_lines(num_images) + instruction
         if self.settings.chat_format == "gemma2":
             return f"<bos><start_of_turn>user\n{question.strip()}<end_of_turn>\n<start_of_turn>model\n"
         return (
             f"<|im_start|>system\n{QWEN_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
+
+    def image_lines(self, num_images: int) -> str:
+        """The question's page lines, before the instruction: `<image>\\n` per page. Ovis2 (Qwen2) labels several
+        `Image {i}: <image>\\n`: AIDC-AI/Ovis2-* model cards (README.md), "multiple-images input". Ovis1.6 (Gemma2)
+        does not: its card shows one image, and AIDC-AI/Ovis ovis/serve/runner.py@d248e34 l.56-62 writes bare lines."""
+        if num_images > 1 and self.settings.chat_format == "qwen2":
+            return "".join(f"Image {i}: {IMAGE_TOKEN}\n" for i in range(1, num_images + 1))
+        return f"{IMAGE_TOKEN}\n" * num_images
 
     def _text_chunks(self, text: str) -> list[list[int]]:
         """Token ids of the text between `<image>` placeholders, each chunk tokenised alone (as the original)."""
