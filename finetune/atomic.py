@@ -102,6 +102,11 @@ def _aside(dest: Path, what: str) -> Path:
     return dest.with_name(f".{dest.name}.{what}")
 
 
+def staging_path(dest: Path) -> Path:
+    """Where `staging_folder(dest)` stages `dest`'s next content (the same on every process)."""
+    return _aside(Path(dest), "tmp")
+
+
 def recover(dest: Path) -> None:
     """Undo what a kill between the two renames of `commit` left: the previous folder put aside and no new one in
     place (the previous one comes back). Removes a half-written new folder."""
@@ -118,7 +123,7 @@ def staging_folder(dest: Path) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover(dest)
-    tmp = _aside(dest, "tmp")
+    tmp = staging_path(dest)
     tmp.mkdir()
     return tmp
 

@@ -128,7 +128,9 @@ def check_model_folder(folder: str | Path) -> None:
 def _unfinished_run(run: Path) -> UserError:
     """A run folder without final/: say so, and what there is instead."""
     best = run / "best"
-    checkpoints = sorted(p for p in (run / "checkpoints").glob("step_*") if p.is_dir())
+    from finetune.training.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run)  # numeric order, set-aside (.rejected) ones excluded
     if best.is_dir():
         instead = f"use {best} (the best model evaluated during training)"
         if checkpoints:

@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from finetune.atomic import MANIFEST, atomic_folder, commit, manifest_problem, staging_folder, write_error
+from finetune.atomic import (
+    MANIFEST,
+    atomic_folder,
+    commit,
+    manifest_problem,
+    staging_folder,
+    staging_path,
+    write_error,
+)
 from finetune.errors import UserError
 from finetune.models.base import drop_remote_code
 from finetune.training.engine import raise_if_any_failed
@@ -145,7 +153,7 @@ def write_checkpoint(accelerator, path: Path, state: TrainerState, latest_kept: 
     renamed to `path`: a kill or a full disk at any moment leaves either the whole checkpoint or none. Every
     process calls this; after each phase the processes compare notes, so a write refused on any of them (disk
     full, permission) stops all of them with the same line naming the path and the errno."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = staging_path(path)
     kept = f"the latest complete checkpoint, {latest_kept.name}, is intact" if latest_kept else "no earlier one exists"
 
     def attempt(action, on_this_process: bool) -> None:
