@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 GroupMode = Literal["frozen", "full", "lora"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -144,10 +154,61 @@ class PromptSection(Section):
     skeleton: Annotated[dict, Frozen] | None = None
 
 
+DATA_FORMATS = ("jsonl", "imagefolder", "hf", "donut", "sroie", "funsd")
+
+
+class DataColumns(Section):
+    """Which columns (fields) hold the images and the target; None: the format's default."""
+
+    image: str | None = None
+    target: str | None = None
+
+
+class DataSource(Section):
+    """A data source in a published layout (finetune/data/formats.py): `{format: sroie, path: data/sroie,
+    split: train}`. Written as a plain string instead, a source is read as before (JSONL, dataset folder,
+    imagefolder or `hf:org/name[:split]`)."""
+
+    format: Literal["jsonl", "imagefolder", "hf", "donut", "sroie", "funsd"]
+    path: str = Field(min_length=1)
+    # A subfolder for the folder formats (donut, sroie, imagefolder; funsd: train / test → training_data /
+    # testing_data); the dataset split for hf (default train) and a donut Hub / saved dataset.
+    split: str | None = None
+    columns: DataColumns | None = None
+
+    @model_validator(mode="after")
+    def _split_applies(self):
+        if self.split is not None and self.format == "jsonl":
+            raise ValueError("split does not apply to format jsonl (name the file in path)")
+        if self.columns is not None and self.format in ("sroie", "funsd"):
+            raise ValueError(f"columns do not apply to format {self.format} (its layout fixes them)")
+        return self
+
+    def __str__(self) -> str:
+        extra = f", split {self.split}" if self.split else ""
+        if self.columns is not None:
+            extra += f", columns {self.columns.image or '-'}/{self.columns.target or '-'}"
+        return f"{self.path} ({self.format}{extra})"
+
+
+def _source_kind(value: Any) -> str:
+    return "mapping" if isinstance(value, (dict, DataSource)) else "str"
+
+
+# A data source: a string as before, or a mapping with a format (DataSource). The tags name the union's members in
+# pydantic's error locations ("str", "mapping"); finetune.recipe drops them from the key path it reports.
+SourceSpec = Annotated[Annotated[str, Tag("str")] | Annotated[DataSource, Tag("mapping")], Discriminator(_source_kind)]
+
+
 class DataSection(Section):
-    train: str = Field(description="JSONL file, Hugging Face dataset folder / imagefolder, or hub dataset id.")
-    val: str | None = None
-    test: str | None = None
+    train: SourceSpec = Field(
+        description=(
+            "JSONL file, Hugging Face dataset folder / imagefolder, or hub dataset id; or a mapping "
+            "{format: donut | sroie | funsd | jsonl | imagefolder | hf, path: ..., split: ..., columns: ...}."
+        )
+    )
+    val: SourceSpec | None = None
+    test: SourceSpec | None = None
     image_column: str = "image"
     target_column: str = "target"
     prompt: PromptSection = Field(default_factory=PromptSection)
@@ -263,14 +324,16 @@ class TrackingSection(Section):
 
 
 class MixSource(Section):
-    source: str = Field(description="Like data.train: JSONL, dataset folder, imagefolder or hf:org/name:split.")
+    source: SourceSpec = Field(
+        description="Like data.train: JSONL, dataset folder, imagefolder, hf:org/name:split, or a format mapping."
+    )
     weight: float = Field(gt=0, description="Relative probability that a drawn sample comes from this source.")
 
 
 class StageDataSection(Section):
     """A stage's own training data: one source, or a weighted mix (drawn with probability ∝ weight)."""
 
-    train: str | None = None
+    train: SourceSpec | None = None
     mix: Annotated[list[MixSource], Frozen] | None = None
     # Samples drawn per epoch from a mix (default: the mix's total size).
     samples_per_epoch: int | None = Field(None, gt=0)
@@ -370,16 +433,22 @@ class ResolvedRecipe(Recipe):
         return self
 
 
-def data_paths(recipe: Recipe) -> dict[str, Path]:
-    """The data sources a recipe names, by key path (splits, and each stage's own data)."""
-    paths = {}
+def data_sources(recipe: Recipe) -> dict[str, str | DataSource]:
+    """The data sources a recipe names, as written (a string or a DataSource), by key path (splits, and each
+    stage's own data)."""
+    sources = {}
     for split in ("train", "val", "test"):
         value = getattr(recipe.data, split)
         if value is not None:
-            paths[f"data.{split}"] = Path(value)
+            sources[f"data.{split}"] = value
     for i, stage in enumerate(recipe.stages or []):
         if stage.data is not None and stage.data.train is not None:
-            paths[f"stages.{i}.data.train"] = Path(stage.data.train)
+            sources[f"stages.{i}.data.train"] = stage.data.train
         for j, part in enumerate(stage.data.mix or [] if stage.data else []):
-            paths[f"stages.{i}.data.mix.{j}.source"] = Path(part.source)
-    return paths
+            sources[f"stages.{i}.data.mix.{j}.source"] = part.source
+    return sources
+
+
+def data_paths(recipe: Recipe) -> dict[str, Path]:
+    """The paths of the data sources a recipe names, by key path (a DataSource: its `path`)."""
+    return {key: Path(v if isinstance(v, str) else v.path) for key, v in data_sources(recipe).items()}

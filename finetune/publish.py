@@ -90,7 +90,12 @@ def model_card(
     after, before = metrics.get("after", {}), metrics.get("before", {})
     data = recipe.get("data", {})
     split = recipe.get("eval", {}).get("split", "val")
-    dataset = str(data.get(split) or data.get("train") or "custom")
+    dataset = data.get(split) or data.get("train") or "custom"
+    if isinstance(dataset, dict):  # a format mapping (finetune/data/formats.py): a Hub id reads as `hf:`
+        from finetune.data.formats import source_location
+
+        dataset = source_location(dataset)
+    dataset = str(dataset)
     dataset_id = dataset[3:].split(":")[0] if dataset.startswith("hf:") else None
     base = recipe.get("model", {}).get("path")
     eval_results = [

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.config import Origin, Recipe, data_paths
+from finetune.config import DataSource, Origin, Recipe, data_sources
 from finetune.errors import RecipeError
 from finetune.resolve import check_modes, suggest
 
@@ -66,7 +67,10 @@ def validate_recipe(raw: dict, *, source: str = "<recipe>", lines: dict[str, int
     try:
         return Recipe.model_validate(raw).with_origin(origin)
     except ValidationError as err:
-        raise RecipeError(_format_error(err.errors()[0], origin)) from None
+        errors = err.errors()
+        # An unknown key first: its "did you mean" also explains a required key reported missing beside it.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise RecipeError(_format_error(first, origin)) from None
 
 
 def check_family_groups(recipe: Recipe) -> None:
@@ -86,7 +90,15 @@ def check_family_groups(recipe: Recipe) -> None:
 
 def check_recipe_files(recipe: Recipe) -> None:
     """Local files the recipe names must exist (Hub ids, written `hf:org/name`, are not checked here)."""
-    for key, path in data_paths(recipe).items():
+    for key, source in data_sources(recipe).items():
+        if isinstance(source, DataSource):  # a format mapping: its folder / file, with the layout it expects
+            from finetune.data.formats import missing_source
+
+            problem = missing_source(source)
+            if problem:
+                raise RecipeError(f"{recipe.where(key)}: {key}: {problem}")
+            continue
+        path = Path(source)
         if str(path).startswith("hf:"):
             continue
         if not path.exists():
@@ -190,17 +202,31 @@ def _default_at(parts: list[str]):
 
 
 def _is_type_name(part: str) -> bool:
-    return part in ("float", "int", "str", "bool") or "[" in part
+    # "mapping": the tag of a data source's mapping form (finetune.config.SourceSpec)
+    return part in ("float", "int", "str", "bool", "mapping") or "[" in part
 
 
 def _known_fields(parent_loc: list[str]) -> list[str]:
     """Field names of the section at `parent_loc` (for "did you mean")."""
     model: type[BaseModel] | None = Recipe
     for part in parent_loc:
+        if part.isdigit():  # an entry of a list section (stages.0, mix.1): the entries' model
+            continue
         field = model.model_fields.get(part) if model else None
-        annotation = field.annotation if field else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _section_model(field.annotation) if field else None
     return sorted(model.model_fields) if model else []
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The section model an annotation holds, also inside a union, a list or `Annotated` (a data source written
+    as a string or a mapping, a list of stages)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _suggest_key(loc: list[str]) -> str:

@@ -41,7 +41,14 @@ def read_records(
     source: str | Path | Iterable, *, image_column: str = "image", target_column: str = "target"
 ) -> Iterator[RawRecord]:
     """Records from a JSONL path, a dataset folder (`save_to_disk` or imagefolder with metadata.jsonl),
-    `hf:org/name[:split]`, a `datasets.Dataset`, or an iterable of dicts."""
+    `hf:org/name[:split]`, a `datasets.Dataset`, an iterable of dicts, or a source in a published layout (a
+    :class:`~finetune.config.DataSource`, or a mapping with a `format`: :mod:`finetune.data.formats`)."""
+    from finetune.data.formats import as_source, read_source
+
+    spec = as_source(source)
+    if spec is not None:
+        yield from read_source(spec, image_column, target_column)
+        return
     if isinstance(source, (str, Path)):
         text = str(source)
         if text.startswith("hf:"):
@@ -59,6 +66,11 @@ def read_records(
 def count_records(source: str | Path | Iterable) -> int | None:
     """How many records `read_records(source)` will yield, when that is cheap to know (a JSONL file: its non-blank
     lines; anything with a length), else None. For progress displays, not for validation."""
+    from finetune.data.formats import as_source, count_source
+
+    spec = as_source(source)
+    if spec is not None:
+        return count_source(spec)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if str(source).startswith("hf:") or not path.is_file():
