@@ -10,6 +10,13 @@ the family's `preprocess`, which also converts to RGB) is timed once more as one
 processor (transformers' PIL implementation, anyres tiles of 384 px) is timed whole for comparison. One thread, as
 in a data-loader worker; the best of `--repeats` runs per phase (the least disturbed by other work on the machine).
 
+    python scripts/bench_preprocess.py --images scans/ "inbox/*.jpg" page.png [--repeats 5]
+
+Real files instead of the synthetic pages (files, folders: their images, globs). Either way "decode" is what the
+training dataset does: `load_image` with the family's `decode_size` (a large page decoded reduced: JPEG DCT scaling,
+`Image.reduce`), so the same command run on an older checkout (`PYTHONPATH=/tmp/before python
+scripts/bench_preprocess.py ...`, code without `decode_size`) times the full decode, for a before / after.
+
     python scripts/bench_preprocess.py --pdf [--pages 8] [--repeats 5]
 
 PDF input instead: a PDF of `--pages` A4 pages (synthetic invoices embedded as JPEG, as a scanner writes them), its
@@ -36,7 +43,51 @@ PAGES = {
     "A4 scan, 150 dpi": (1240, 1754, "JPEG"),
     "A4 scan, 300 dpi": (2480, 3508, "JPEG"),
     "wide table (digital)": (3300, 1100, "PNG"),
+    "A4 scan, 600 dpi (35 MP)": (4960, 7016, "JPEG"),
 }
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def image_files(inputs: list[str]) -> dict[str, Path]:
+    """`--images`: files, folders (their images, sorted) and glob patterns → {name: path}, in order."""
+    import glob
+
+    found: dict[str, Path] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(ch in item for ch in "*?["):
+            paths = sorted(Path(p) for p in glob.glob(item, recursive=True))
+        else:
+            paths = [path]
+        for p in paths:
+            if not p.is_file():
+                raise SystemExit(f"--images: {p}: no such file")
+            found.setdefault(p.name, p)
+    if not found:
+        raise SystemExit("--images: no image found")
+    return found
+
+
+def page_loader(least=None):
+    """`path → RGB image` as the training dataset decodes it: reduced to `least(full size)` where this checkout's
+    `load_image` can (it has `decode_size`), else in full (an older checkout: the before of a before / after)."""
+    import inspect
+
+    from finetune.data.dataset import load_image
+
+    if least is not None and "decode_size" in inspect.signature(load_image).parameters:
+        return lambda path: load_image(path, decode_size=least)
+    return lambda path: load_image(path)
+
+
+def _source_size_and_box(image):
+    try:
+        from finetune.models.base import source_box, source_size
+    except ImportError:  # an older checkout: pages are decoded in full
+        return image.size, None
+    return source_size(image), source_box(image)
 
 
 def write_pages(out: Path, scale: float = 1.0) -> dict[str, Path]:
@@ -72,14 +123,16 @@ def mississippi_phases(path: Path, repeats: int) -> dict[str, float]:
     """Seconds per phase of `DocumentDataset` + `h2ovl_image.preprocess` for one page (default settings)."""
     from PIL import Image
 
-    from finetune.data.dataset import load_image
     from finetune.models.mississippi import image as hi
 
     tile = 448
-    decode, image = best_of(repeats, lambda: load_image(path))
-    grid = hi.choose_grid(image.width, image.height, hi.target_grids(1, 6), tile)
+    load = page_loader((lambda size: hi.decode_size(*size)) if hasattr(hi, "decode_size") else None)
+    decode, image = best_of(repeats, lambda: load(path))
+    full, box = _source_size_and_box(image)
+    grid = hi.choose_grid(*full, hi.target_grids(1, 6), tile)
     cols, rows = grid
-    resize, resized = best_of(repeats, lambda: image.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC))
+    bicubic = Image.Resampling.BICUBIC
+    resize, resized = best_of(repeats, lambda: image.resize((tile * cols, tile * rows), bicubic, box=box))
     crop, tiles = best_of(
         repeats,
         lambda: [
@@ -87,13 +140,14 @@ def mississippi_phases(path: Path, repeats: int) -> dict[str, float]:
         ],
     )
     thumbnail, thumb = best_of(
-        repeats, lambda: image.resize((tile, tile), Image.Resampling.BICUBIC) if cols * rows > 1 else None
+        repeats, lambda: image.resize((tile, tile), bicubic, box=box) if cols * rows > 1 else None
     )
     tiles = tiles + ([thumb] if thumb is not None else [])
     normalise, _ = best_of(repeats, lambda: hi._to_tensor(tiles))
-    whole, (pixels, _) = best_of(repeats, lambda: hi.preprocess([load_image(path)]))
+    whole, (pixels, _) = best_of(repeats, lambda: hi.preprocess([load(path)]))
     return {
         "tiles": int(pixels.shape[0]),
+        "decoded": list(image.size),
         "decode": decode,
         "resize": resize,
         "crop": crop,
@@ -104,9 +158,12 @@ def mississippi_phases(path: Path, repeats: int) -> dict[str, float]:
 
 
 def llava_whole(path: Path, repeats: int, processor) -> tuple[float, int]:
-    from finetune.data.dataset import load_image
+    from finetune.models import get_family
 
-    seconds, out = best_of(repeats, lambda: processor.image_processor(images=[load_image(path)], return_tensors="pt"))
+    family = get_family("llava_onevision")
+    least = (lambda size: family.decode_size(processor, size, 1)) if hasattr(family, "decode_size") else None
+    load = page_loader(least)
+    seconds, out = best_of(repeats, lambda: processor.image_processor(images=[load(path)], return_tensors="pt"))
     return seconds, int(out["pixel_values"].shape[1])
 
 
@@ -177,6 +234,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-preprocess")
     parser.add_argument("--pdf", action="store_true", help="time PDF page checking and rendering instead")
     parser.add_argument("--pages", type=int, default=8, help="--pdf: pages in the PDF")
+    parser.add_argument("--images", nargs="+", metavar="PATH", help="real files (files, folders, globs) to time")
     args = parser.parse_args()
     import torch
 
@@ -185,7 +243,7 @@ def main() -> None:
         pdf_bench(args)
         return
     out = Path(args.out)
-    files = write_pages(out / "pages", args.scale)
+    files = image_files(args.images) if args.images else write_pages(out / "pages", args.scale)
     llava = llava_processor(out / "llava-processor")
     rows, results = [], []
     for name, path in files.items():
@@ -193,11 +251,19 @@ def main() -> None:
 
         with Image.open(path) as image:
             size = f"{image.width}×{image.height} {image.format}"
+            megapixels = image.width * image.height / 1e6
         phases = mississippi_phases(path, args.repeats)
         llava_seconds, llava_tiles = llava_whole(path, args.repeats, llava)
         parts = sum(phases[k] for k in ("decode", "resize", "crop", "thumbnail", "normalise"))
         results.append(
-            {"page": name, "size": size, **phases, "llava_onevision": llava_seconds, "llava_tiles": llava_tiles}
+            {
+                "page": name,
+                "size": size,
+                **phases,
+                "images_per_s": 1 / phases["whole"],
+                "llava_onevision": llava_seconds,
+                "llava_tiles": llava_tiles,
+            }
         )
         shares = [
             f"{phases[k] * 1e3:.1f} ({phases[k] / parts:.0%})"
@@ -206,7 +272,8 @@ def main() -> None:
         rows.append(
             [
                 name,
-                size,
+                f"{size} ({megapixels:.1f} MP)",
+                "×".join(map(str, phases["decoded"])),
                 str(phases["tiles"]),
                 f"{1 / phases['whole']:.1f}",
                 *shares,
@@ -220,6 +287,7 @@ def main() -> None:
             [
                 "page",
                 "pixels",
+                "decoded at",
                 "Mississippi tiles",
                 "images/s",
                 "decode ms",

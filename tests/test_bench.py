@@ -62,8 +62,28 @@ def test_bench_train_compares_the_trainers(tmp_path):
 def test_bench_preprocess_times_every_page(tmp_path):
     stdout = run_script("bench_preprocess.py", "--repeats", "1", "--scale", "0.1", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert len(rows) == 4 and all(r["tiles"] >= 1 and r["whole"] > 0 and r["llava_onevision"] > 0 for r in rows)
-    assert "A4 scan, 300 dpi" in stdout
+    assert len(rows) == 5 and all(r["tiles"] >= 1 and r["whole"] > 0 and r["llava_onevision"] > 0 for r in rows)
+    assert "A4 scan, 300 dpi" in stdout and "35 MP" in stdout
+
+
+def test_bench_preprocess_times_real_files(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (1200, 1700), "white").save(tmp_path / "scan.jpg")
+    Image.new("L", (900, 400), 128).save(tmp_path / "table.png")
+    out = tmp_path / "out"
+    stdout = run_script("bench_preprocess.py", "--repeats", "1", "--images", str(tmp_path), "--out", str(out))
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["page"] for r in rows] == ["scan.jpg", "table.png"] and all(r["images_per_s"] > 0 for r in rows)
+    assert "1200×1700 JPEG" in stdout
+
+
+def test_bench_memory_measures_each_step_in_a_fresh_process(tmp_path):
+    args = ("--steps", "check", "train", "--repeats", "1", "--scale", "0.05", "--out", str(tmp_path))
+    stdout = run_script("bench_memory.py", *args)
+    peaks = json.loads((tmp_path / "results-after.json").read_text())["peak_rss_mib"]
+    assert len(peaks) == 4 and all(0 < p[step] < 8192 for p in peaks.values() for step in ("check", "train"))
+    assert "| 35 MP scan, JPEG |" in stdout
 
 
 def test_bench_learn_records_a_learning_curve(tmp_path):

@@ -9,6 +9,24 @@ duplicate samples (kept: repeating a sample may be deliberate oversampling).
 Images are size-checked from their header before they are decoded: one with more pixels than `max_pixels`
 (`data.max_image_pixels`) is a bad sample, whatever PIL's own process-wide `Image.MAX_IMAGE_PIXELS` says.
 
+The check never decodes a page at full size to learn its size (:func:`image_size`): the size comes from the header,
+EXIF orientation applied (a JPEG rotated by its EXIF tag swaps width and height). What is decoded to find a truncated
+or corrupt file before step 1 depends on the format, costs measured on a 4960×7016 (35 MP) scan, one core
+(BENCHMARKS.md, "Large scans"):
+- JPEG: decoded at 1/8 scale (DCT scaling, `Image.draft`): every entropy-coded byte is still read, so truncation and
+  most corruption raise, at ~16 ms instead of ~145 ms for the full decode.
+- PNG: `Image.verify()`: every chunk read and its CRC checked, nothing inflated: ~1 ms instead of ~500 ms. A
+  truncated file or a changed byte (the CRC) is found; deflate data that is wrong under a right CRC is not.
+- Any other format (TIFF, WebP, BMP, GIF, ...): decoded in full, as before.
+What the check cannot see is found when the batch is built, as a `file:line: unreadable image PATH: reason`
+:class:`DataError` (`DocumentDataset`), not a traceback from inside PIL. A PNG's EXIF orientation counts when its eXIf
+chunk comes before the pixel data (PIL would decode the whole file to look after it), at check and load time alike.
+
+When a batch is built, a page is decoded only as large as its model family's tiling can use
+(`ModelFamily.decode_size`, given the full size): a JPEG at 1/2, 1/4 or 1/8 scale by its DCT scaling, any format
+reduced by a whole factor (`Image.reduce`), a PDF page rendered at 1/n of its DPI — so a sample's memory is bounded by
+the tiling, not by the scan. The full size travels with the image (`source_size`) and the grid is chosen from it.
+
 A PDF where an image is expected becomes its pages, one image each (finetune/data/pdf.py): expanded to
 :class:`~finetune.data.pdf.PdfPage` references when the samples are prepared (page count and sizes from the PDF,
 nothing rendered), rendered when a batch is built. The pixel limit applies to the rendered size.
@@ -23,13 +41,13 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from finetune.data.pdf import (
     DEFAULT_MAX_PDF_PAGES,
@@ -44,7 +62,7 @@ from finetune.data.prompt import canonical_json
 from finetune.data.sources import RawRecord, count_records, read_records
 from finetune.data.target_stats import missing_or_empty_warning, target_field_stats
 from finetune.errors import UserError
-from finetune.models.base import IGNORE_INDEX, ModelFamily
+from finetune.models.base import IGNORE_INDEX, SOURCE_BOX_KEY, SOURCE_SIZE_KEY, ModelFamily, reduced_size
 from finetune.progress import is_main_process, progress_if_slow
 
 # PIL's default Image.MAX_IMAGE_PIXELS (and data.max_image_pixels's): a quarter GiB of 24-bit (3-byte) pixels.
@@ -139,53 +157,184 @@ def _check_pixels(ref: Any, width: int, height: int, max_pixels: int | None) -> 
         )
 
 
+# ImageOps.exif_transpose's transposition for each EXIF orientation (1: as stored).
+_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_MAX_REDUCTION = 64
+
+
+def _open(ref: Any) -> Image.Image:
+    """The image a reference names, header read, nothing decoded (an in-memory image as it is)."""
+    if isinstance(ref, Image.Image):
+        return ref
+    # Image.open reads only the header; PIL's own check (which warns above its limit, and refuses above twice that) is
+    # lifted for it so that ours decides, with a message giving the size.
+    with _pil_pixel_limit_lifted():
+        if isinstance(ref, dict):  # datasets' Image feature with decode=False
+            return Image.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") else Image.open(ref["path"])
+        return Image.open(Path(ref))
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) from what the header holds, decoding nothing: PIL's own `PngImageFile.getexif`
+    decodes the whole PNG to look for an eXIf chunk after the pixels, so a PNG's counts only before them."""
+    try:
+        value = Image.Image.getexif(image).get(_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block is no reason to refuse a page (exif_transpose ignores it too)
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def _decode_lifted(image: Image.Image, ref: Any, max_pixels: int | None, decode) -> None:
+    # Some formats check PIL's limit again while decoding (GIF frames, TIFF tiles): lifted where ours is higher.
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    lift = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)
+    try:
+        with _pil_pixel_limit_lifted() if lift else contextlib.nullcontext():
+            decode()
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image {_image_name(ref)}: {err}") from None
+
+
+def _check_decodable(image: Image.Image, ref: Any, max_pixels: int | None) -> None:
+    """Find a truncated or corrupt file now, as cheaply as its format allows (the module docstring has the costs):
+    a JPEG decoded at 1/8 scale, a PNG's chunks and checksums verified, any other format decoded fully."""
+    if image.format == "JPEG" and image.draft(None, (max(1, image.width // 8), max(1, image.height // 8))):
+        _decode_lifted(image, ref, max_pixels, image.load)
+    elif image.format == "PNG":
+        image.verify()
+    else:
+        _decode_lifted(image, ref, max_pixels, image.load)
+
+
 def image_size(ref: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """(width, height) of an image reference, checked as :func:`load_image` checks it; a PDF page's without
-    rendering it (its size is known from the page box and the DPI)."""
+    """(width, height) of an image reference as :func:`load_image` will return it (EXIF orientation applied), from
+    its header, checked against `max_pixels` before anything is decoded; the file is then checked for truncation or
+    corruption (`_check_decodable`). A PDF page's without rendering it (from its page box and the DPI)."""
     if isinstance(ref, PdfPage):
         _check_pixels(ref, *ref.size, max_pixels)
         return ref.size
-    return load_image(ref, max_pixels=max_pixels).size
+    image = _open(ref)
+    try:
+        _check_pixels(ref, *image.size, max_pixels)
+        size = _oriented(image.size, _orientation(image))
+        if image is not ref:
+            _check_decodable(image, ref, max_pixels)
+        return size
+    finally:
+        if image is not ref:
+            image.close()
 
 
-def load_image(ref: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def _reduction(size: tuple[int, int], least: tuple[int, int]) -> int:
+    """The largest whole factor that reduces `size` (sides rounded up) to no less than `least` in either side."""
+    factor = 1
+    while factor < _MAX_REDUCTION:
+        width, height = reduced_size(size, factor + 1)
+        if width < least[0] or height < least[1]:
+            break
+        factor += 1
+    return factor
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """L or RGB, each as `convert("RGB")` would see it: greyscale kept single-channel (a third of the memory)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bit instead of clipping (convert("RGB") would saturate to white)
+        return image.point(lambda v: v / 256).convert("L")
+    if image.mode == "1":
+        return image.convert("L")
+    return image if image.mode in ("L", "RGB") else image.convert("RGB")
+
+
+def load_image(
+    ref: Any,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> Image.Image:
     """Decode an image reference into an RGB PIL image (EXIF rotation applied; CMYK, palette, 16-bit handled).
 
     Raises ImageTooLarge, before decoding (the size comes from the header), for more than `max_pixels` pixels;
     `max_pixels=None` for an image already checked (a prepared sample's). A :class:`PdfPage` is rendered (after
-    the same check, on the size it will render to)."""
+    the same check, on the size it will render to).
+
+    `decode_size` (a model family's `ModelFamily.decode_size` for the prompt): the least size the page is needed at,
+    given its full size. The page is then decoded reduced by the largest whole factor n that keeps it at least that
+    large — a JPEG at 1/2, 1/4 or 1/8 by its DCT scaling (`Image.draft`), then `Image.reduce` for what is left; other
+    formats decoded and reduced at once; a PDF page rendered at 1/n of its DPI — and its full size is kept in
+    `image.info[SOURCE_SIZE_KEY]`, from which the family picks its grid."""
     if isinstance(ref, PdfPage):
         _check_pixels(ref, *ref.size, max_pixels)
-        return render_page(ref)
-    if isinstance(ref, Image.Image):
-        image = ref
-    else:
-        # Image.open reads only the header; PIL's own check (which warns above its limit, and refuses above twice
-        # that) is lifted for it so that ours decides, with a message giving the size.
-        with _pil_pixel_limit_lifted():
-            if isinstance(ref, dict):  # datasets' Image feature with decode=False
-                image = Image.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") else Image.open(ref["path"])
-            else:
-                image = Image.open(Path(ref))
+        factor = _reduction(ref.size, decode_size(ref.size)) if decode_size else 1
+        if factor == 1:
+            return render_page(ref)
+        return _with_source(render_page(ref, factor), ref.size, (ref.size[0] / factor, ref.size[1] / factor), 1)
+    image = _open(ref)
     try:
         _check_pixels(ref, *image.size, max_pixels)
     except ImageTooLarge:
         if image is not ref:
             image.close()
         raise
-    # Some formats check PIL's limit again while decoding (GIF frames, TIFF tiles): lifted where ours is higher.
-    pil_limit = Image.MAX_IMAGE_PIXELS
-    lift = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)
-    try:
-        with _pil_pixel_limit_lifted() if lift else contextlib.nullcontext():
-            image.load()  # decode fully now: truncated / corrupt files raise here
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"image {_image_name(ref)}: {err}") from None
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bit instead of clipping (convert("RGB") would saturate to white)
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+    orientation = _orientation(image)
+    full = _oriented(image.size, orientation)
+    factor = _reduction(full, decode_size(full)) if decode_size else 1
+    drafted = 1  # the factor JPEG's DCT scaling reduced by
+    if factor > 1 and image is not ref and image.format == "JPEG":
+        scale, stored_width = next(s for s in (8, 4, 2, 1) if s <= factor), image.width
+        if scale > 1 and image.draft(None, (image.width // scale, image.height // scale)):
+            drafted = round(stored_width / image.width)
+    _decode_lifted(image, ref, max_pixels, image.load)  # decoded now: truncated / corrupt files raise here
+    left = factor // drafted
+    if left > 1:  # converted first: palette indices, 1-bit, alpha or 16-bit values would not average right
+        image = _to_8bit(image).reduce(left)
+    stored = image.size  # what the stored (un-rotated) page covers of it: its size / the factor, sides not rounded
+    covered = (_oriented(full, orientation)[0] / (drafted * left), _oriented(full, orientation)[1] / (drafted * left))
+    if orientation in _TRANSPOSE:
+        image = image.transpose(_TRANSPOSE[orientation])
+    image = _to_8bit(image).convert("RGB")
+    return _with_source(image, full, covered, orientation, stored) if drafted * left > 1 else image
+
+
+def _covered_box(stored: tuple[int, int], covered: tuple[float, float], orientation: int) -> tuple[float, ...]:
+    """Where the box (0, 0, *covered) of an image of size `stored` lands once transposed for `orientation`."""
+    (w, h), (cw, ch) = stored, covered
+    return {
+        1: (0, 0, cw, ch),
+        2: (w - cw, 0, w, ch),
+        3: (w - cw, h - ch, w, h),
+        4: (0, h - ch, cw, h),
+        5: (0, 0, ch, cw),
+        6: (h - ch, 0, h, cw),
+        7: (h - ch, w - cw, h, w),
+        8: (0, w - cw, ch, w),
+    }[orientation]
+
+
+def _with_source(
+    image: Image.Image,
+    full: tuple[int, int],
+    covered: tuple[float, float],
+    orientation: int,
+    stored: tuple[int, int] | None = None,
+) -> Image.Image:
+    """`image` marked as a reduced decode of a page of `full` size (`source_size`, `source_box`)."""
+    if image.size != full:
+        image.info[SOURCE_SIZE_KEY] = full
+        image.info[SOURCE_BOX_KEY] = tuple(float(v) for v in _covered_box(stored or image.size, covered, orientation))
+    return image
 
 
 def _image_key(ref: Any) -> Any:
@@ -254,8 +403,8 @@ def prepare_samples(
     total = count_records(source)
     if total is not None and limit is not None:
         total = min(total, limit)
-    # Every image is decoded here, before step 1: thousands of pages take minutes, so this shows progress, on the
-    # reporting process only, and only when it is more than a handful of samples or takes more than a second.
+    # Every image is opened and checked here, before step 1: thousands of pages take a while, so this shows progress,
+    # on the reporting process only, and only when it is more than a handful of samples or takes more than a second.
     # (closing: the display ends here, also on a bad sample, before the error is reported.)
     checking = progress_if_slow(
         records, desc=f"checking {split} data", total=total, unit="sample", disable=not is_main_process()
@@ -339,7 +488,7 @@ class DocumentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        images = [load_image(ref, max_pixels=None) for ref in sample.images]  # checked when prepared
+        images = self._load_images(sample)
         text = self.family.render_prompt(self.processor, self.instruction_text, len(images))
         encoded = self.family.encode_prompt(self.processor, images, text)
         input_ids, labels = encoded.input_ids, encoded.labels
@@ -352,6 +501,26 @@ class DocumentDataset(torch.utils.data.Dataset):
                     f"{self.family.name}.count_prompt_tokens disagrees with its processor"
                 )
         return {"input_ids": input_ids, "labels": labels, "index": index, **encoded.image_inputs}
+
+    def _load_images(self, sample: Sample) -> list[Image.Image]:
+        """The sample's pages, each decoded only as large as the family can use (`ModelFamily.decode_size`). Sizes and
+        pixel limits were checked when the sample was prepared; what that check could not see (a JPEG corrupt past
+        what a 1/8-scale decode reads, a PNG whose data inflates wrong, a file changed since) is a DataError naming
+        the sample and the file, not a traceback from inside PIL."""
+        count = len(sample.images)
+
+        def needed(size: tuple[int, int]) -> tuple[int, int]:
+            return self.family.decode_size(self.processor, size, count)
+
+        images = []
+        for ref in sample.images:
+            try:
+                images.append(load_image(ref, max_pixels=None, decode_size=needed))
+            except FileNotFoundError as err:
+                raise DataError(f"{sample.origin}: image not found: {err.filename or _image_name(ref)}") from None
+            except (OSError, ValueError, SyntaxError) as err:  # PIL's (and PdfError's) for unreadable files
+                raise DataError(f"{sample.origin}: unreadable image {_image_name(ref)}: {err}") from None
+        return images
 
 
 @dataclass

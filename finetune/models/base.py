@@ -45,6 +45,52 @@ def pages_per_text(images, text) -> tuple[list[str], list[list[Image.Image]]]:
     return texts, images
 
 
+# Large pages are decoded reduced (`finetune.data.dataset.load_image`): the page's full (EXIF-oriented) size travels in
+# `image.info[SOURCE_SIZE_KEY]`, so that a family's preprocessing picks its grid from the page as it is, not as decoded,
+# and in `image.info[SOURCE_BOX_KEY]` the fractional box of the reduced image that the full page covers (a reduction
+# rounds each side up: its last row and column stand for less than n of the page's, and an EXIF rotation may bring
+# them to the top or the left), for resampling with the full page's geometry.
+SOURCE_SIZE_KEY = "finetune.source_size"
+SOURCE_BOX_KEY = "finetune.source_box"
+
+
+def reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """`size` reduced by a whole `factor`, each side rounded up: what JPEG's DCT scaling, `Image.reduce` and a PDF
+    rendered at 1/factor of its scale produce."""
+    return -(-size[0] // factor), -(-size[1] // factor)
+
+
+def source_size(image: Image.Image) -> tuple[int, int]:
+    """The full size of the page `image` was decoded from: `info[SOURCE_SIZE_KEY]` when the image is that page reduced
+    by a whole factor (checked, so that a stale value on a since-resized copy is ignored), else its own size."""
+    source = image.info.get(SOURCE_SIZE_KEY)
+    if not source or tuple(source) == image.size:
+        return image.size
+    factor = max(1, round(source[0] / image.width))
+    return tuple(source) if reduced_size(tuple(source), factor) == image.size else image.size
+
+
+def source_box(image: Image.Image) -> tuple[float, float, float, float] | None:
+    """The box of `image` (fractional pixels) that the full page covers, when it is a reduced decode (`source_size`
+    differs from its size); None for a full one, whose resampling then runs exactly as it always has."""
+    if source_size(image) == image.size:
+        return None
+    box = image.info.get(SOURCE_BOX_KEY)
+    return tuple(box) if box else (0.0, 0.0, float(image.width), float(image.height))
+
+
+def largest_reduction(size: tuple[int, int], usable, max_factor: int = 64) -> tuple[int, int]:
+    """`reduced_size(size, n)` for the largest n such that `usable(reduced_size(size, m))` holds for every m in 1..n:
+    the least size a family can take a page of `size` at, when every whole-factor reduction down to it must work."""
+    best = size
+    for factor in range(2, max_factor + 1):
+        candidate = reduced_size(size, factor)
+        if not usable(candidate):
+            break
+        best = candidate
+    return best
+
+
 REMOTE_CODE_KEY = "auto_map"  # top-level key of config.json / tokenizer / processor configs naming remote classes
 
 
@@ -167,6 +213,15 @@ class ModelFamily(ABC):
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:
         """The chat-formatted prompt text up to and including the assistant's turn header."""
 
+    def prompt_format(self, processor) -> dict[str, Any]:
+        """The processor options, beyond the recipe's, that decide how a prompt is written (e.g. `page_labels`).
+        Each checkpoint records them, so that a resumed run writes its prompts as the run began."""
+        return {}
+
+    def legacy_prompt_format(self) -> dict[str, Any]:
+        """The prompt format of a checkpoint that records none (written before prompt formats were recorded)."""
+        return {}
+
     @abstractmethod
     def end_of_turn_token(self, processor) -> str:
         """The token that closes the assistant's turn (labelled, and a stop token for generation)."""
@@ -183,6 +238,15 @@ class ModelFamily(ABC):
     @abstractmethod
     def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Batch the per-sample image tensors into the model's keyword arguments."""
+
+    def decode_size(self, processor, size: tuple[int, int], num_images: int = 1) -> tuple[int, int]:
+        """The least (width, height) a page whose full (EXIF-oriented) size is `size`, one of `num_images` in its
+        prompt, may be decoded at and still give this family's pixels for the full page: the same grid and token count
+        (chosen from `size`, which `load_image` passes on as `source_size(image)`), and every resampling still a
+        downscale, so the tiles equal the full decode's within the resampler's rounding. `load_image` decodes at the
+        most reduced `reduced_size(size, n)` that is at least this in both sides; so every whole-factor reduction
+        down to it must be usable (`largest_reduction`). The default, `size`, never reduces."""
+        return size
 
     def training_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The forward's inputs for a right-padded training batch.

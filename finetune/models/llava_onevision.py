@@ -14,6 +14,7 @@ Quirks kept here:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +33,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import Llava
 from transformers.processing_utils import ProcessorMixin
 
 from finetune.errors import UserError
-from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily, drop_remote_code
+from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily, drop_remote_code, largest_reduction
 from finetune.models.hub import resolve_checkpoint
 
 # ChatML as used by llava-hf's OneVision checkpoints: images first in the user turn, then the text.
@@ -257,6 +258,32 @@ class LlavaOnevisionFamily(ModelFamily):
             return per_image * len(image_sizes)
         hw_sizes = [(height, width) for width, height in image_sizes]
         return sum(processor._get_num_multimodal_tokens(image_sizes=hw_sizes)["num_image_tokens"])
+
+    def decode_size(self, processor, size: tuple[int, int], num_images: int = 1) -> tuple[int, int]:
+        # The stock image processor picks its anyres grid from the image it is given, so a reduction is usable only
+        # when the reduced page gets the same grid (`select_best_resolution`, which weighs the area too), the same
+        # aspect-kept size inside it (the same padding) and the same token count, and both resamplings (onto the grid,
+        # and the whole page onto the base crop) stay downscales.
+        from transformers.image_processing_utils import select_best_resolution
+
+        image_processor = processor.image_processor
+        base = (image_processor.size["height"], image_processor.size["width"])
+        pinpoints = image_processor.image_grid_pinpoints
+
+        def layout(width: int, height: int):
+            best = select_best_resolution((height, width), pinpoints)
+            scale_w, scale_h = best[1] / width, best[0] / height
+            if scale_w < scale_h:
+                inner = (best[1], min(math.ceil(height * scale_w), best[0]))
+            else:
+                inner = (min(math.ceil(width * scale_h), best[1]), best[0])
+            return best, inner, self._image_tokens(processor, [(width, height)])
+
+        full = layout(*size)
+        need_w, need_h = max(full[1][0], base[1]), max(full[1][1], base[0])
+        return largest_reduction(
+            size, lambda s: s[0] >= need_w and s[1] >= need_h and layout(*s) == full, max_factor=16
+        )
 
     def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixel_values = [s["pixel_values"] for s in samples if s["num_images"]]

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.models.base import largest_reduction, source_box, source_size
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -96,14 +98,15 @@ def _msac_grids(width: int, height: int, tile_size: int, max_tiles: int) -> tupl
 
 def _cut(image: Image.Image, grid: Grid, tile_size: int, use_thumbnail: bool) -> list[Image.Image]:
     cols, rows = grid
-    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
+    box = source_box(image)  # None for a full decode; a reduced one resamples exactly the part the page covers
+    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC, box=box)
     tiles = [
         resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
         for r in range(rows)
         for c in range(cols)
     ]  # row-major: left→right, then top→bottom
     if use_thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC, box=box))
     return tiles
 
 
@@ -115,8 +118,9 @@ def tile_image(
     use_thumbnail: bool = True,
     prior: Grid | None = None,
 ) -> tuple[list[Image.Image], Grid]:
-    """Resize onto the closest grid, cut row-major, append a thumbnail when there is more than one tile."""
-    grid = choose_grid(image.width, image.height, target_grids(min_tiles, max_tiles, prior), tile_size)
+    """Resize onto the closest grid, cut row-major, append a thumbnail when there is more than one tile. The grid is
+    chosen from the full page's size (`source_size`: the same as the image's unless it was decoded reduced)."""
+    grid = choose_grid(*source_size(image), target_grids(min_tiles, max_tiles, prior), tile_size)
     return _cut(image, grid, tile_size, use_thumbnail), grid
 
 
@@ -127,7 +131,7 @@ def msac_tiles(image: Image.Image, tile_size: int = 448, max_tiles: int = 6) -> 
     No pass-2 candidate → pass 1 alone (with thumbnail). A single pass-1 tile equals the thumbnail and is
     only emitted once, as the thumbnail. See the module docstring.
     """
-    a1, a2 = _msac_grids(image.width, image.height, tile_size, max_tiles)
+    a1, a2 = _msac_grids(*source_size(image), tile_size, max_tiles)
     first = _cut(image, a1, tile_size, use_thumbnail=True)
     if a2 is None:
         return first
@@ -154,6 +158,30 @@ def count_tiles(
         n1 = _n_tiles(a1, True)
         return n1 if a2 is None else _n_tiles(a2, True) + n1 - 1
     return _n_tiles(choose_grid(width, height, target_grids(min_tiles, max_tiles), tile_size), True)
+
+
+def decode_size(
+    width: int,
+    height: int,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = 6,
+    use_msac: bool = False,
+    num_images: int = 1,
+    tile_size: int = 448,
+    max_tiles_per_image: int | None = None,
+) -> tuple[int, int]:
+    """The least size a `width` × `height` page can be decoded at for `preprocess` (the grid comes from the full size):
+    at least every grid image it is resized onto (cols · tile × rows · tile, both MSAC passes) and the thumbnail, so
+    that each resampling stays a downscale."""
+    min_tiles, max_tiles = _effective_range(min_tiles, max_tiles, max_tiles_per_image)
+    if use_msac and num_images == 1:
+        grids = [g for g in _msac_grids(width, height, tile_size, max_tiles) if g is not None]
+    else:
+        grids = [choose_grid(width, height, target_grids(min_tiles, max_tiles), tile_size)]
+    need_w = tile_size * max(1, *(cols for cols, _ in grids))
+    need_h = tile_size * max(1, *(rows for _, rows in grids))
+    return largest_reduction((width, height), lambda size: size[0] >= need_w and size[1] >= need_h)
 
 
 # (x / 255 - mean) / std folded into x · scale - shift: one pass from uint8 and two in place, instead of numpy's

@@ -23,6 +23,7 @@ from PIL import Image
 
 from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
 from finetune.models.hub import resolve_checkpoint
+from finetune.models.ovis import image as ovis_image
 from finetune.models.ovis.checkpoint import SIDE_FILE_PATTERNS, load_ovis, save_checkpoint
 from finetune.models.ovis.processor import OvisProcessor
 from finetune.models.ovis.tiny import build_tiny_ovis
@@ -134,6 +135,12 @@ class OvisFamily(ModelFamily):
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:
         return processor.render_prompt(instruction, num_images)
 
+    def prompt_format(self, processor) -> dict:
+        return {"page_labels": processor.settings.page_labels}
+
+    def legacy_prompt_format(self) -> dict:
+        return {"page_labels": False}  # pages were written bare until labels were
+
     def end_of_turn_token(self, processor) -> str:
         return processor.end_of_turn
 
@@ -147,6 +154,9 @@ class OvisFamily(ModelFamily):
 
     def count_prompt_tokens(self, processor, prompt_text: str, image_sizes: list[tuple[int, int]]) -> int:
         return len(processor.encode(prompt_text, processor.grids_for(image_sizes)))
+
+    def decode_size(self, processor, size: tuple[int, int], num_images: int = 1) -> tuple[int, int]:
+        return ovis_image.decode_size(*size, processor.settings.side, processor.settings.max_partition)
 
     def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         # Every crop of the batch in one tensor, in the order the image tokens appear.

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.models.base import largest_reduction, source_box, source_size
+
 COVERING_THRESHOLD = 0.9
 
 
@@ -94,9 +96,12 @@ class Normalisation:
 def square(crop: Image.Image, norm: Normalisation) -> torch.Tensor:
     """One crop as the backbone's [3, S, S] input: aspect-keeping resize (bicubic), then normalised as transformers'
     image processors do (float64 rescale cast to float32, then (x − mean) / std in float32), centred on zeros."""
+    return _centred(crop.resize(resize_target(*crop.size, norm.side), resample=norm.resample), norm)
+
+
+def _centred(resized: Image.Image, norm: Normalisation) -> torch.Tensor:
     side = norm.side
-    width, height = resize_target(*crop.size, side)
-    resized = crop.resize((width, height), resample=norm.resample)
+    width, height = resized.size
     pixels = (np.asarray(resized, dtype=np.float64) * norm.rescale_factor).astype(np.float32)
     pixels = (pixels - np.asarray(norm.mean, dtype=np.float32)) / np.asarray(norm.std, dtype=np.float32)
     out = torch.zeros(3, side, side, dtype=torch.float32)
@@ -109,8 +114,37 @@ def preprocess(image: Image.Image, norm: Normalisation, max_partition: int = 9) 
     """A page as [crops, 3, S, S] (thumbnail first when there are several crops) and its grid."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    grid = best_grid(*image.size, norm.side, max_partition)
+    full = source_size(image)
+    grid = best_grid(*full, norm.side, max_partition)
+    if full != image.size:  # decoded reduced by a whole factor: the full page's crops, each sized as from the full page
+        return _preprocess_reduced(image, full, grid, norm), grid
     crops = [image.crop(box) for box in partition(*image.size, grid)]
     if len(crops) > 1:
         crops.insert(0, image)
     return torch.stack([square(crop, norm) for crop in crops]), grid
+
+
+def _preprocess_reduced(image: Image.Image, full: tuple[int, int], grid: tuple[int, int], norm: Normalisation):
+    """`preprocess` of a page decoded at 1/factor of its `full` size: the crop boxes are the full page's, divided by
+    the factor (fractional: PIL resamples from a fractional box), and each crop is resized to the size the full page's
+    crop gets, so the geometry is the full decode's exactly; only the resampling's input differs."""
+    x0, y0, x1, y1 = source_box(image)  # where the full page lies in the reduced image
+    sx, sy = (x1 - x0) / full[0], (y1 - y0) / full[1]
+    boxes = [(0, 0, *full), *partition(*full, grid)] if grid[0] * grid[1] > 1 else partition(*full, grid)
+    out = []
+    for left, upper, right, lower in boxes:
+        target = resize_target(right - left, lower - upper, norm.side)
+        box = (x0 + left * sx, y0 + upper * sy, x0 + right * sx, y0 + lower * sy)
+        out.append(_centred(image.resize(target, resample=norm.resample, box=box), norm))
+    return torch.stack(out)
+
+
+def decode_size(width: int, height: int, side: int, max_partition: int = 9) -> tuple[int, int]:
+    """The least size a `width` × `height` page can be decoded at for `preprocess` (the grid comes from the full size):
+    every crop (and the thumbnail) keeps at least the size it is resized to, so each resampling stays a downscale."""
+    grid = best_grid(width, height, side, max_partition)
+    boxes = partition(width, height, grid) + ([(0, 0, width, height)] if grid[0] * grid[1] > 1 else [])
+    # (crop width, crop height, resized width, resized height); a crop the full page already upscales never shrinks.
+    crops = [(r - left, b - u, *resize_target(r - left, b - u, side)) for left, u, r, b in boxes]
+    most = min(min(w / tw, h / th) for w, h, tw, th in crops)  # the largest factor that keeps every crop's size
+    return largest_reduction((width, height), lambda size: round(width / size[0]) <= most)
