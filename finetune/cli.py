@@ -48,6 +48,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts and budgets: a whole number of at least 1 (argparse reports anything else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} (must be at least 1)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """`finetune COMMAND [ARGS]`: run one command behind the error boundary; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)

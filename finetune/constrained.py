@@ -104,10 +104,42 @@ def tokens_per_unit(tokenizer) -> int:
     return max(1, *counts)
 
 
+def longest_answer_frame(schema: dict, max_string_length: int, max_items: int) -> tuple[str, int, int, int]:
+    """The longest answer the bounded schema allows (the same choices as `longest_answer_units`), split into what
+    the schema fixes and what the model chooses: (the compact JSON with every string `""` and every number left
+    out, string characters, number characters, number of string / number slots)."""
+    kinds = schema.get("type", ["string", "number", "boolean", "null"])
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    options = [("null", 0, 0, 0)]
+    if "object" in kinds:
+        parts = [
+            (json.dumps(k, ensure_ascii=False), longest_answer_frame(v, max_string_length, max_items))
+            for k, v in (schema.get("properties") or {}).items()
+        ]
+        text = "{" + ",".join(f"{key}:{frame[0]}" for key, frame in parts) + "}"
+        options.append((text, *(sum(frame[i] for _, frame in parts) for i in (1, 2, 3))))
+    if "array" in kinds:
+        item = longest_answer_frame(schema.get("items") or {}, max_string_length, max_items)
+        options.append(("[" + ",".join([item[0]] * max_items) + "]", *(max_items * n for n in item[1:])))
+    if "string" in kinds:
+        options.append(('""', max_string_length, 0, 1))
+    if "number" in kinds or "integer" in kinds:
+        options.append(("", 0, NUMBER_CHARS, 1))
+    if "boolean" in kinds:
+        options.append(("false", 0, 0, 0))
+    return max(options, key=lambda o: len(o[0]) + o[1] + o[2])
+
+
 def answer_token_budget(schema: dict, tokenizer, *, max_string_length: int, max_items: int) -> int:
-    """Tokens the longest answer the bounds allow may take: `longest_answer_units` × `tokens_per_unit`, plus the
-    end token."""
-    return longest_answer_units(schema, max_string_length, max_items) * tokens_per_unit(tokenizer) + 1
+    """Tokens the longest answer the bounds allow may take, plus the end token: what the schema fixes (keys,
+    brackets, quotes) as this tokenizer encodes it, every string character at `tokens_per_unit` (any character
+    may come), every number character at the most a digit, sign, point or exponent takes, and two tokens per
+    string or number for merges its content breaks at either end. Keys are counted as the tokenizer encodes
+    them, not character by character: a list of objects repeats its keys `max_items` times."""
+    frame, string_units, number_units, slots = longest_answer_frame(schema, max_string_length, max_items)
+    fixed = len(tokenizer.encode(frame, add_special_tokens=False)) if frame else 0
+    per_digit = max(len(tokenizer.encode(c, add_special_tokens=False)) for c in "0123456789-+.eE")
+    return fixed + string_units * tokens_per_unit(tokenizer) + number_units * max(1, per_digit) + 2 * slots + 1
 
 
 def fit_token_budget(requested: int | None, needed: int, *, say=None) -> int:

@@ -25,10 +25,19 @@ import json
 import sys
 from pathlib import Path
 
-from finetune.cli import ArgumentParser, run_entry_point
+from finetune.cli import ArgumentParser, positive_int, run_entry_point
 from finetune.errors import UserError
 
 DEFAULT_INSTRUCTION = "Extract the details from the document image and structure them into JSON format:"
+
+
+def _local_source(source, missing_source) -> bool:
+    """A recorded recipe's data source is here to read: a path that exists, or a format mapping whose folder does."""
+    if isinstance(source, dict):
+        from finetune.config import DataSource
+
+        return source.get("format") != "hf" and missing_source(DataSource.model_validate(source)) is None
+    return Path(source).exists()
 
 
 def evaluate_model(
@@ -45,6 +54,7 @@ def evaluate_model(
     max_items: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    max_pdf_pages: int | None = None,
     headline: str = "strict",
     max_samples: int | None = None,
     report: bool = True,
@@ -57,6 +67,7 @@ def evaluate_model(
     from finetune.atomic import atomic_folder
     from finetune.constrained import DEFAULT_MAX_NEW_TOKENS, JsonConstraint, fit_token_budget, trained_answer
     from finetune.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, prepare_samples
+    from finetune.data.formats import missing_source, source_stem
     from finetune.data.pdf import pdf_settings
     from finetune.data.prompt import derive_skeleton, render_instruction
     from finetune.data.sources import read_records
@@ -71,7 +82,7 @@ def evaluate_model(
         raise UserError(f"--skeleton: {source.weights} has the skeleton it was trained with (prompt.json); drop it")
     if data in ("train", "val", "test"):
         data = source.split(data)
-    out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{Path(data).stem}"
+    out = Path(out_dir) if out_dir else Path(source.weights) / f"eval-{source_stem(data)}"
     check_eval_out(out, overwrite=overwrite)
     fam, processor, net = load_model_and_processor(source)
     if source.prompt:  # the skeleton the model was trained with; --instruction may only reword the instruction
@@ -86,7 +97,7 @@ def evaluate_model(
     train_data = source.recipe.get("data", {}).get("train")
     examples = (
         [r.target for r in read_records(train_data) if isinstance(r.target, dict)]
-        if trained is None and train_data and Path(train_data).exists()
+        if trained is None and train_data and _local_source(train_data, missing_source)
         else None
     )
     answer_schema = trained["schema"] if trained else schema_from_skeleton(skeleton, examples)
@@ -104,11 +115,12 @@ def evaluate_model(
         limit=max_samples,
         # the run's own limit, so that it reads the pages it was trained on
         max_image_pixels=source.recipe.get("data", {}).get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS,
-        **pdf_settings(source.recipe),  # PDFs rendered as in training
+        **pdf_settings(source.recipe, max_pdf_pages=max_pdf_pages),  # PDFs rendered as in training
     )
     if not samples:
         raise UserError(f"{data}: no usable samples ({report_.summary()})")
     accelerator = Accelerator()
+    say = info if accelerator.is_main_process else lambda message: None  # one line per run, not per process
     net = accelerator.prepare(net.eval())
     constraint = None
     if constrained:
@@ -122,11 +134,11 @@ def evaluate_model(
             max_items=max_items,
             answer_schema=answer_schema,
         )
-        info(
+        say(
             f"constrained decoding: strings up to {constraint.max_string_length} characters, lists up to "
             f"{constraint.max_items} items"
         )
-        max_new_tokens = fit_token_budget(max_new_tokens, constraint.token_budget)
+        max_new_tokens = fit_token_budget(max_new_tokens, constraint.token_budget, say=say)
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     result = evaluate(
         net,
@@ -178,6 +190,11 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
     )
     parser.add_argument("--model", required=True, help="run folder, saved model / adapter folder, or base checkpoint")
     parser.add_argument("--data", required=True, help="val / test (with a run folder) or a JSONL file / dataset")
+    parser.add_argument(
+        "--data-format",
+        choices=["jsonl", "imagefolder", "hf", "donut", "sroie", "funsd"],
+        help="read --data in this published layout (finetune/data/formats.py), e.g. a SROIE or FUNSD folder",
+    )
     parser.add_argument("--out", help="output folder (default: <model>/eval-<data name>)")
     parser.add_argument(
         "--overwrite",
@@ -194,27 +211,32 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
     parser.add_argument("--constrained", action="store_true", help="schema-constrained decoding (xgrammar)")
     parser.add_argument(
         "--max-string-length",
-        type=int,
+        type=positive_int,
         help="constrained: longest string (default: the model folder's saved bound, else from the run's training "
         "targets, else 64)",
     )
     parser.add_argument(
-        "--max-items", type=int, help="constrained: longest list (default: as --max-string-length, else 16)"
+        "--max-items", type=positive_int, help="constrained: longest list (default: as --max-string-length, else 16)"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument(
+        "--max-pdf-pages",
+        type=positive_int,
+        help="most PDF pages per sample (default: the run's data.max_pdf_pages, else 8); more is an error",
+    )
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         help="generation budget (default 512; constrained: raised to fit the longest answer the bounds allow, up to "
         "4096; given, it is kept and a warning says when it is too small)",
     )
     parser.add_argument("--headline", choices=["strict", "normalized"], default="strict")
-    parser.add_argument("--max-samples", type=int)
+    parser.add_argument("--max-samples", type=positive_int)
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
     metrics = evaluate_model(
         args.model,
-        args.data,
+        {"format": args.data_format, "path": args.data} if args.data_format else args.data,
         out_dir=args.out,
         family=args.family,
         base=args.base,
@@ -225,6 +247,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict:
         max_items=args.max_items,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        max_pdf_pages=args.max_pdf_pages,
         headline=args.headline,
         max_samples=args.max_samples,
         report=not args.no_report,

@@ -24,6 +24,9 @@ from accelerate.utils import gather_object
 
 from finetune import metrics as scoring
 from finetune.data.dataset import Collator, DocumentDataset, Sample
+from finetune.data.pdf import PdfPage
+from finetune.data.prompt import derive_skeleton
+from finetune.data.target_stats import target_field_stats
 from finetune.metrics import json_exact_match  # noqa: F401  (the headline metric, importable from here too)
 from finetune.models.base import ModelFamily
 from finetune.progress import progress_if_slow
@@ -46,6 +49,8 @@ class EvalResult:
     metrics: dict[str, Any]
     predictions: list[dict[str, Any]]  # one JSON-serialisable record per sample
     images: list[list[Any]] = field(default_factory=list)  # image references per sample, for the report
+    # Per field of the skeleton, how often the gold targets miss it or hold it empty / null (target_stats.py).
+    target_fields: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -186,21 +191,32 @@ def score(
             }
         )
     aggregate["truncated_rate"] = sum(bool(row.get("truncated")) for row in rows) / len(rows) if rows else 0.0
-    return EvalResult(aggregate, records, images=[s.images for s in chosen])
+    golds = [s.target for s in chosen]
+    fields = target_field_stats(skeleton or derive_skeleton(golds), golds)
+    return EvalResult(aggregate, records, images=[s.images for s in chosen], target_fields=fields)
 
 
 def write_eval(
-    result: EvalResult, out_dir: Path, prefix: str = "", *, report: bool = True, title: str = "Evaluation report"
+    result: EvalResult,
+    out_dir: Path,
+    prefix: str = "",
+    *,
+    report: bool = True,
+    title: str = "Evaluation report",
+    train_fields: dict[str, dict[str, int]] | None = None,
 ) -> None:
-    """`{prefix}predictions.jsonl`, `{prefix}metrics.json` and (with `report`) `{prefix}report.html`."""
+    """`{prefix}predictions.jsonl`, `{prefix}metrics.json` and (with `report`) `{prefix}report.html`, whose target
+    statistics show the evaluated split's gold targets (and the training targets', `train_fields`, when given)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{prefix}predictions.jsonl").open("w", encoding="utf-8") as handle:
         for row, images in zip(result.predictions, result.images or [[]] * len(result.predictions), strict=True):
-            paths = [ref for ref in images if isinstance(ref, str)]  # dataset images (bytes) stay out of the file
+            # Files (and PDF pages, `file.pdf#page=2`) by name; dataset images (bytes) stay out of the file.
+            paths = [str(ref) for ref in images if isinstance(ref, (str, Path, PdfPage))]
             handle.write(json.dumps({**row, **({"images": paths} if paths else {})}, ensure_ascii=False) + "\n")
     (out_dir / f"{prefix}metrics.json").write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n")
     if report:
         from finetune.report import write_report
 
         records = [{**row, "images": images} for row, images in zip(result.predictions, result.images, strict=True)]
-        write_report(out_dir / f"{prefix}report.html", records, result.metrics, title=title)
+        stats = {"evaluated": result.target_fields, **({"train": train_fields} if train_fields else {})}
+        write_report(out_dir / f"{prefix}report.html", records, result.metrics, title=title, target_stats=stats)

@@ -82,6 +82,9 @@ from rapidfuzz.distance import Levenshtein
 from finetune.schema import conforms, schema_from_skeleton  # noqa: F401  (part of this module's API)
 
 EXACT_MATCH_MODES = ("strict", "normalized")
+# The scoring rules' version, kept with a run's metrics (metrics.json): scores made under other rules are no yardstick
+# for new ones. 1 (absent): before invalid predictions scored 0 everywhere and undefined pairs were left out of means.
+METRICS_VERSION = 2
 _WS = re.compile(r"\s+")
 _MISSING = object()  # normalised-mode stand-in for null / "" / missing key
 

@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from finetune.cli import ArgumentParser, run_entry_point
+from finetune.cli import ArgumentParser, positive_int, run_entry_point
 from finetune.errors import UserError
 
 # .pdf: every page is one image of the document's prompt (finetune/data/pdf.py), at the run's data.pdf_dpi
@@ -63,6 +63,7 @@ def predict(
     constrained: bool = False,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    max_pdf_pages: int | None = None,
     max_string_length: int | None = None,
     max_items: int | None = None,
 ) -> list[dict]:
@@ -106,11 +107,12 @@ def predict(
         max_length=1 << 20,
         # the run's own limit, so that it reads the pages it was trained on
         max_image_pixels=source.recipe.get("data", {}).get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS,
-        **pdf_settings(source.recipe),
+        **pdf_settings(source.recipe, max_pdf_pages=max_pdf_pages),
     )
     if len(samples) != len(images):
         raise UserError(f"some images could not be read: {report.summary()}")
     accelerator = Accelerator()
+    say = info if accelerator.is_main_process else lambda message: None  # one line per run, not per process
     net = accelerator.prepare(net)
     constraint = None
     if constrained:
@@ -123,11 +125,11 @@ def predict(
             max_items=max_items or (trained and trained["max_items"]),
             answer_schema=trained["schema"] if trained else None,
         )
-        info(
+        say(
             f"constrained decoding: strings up to {constraint.max_string_length} characters, lists up to "
             f"{constraint.max_items} items"
         )
-        max_new_tokens = fit_token_budget(max_new_tokens, constraint.token_budget)
+        max_new_tokens = fit_token_budget(max_new_tokens, constraint.token_budget, say=say)
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     result = evaluate(
         net,
@@ -169,15 +171,22 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> list[dict
     )
     parser.add_argument("--constrained", action="store_true", help="schema-constrained decoding (xgrammar)")
     parser.add_argument(
-        "--max-string-length", type=int, help="constrained: longest string (default: the model's saved bound, else 64)"
+        "--max-string-length",
+        type=positive_int,
+        help="constrained: longest string (default: the model's saved bound, else 64)",
     )
     parser.add_argument(
-        "--max-items", type=int, help="constrained: longest list (default: the model's saved bound, else 16)"
+        "--max-items", type=positive_int, help="constrained: longest list (default: the model's saved bound, else 16)"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument(
+        "--max-pdf-pages",
+        type=positive_int,
+        help="most PDF pages per sample (default: the run's data.max_pdf_pages, else 8); more is an error",
+    )
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         help="generation budget (default 512; constrained: raised to fit the longest answer the bounds allow, up to "
         "4096; given, it is kept and a warning says when it is too small)",
     )
@@ -195,6 +204,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> list[dict
         constrained=args.constrained,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        max_pdf_pages=args.max_pdf_pages,
         max_string_length=args.max_string_length,
         max_items=args.max_items,
     )

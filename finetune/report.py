@@ -36,6 +36,7 @@ h2 { font-size: 16px; margin: 0 0 10px; }
 .panels { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.4fr); gap: 16px; }
 table.metrics { border-collapse: collapse; width: 100%; }
 table.metrics td { padding: 4px 8px; border-bottom: 1px solid #eceef2; }
+table.metrics th { text-align: left; padding: 4px 8px; border-bottom: 1px solid #dde0e6; color: #555; font-size: 12px; }
 table.metrics td.v { text-align: right; font-variant-numeric: tabular-nums; font-weight: 600; }
 .undefined { color: #777; font-weight: normal; font-size: 12px; }
 .bar-row { display: grid; grid-template-columns: 220px 1fr 56px; gap: 8px; align-items: center; margin: 3px 0; }
@@ -260,7 +261,33 @@ def _field_bars(per_field: dict) -> str:
     return "".join(rows)
 
 
-def render_report(records: list[dict], metrics: dict, *, title: str = "Evaluation report") -> str:
+def _target_stats(target_stats: dict[str, dict[str, dict[str, int]]] | None) -> str:
+    """Per split, the fields some targets miss, leave empty or null (target_stats.py): a missing gold field is not
+    scored, and a field often missing in training is one the model learns to leave out."""
+    if not target_stats:
+        return ""
+    rows = []
+    for split, fields in target_stats.items():
+        for name, c in fields.items():
+            if c["missing"] or c["empty"] or c["null"]:
+                cells = "".join(f'<td class="v">{c[k]:,}</td>' for k in ("missing", "empty", "null", "of"))
+                rows.append(f"<tr><td>{escape(split)}</td><td>{escape(name)}</td>{cells}</tr>")
+    if not rows:
+        splits = " and ".join(escape(s) for s in target_stats)
+        body = f"<p>Every field of the skeleton is present and non-empty in every target ({splits}).</p>"
+    else:
+        head = "<tr><th>targets</th><th>field</th><th>missing</th><th>empty</th><th>null</th><th>of</th></tr>"
+        body = f'<table class="metrics target-stats">{head}{"".join(rows)}</table>'
+    return f'<section class="panel"><h2>Targets: fields missing, empty or null</h2>{body}</section>'
+
+
+def render_report(
+    records: list[dict],
+    metrics: dict,
+    *,
+    title: str = "Evaluation report",
+    target_stats: dict[str, dict[str, dict[str, int]]] | None = None,
+) -> str:
     """Build the report page as one HTML string (see `write_report`)."""
     headline_name, headline_value = _headline(metrics, records)
     headline_text = "n/a" if headline_value is None else f"{100 * headline_value:.1f}%"
@@ -278,15 +305,25 @@ def render_report(records: list[dict], metrics: dict, *, title: str = "Evaluatio
 <div class="panels"><section class="panel"><h2>Metrics</h2>{_metric_table(metrics)}</section>
 <section class="panel"><h2>Per-field accuracy (worst first)</h2>{_field_bars(metrics.get("per_field_accuracy") or {})}
 </section></div>
+{_target_stats(target_stats)}
 <section><h2>Samples (failures first)</h2>{legend}
 {cards}
 </section></main></body></html>
 """
 
 
-def write_report(path: str | Path, records: list[dict], metrics: dict, *, title: str = "Evaluation report") -> Path:
-    """Write one self-contained HTML report (no external CSS/JS/fonts/images) to `path` and return the path."""
+def write_report(
+    path: str | Path,
+    records: list[dict],
+    metrics: dict,
+    *,
+    title: str = "Evaluation report",
+    target_stats: dict[str, dict[str, dict[str, int]]] | None = None,
+) -> Path:
+    """Write one self-contained HTML report (no external CSS/JS/fonts/images) to `path` and return the path.
+    `target_stats`: per split label, `target_field_stats` of its targets (shown where some field is missing,
+    empty or null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(records, metrics, title=title), encoding="utf-8")
+    path.write_text(render_report(records, metrics, title=title, target_stats=target_stats), encoding="utf-8")
     return path

@@ -13,6 +13,9 @@ d248e34 for Ovis1.6) in a scratch environment with the transformers it was writt
     /tmp/ovis-orig/bin/python scripts/ovis_reference.py /tmp/orig-ovis2 /tmp/tiny-ovis2 ovis2 $OUT
     /tmp/ovis-orig/bin/python scripts/ovis_reference.py /tmp/orig-ovis16 /tmp/tiny-ovis1.6 ovis1.6 $OUT
 
+The query is the original's for each variant: pages first, then the instruction; several pages labelled
+`Image {i}: <image>` for Ovis2 as its model cards write them, bare `<image>` lines for Ovis1.6 (`image_lines`).
+
 The original imports deepspeed at module level; a stub stands in for it (nothing of it runs on one CPU process). Its
 conversation formatters accept only the real tokenizer classes; the tiny checkpoints' tokenizer is a
 PreTrainedTokenizerFast over the same kind of tokenizer.json, so the check is relaxed for it.
@@ -39,6 +42,17 @@ def pages(side: int) -> dict[str, list[Image.Image]]:
     return {"one-page": [noise], "two-crops": [halves], "two-pages": [halves, noise]}
 
 
+def image_lines(variant: str, num_images: int) -> str:
+    """The query's page lines as each variant's original writes them. Ovis2 labels several images: its model cards
+    (AIDC-AI/Ovis2-* README.md, "multiple-images input") build the query as
+    `'\\n'.join([f'Image {i+1}: <image>' for i in range(len(images))]) + '\\n' + text`, and one image as
+    `'<image>\\n' + text`. Ovis1.6 writes a bare `<image>\\n` per image (ovis/serve/runner.py@d248e34, "build
+    query")."""
+    if variant == "ovis2" and num_images > 1:
+        return "\n".join(f"Image {i + 1}: <image>" for i in range(num_images)) + "\n"
+    return "<image>\n" * num_images
+
+
 def pixel_digest(pixel_values: torch.Tensor) -> list[list[float]]:
     """Per crop, in order: the sum of its values and their sum weighted by position (so order and placement show)."""
     crops = pixel_values.double()
@@ -47,6 +61,8 @@ def pixel_digest(pixel_values: torch.Tensor) -> list[list[float]]:
 
 
 def main(original: str, checkpoint: str, variant: str, out: str) -> None:
+    if variant not in ("ovis2", "ovis1.6"):
+        raise SystemExit(f"variant: ovis2 or ovis1.6, not {variant!r}")
     stub = Path(tempfile.mkdtemp()) / "deepspeed"
     stub.mkdir()
     (stub / "__init__.py").write_text("class zero:\n    Init = GatheredParameters = None\n")
@@ -66,7 +82,7 @@ def main(original: str, checkpoint: str, variant: str, out: str) -> None:
     side = model.get_visual_tokenizer().get_image_size()[0]
     record = {}
     for name, images in pages(side).items():
-        query = "<image>\n" * len(images) + INSTRUCTION
+        query = image_lines(variant, len(images)) + INSTRUCTION
         prompt, input_ids, pixel_values = model.preprocess_inputs(query, images, max_partition=9)
         with torch.no_grad():
             mask = torch.ones(1, len(input_ids), dtype=torch.bool)

@@ -17,6 +17,7 @@ from finetune.constrained import (
     answer_token_budget,
     fit_token_budget,
     longest_answer_units,
+    tokens_per_unit,
 )
 from finetune.errors import UserError
 from finetune.eval import evaluate_model
@@ -208,9 +209,36 @@ def test_the_budget_is_estimated_from_the_bounds_and_this_tokenizer(tiny_mississ
     units = longest_answer_units(schema, 200, 3)
     longest = json.dumps({"number": "x" * 200, "items": [{"name": "x" * 200}] * 3}, separators=(",", ":"))
     assert units == len(longest)
-    processor = get_family("mississippi").load_processor(str(tiny_mississippi))
-    per_char = max(len(processor.tokenizer.encode(c, add_special_tokens=False)) for c in "a€中\U0001d11e")
-    assert answer_token_budget(schema, processor.tokenizer, max_string_length=200, max_items=3) >= units * per_char
+    tokenizer = get_family("mississippi").load_processor(str(tiny_mississippi)).tokenizer
+    budget = answer_token_budget(schema, tokenizer, max_string_length=200, max_items=3)
+    # An upper bound on what the longest answers take, whatever their characters (a byte-level tokenizer spends
+    # four tokens on a character outside the BMP) ...
+    for char in ("a", "€", "中", "\U0001d11e", "\\n"):
+        answer = {"number": "x" * 200, "items": [{"name": "x" * 200}] * 3}
+        text = json.dumps(answer, separators=(",", ":"), ensure_ascii=False)
+        filled = text.replace("x" * 200, char * (200 // len(char)))
+        assert len(tokenizer.encode(filled, add_special_tokens=False)) + 1 <= budget, char
+    per_char = max(len(tokenizer.encode(c, add_special_tokens=False)) for c in "a€中\U0001d11e")
+    assert budget <= units * per_char + 1  # ... and no more than the character-by-character estimate
+
+
+def test_the_budget_counts_keys_as_tokens_not_as_worst_case_characters(tiny_mississippi):
+    """A list of 16 objects repeats its keys 16 times: counted at the worst character's rate they alone would take
+    thousands of tokens; as the tokenizer encodes them, a fraction of that."""
+    from finetune.models import get_family
+    from finetune.schema import schema_from_skeleton
+
+    keys = ["description", "quantity", "unit_price", "line_total", "tax_rate"]
+    schema = schema_from_skeleton({"items": [dict.fromkeys(keys, "")]})
+    tokenizer = get_family("mississippi").load_processor(str(tiny_mississippi)).tokenizer
+    budget = answer_token_budget(schema, tokenizer, max_string_length=8, max_items=16)
+    per_char = tokens_per_unit(tokenizer)
+    naive = longest_answer_units(schema, 8, 16) * per_char + 1
+    assert budget < 0.6 * naive
+    longest = json.dumps(
+        {"items": [dict.fromkeys(keys, "\U0001d11e" * 8)] * 16}, separators=(",", ":"), ensure_ascii=False
+    )
+    assert len(tokenizer.encode(longest, add_special_tokens=False)) + 1 <= budget
 
 
 def test_fit_token_budget_raises_the_default_and_warns_about_a_given_one():

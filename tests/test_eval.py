@@ -159,3 +159,33 @@ def test_bench_eval_script_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| batch | constrained |" in result.stdout and result.stdout.count("\n| ") >= 5
+
+
+def test_scores_made_under_other_scoring_rules_are_set_aside_on_resume():
+    """A run resumed across an upgrade of the scoring rules compares new scores with neither its old `before`
+    nor its old `best` (which would then be kept by a score that is not better under the same rules)."""
+    from finetune.metrics import METRICS_VERSION
+    from finetune.training.run_eval import set_aside_outdated
+
+    notes = []
+    old = {"before": {"json_exact_match": 0.5}, "best": {"metric": "field_f1", "value": 0.9, "samples": 3}}
+    kept = set_aside_outdated(old, notes.append)
+    assert "before" not in kept and "best" not in kept and kept["metrics_version"] == METRICS_VERSION
+    assert kept["outdated"] == {"metrics_version": 1, **old}
+    assert len(notes) == 1 and "version 1" in notes[0] and "outdated" in notes[0]
+    current = {"metrics_version": METRICS_VERSION, **old}
+    assert set_aside_outdated(current, notes.append) == current and len(notes) == 1  # same rules: kept as is
+    assert set_aside_outdated({}, notes.append) == {"metrics_version": METRICS_VERSION}  # a new run
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_a_budget_that_is_not_a_positive_number_is_a_usage_error(value, capsys):
+    from finetune.eval import main as eval_main
+    from finetune.predict import main as predict_main
+
+    for command, args in ((eval_main, ["--model", "m", "--data", "d"]), (predict_main, ["--model", "m", "page.png"])):
+        with pytest.raises(SystemExit) as exit_:
+            command([*args, "--max-new-tokens", value])
+        assert exit_.value.code == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert "--max-new-tokens" in line and value in line

@@ -82,3 +82,67 @@ def test_interleaved_pages_are_numbered_in_order_in_the_mississippi_template():
     assert Template(H2OGPT2_CHAT_TEMPLATE).render(messages=[{"role": "user", "content": one}]) == (
         "<|prompt|><image>\nx<|end|>"
     )
+
+
+LABELLING = [key for key in EXPECTED_PAGE_LINES if key in (("mississippi", "test"), ("ovis", "test-ovis2"))]
+
+
+@pytest.fixture(scope="module", params=LABELLING, ids=lambda key: f"{key[0]}-{key[1]}")
+def labelling_checkpoint(request, tmp_path_factory):
+    name, preset = request.param
+    family = get_family(name)
+    path = family.build_tiny_checkpoint(tmp_path_factory.mktemp(f"{name}-{preset}"), **family.tiny_presets[preset])
+    return family, path, request.param
+
+
+def _bare_prompt(key, num_pages: int) -> str:
+    turn = TURNS.get(key[1], TURNS.get(key[0]))
+    return turn.format(pages=("<image>\n" * num_pages), instruction=INSTRUCTION)
+
+
+def test_page_labels_off_writes_bare_lines_in_prompt_and_template(labelling_checkpoint):
+    family, path, key = labelling_checkpoint
+    processor = family.load_processor(str(path), page_labels=False)
+    assert family.prompt_format(processor) == {"page_labels": False}
+    user = {"role": "user", "content": [{"type": "image"}] * 3 + [{"type": "text", "text": INSTRUCTION}]}
+    assert family.render_prompt(processor, INSTRUCTION, 3) == _bare_prompt(key, 3)
+    assert processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False) == _bare_prompt(key, 3)
+    with pytest.raises(Exception, match="page_labels"):
+        family.load_processor(str(path), page_labels="yes")
+
+
+def test_a_folder_saved_before_page_labels_is_prompted_bare(labelling_checkpoint, tmp_path):
+    """A model folder whose processor config predates `page_labels` was trained on bare lines: read as such."""
+    import json
+
+    family, path, key = labelling_checkpoint
+    labelled = family.load_processor(str(path))
+    assert family.prompt_format(labelled) == {"page_labels": True}  # the original checkpoint: the original's labels
+    saved = tmp_path / "saved"
+    labelled.save_pretrained(saved)
+    assert family.prompt_format(family.load_processor(str(saved))) == {"page_labels": True}
+    (config,) = [p for p in saved.glob("*_processor_config.json")]
+    settings = json.loads(config.read_text())
+    del settings["page_labels"]  # as written before the setting existed
+    config.write_text(json.dumps(settings))
+    legacy = family.load_processor(str(saved))
+    assert family.render_prompt(legacy, INSTRUCTION, 2) == _bare_prompt(key, 2)
+    assert family.legacy_prompt_format() == {"page_labels": False}
+
+
+def test_a_resume_keeps_the_prompt_format_its_checkpoint_records(tmp_path):
+    """A checkpoint records the format; one written before formats were recorded resumes with the family's legacy
+    one, so a resumed run's prompts (and token counts) do not change mid-run."""
+    import json
+    from types import SimpleNamespace
+
+    from finetune.training.checkpoint import STATE_FILE, TrainerState
+    from finetune.training.runner import FineTuneRecipe
+
+    family = get_family("mississippi")
+    runner = SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(processor={"max_tiles": 2})), family=family)
+    assert FineTuneRecipe._processor_options(runner, None) == {"max_tiles": 2}
+    TrainerState(global_step=3, prompt_format={"page_labels": True}).save(tmp_path)
+    assert FineTuneRecipe._processor_options(runner, tmp_path) == {"max_tiles": 2, "page_labels": True}
+    (tmp_path / STATE_FILE).write_text(json.dumps({"global_step": 3, "stage": 0, "stage_step": 3, "epoch": 0}))
+    assert FineTuneRecipe._processor_options(runner, tmp_path) == {"max_tiles": 2, "page_labels": False}

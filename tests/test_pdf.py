@@ -144,6 +144,17 @@ def test_more_pages_than_the_cap_is_a_bad_sample_never_a_truncated_one(llava, tm
     assert [len(s.images) for s in samples] == [2, 12]
 
 
+def test_the_page_cap_is_per_sample_across_its_pdfs(llava, tmp_path):
+    """Two 5-page PDFs in one sample are 10 images in its prompt: over a cap of 8, as one 10-page PDF would be."""
+    for name in ("a.pdf", "b.pdf"):
+        write_pdf(tmp_path / name, 5)
+    data = jsonl(tmp_path / "train.jsonl", [{"image": ["a.pdf", "b.pdf"], "target": {"number": "1"}}])
+    with pytest.raises(DataError, match=r"train.jsonl:1: the sample's PDFs have at least 10 pages in all, over "):
+        prepare(llava, data)
+    samples, _ = prepare(llava, data, max_pdf_pages=10)
+    assert [len(s.images) for s in samples] == [10]
+
+
 def test_the_pixel_limit_applies_to_the_rendered_page(llava, tmp_path):
     pdf = write_pdf(tmp_path / "doc.pdf", 1)
     data = jsonl(tmp_path / "train.jsonl", [{"image": "doc.pdf", "target": {"number": "1"}}])
@@ -269,6 +280,8 @@ def test_a_three_page_pdf_trains_evaluates_and_predicts_as_three_images(
     assert metrics["num_samples"] == 1 and seen == [3]
     report = (tmp_path / "eval" / "report.html").read_text()
     assert report.count('<img alt="sample 0"') == 3  # a thumbnail per page
+    (row,) = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert row["images"] == [f"{pdf}#page={i}" for i in (1, 2, 3)]  # the pages it read, by name
 
     seen.clear()
     capsys.readouterr()

@@ -258,3 +258,24 @@ def test_report_shows_undefined_counts():
     assert 'TED acc <b title="undefined for this pair, not in the mean">n/a</b>' in card
     all_undefined = render_report([], {"ted_accuracy": 0.0, "ted_accuracy_undefined": 2, "num_samples": 2})
     assert 'n/a <span class="undefined">(undefined for all 2 samples)' in all_undefined
+
+
+def test_report_shows_the_fields_targets_miss_or_leave_empty_per_split():
+    from finetune.data.dataset import Sample
+    from finetune.evaluation import score
+    from finetune.report import render_report
+
+    skeleton = {"number": "", "total": "", "items": [{"qty": 0}]}
+    golds = [{"number": "1", "total": "", "items": [{"qty": 2}]}, {"number": "2", "items": [{}]}]
+    samples = [Sample([], g, f"test.jsonl:{i + 1}", [], 1) for i, g in enumerate(golds)]
+    result = score(samples, [{"index": 0, "text": "{}"}, {"index": 1, "text": "{}"}], skeleton=skeleton)
+    assert result.target_fields["total"] == {"of": 2, "present": 0, "missing": 1, "empty": 1, "null": 0}
+    assert result.target_fields["items[].qty"]["missing"] == 1 and result.target_fields["number"]["present"] == 2
+    train = {"number": {"of": 9, "present": 9, "missing": 0, "empty": 0, "null": 0}}
+    html = render_report([], result.metrics, target_stats={"evaluated": result.target_fields, "train": train})
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([\w.\[\]]+)</td>((?:<td class=\"v\">[\d,]+</td>){4})</tr>", html)
+    assert [(split, name) for split, name, _ in rows] == [("evaluated", "total"), ("evaluated", "items[].qty")]
+    assert re.findall(r">([\d,]+)<", rows[0][2]) == ["1", "1", "0", "2"]  # missing, empty, null, of
+    complete = render_report([], result.metrics, target_stats={"train": train})
+    assert "present and non-empty in every target (train)" in complete
+    assert "Targets: fields missing" not in render_report([], result.metrics)

@@ -208,7 +208,33 @@ def test_an_eval_split_that_is_the_training_file_is_warned_about(tiny_llava, fam
     data.write_report(tmp_path)
     overlap = json.loads((tmp_path / "data_report.json").read_text())["overlap_with_train"]
     assert overlap["val"]["same_file"] and overlap["val"]["shared"] == 2 == overlap["val"]["samples"]
-    assert overlap["test"] == {"source": str(train), "same_file": True}  # not read this run (eval.split: val)
+    assert overlap["test"] == {"source": str(train), "same_file": True, "same_as": "data.train"}  # not read (val is)
+
+
+def test_samples_a_stage_trains_on_count_as_training_samples(tiny_llava, family, processor, tmp_path):
+    """A stage's own data is trained on as much as data.train: an eval split sharing its samples, or being its
+    file, is warned about too."""
+    for colour in ("white", "black"):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{colour}.png")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"image": "white.png", "target": {"n": "0"}}])
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"image": "black.png", "target": {"n": "1"}}])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"image": "black.png", "target": {"n": "1"}}])
+    groups = "{vision: frozen, projector: frozen, llm: full}"
+    stages = f"[{{name: a, groups: {groups}}}, {{name: b, groups: {groups}, data: {{train: {extra}}}}}]"
+    (tmp_path / "r.yaml").write_text(
+        f"model: {{family: llava_onevision, path: {tiny_llava}}}\n"
+        f"data: {{train: {train}, val: {val}, test: {extra}}}\nstages: {stages}\n"
+    )
+    from finetune.recipe import load_recipe
+    from finetune.resolve import resolve_recipe
+    from finetune.training.train_data import TrainData
+
+    data = TrainData(resolve_recipe(load_recipe(tmp_path / "r.yaml", []), family), family, processor)
+    assert [w for w in data.warnings if "overstate" in w] == [
+        f"val shares 1 of 1 samples with train (same images and target): {val}:1 = {extra}:1; scores on val "
+        f"overstate what the model learned",
+        f"data.test ({extra}) is the same file as stages.1.data: scores on test overstate what the model learned",
+    ]
 
 
 # --- the logged learning rate ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ At data-check time (:func:`expand_pdf`) a PDF is opened (a corrupt or password-p
 reason), its pages counted against `data.max_pdf_pages` (more is a bad sample, never a silent truncation) and each
 page turned into a :class:`PdfPage` reference whose pixel size is the page box × `data.pdf_dpi` / 72 — exactly the
 size :func:`render_page` will produce (pypdfium2 rounds each side up), so token counting and batching see every
-page without rendering one. Pages are rendered (pdfium, through pypdfium2) only when a batch is built.
+page without rendering one. Pages are rendered (pdfium, through pypdfium2) only when a batch is built, at the scale
+the model family can use (`ModelFamily.decode_size`: 1/n of `data.pdf_dpi` for a page larger than its tiling needs).
 
 PDFium is not thread-safe: every call into it here holds one process-wide lock.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from finetune.errors import UserError
 
 DEFAULT_PDF_DPI = 144
 DEFAULT_MAX_PDF_PAGES = 8
@@ -54,8 +57,12 @@ def is_pdf(ref: Any) -> bool:
 
 
 def _pdfium():
-    import pypdfium2
-
+    try:
+        import pypdfium2
+    except ImportError:  # a dependency: only an environment installed before it was one lacks it
+        raise UserError(
+            "PDF input needs pypdfium2, which this environment lacks: pip install pypdfium2 (or re-run setup)"
+        ) from None
     return pypdfium2
 
 
@@ -106,24 +113,38 @@ def expand_pdf(path: str | Path, *, dpi: float = DEFAULT_PDF_DPI, max_pages: int
 
 
 def expand_pdfs(refs: list, *, dpi: float = DEFAULT_PDF_DPI, max_pages: int = DEFAULT_MAX_PDF_PAGES) -> list:
-    """Image references with each PDF replaced by its pages (other references unchanged, order kept)."""
+    """Image references with each PDF replaced by its pages (other references unchanged, order kept). `max_pages`
+    caps one sample's PDF pages in all (several PDFs in one sample share it): PdfTooManyPages beyond it."""
     if not any(is_pdf(ref) for ref in refs):
         return list(refs)
     out: list = []
+    pages = 0
     for ref in refs:
-        out.extend(expand_pdf(ref, dpi=dpi, max_pages=max_pages) if is_pdf(ref) else [ref])
+        if not is_pdf(ref):
+            out.append(ref)
+            continue
+        expanded = expand_pdf(ref, dpi=dpi, max_pages=max_pages)
+        pages += len(expanded)
+        if pages > max_pages:
+            raise PdfTooManyPages(
+                f"the sample's PDFs have at least {pages} pages in all, over data.max_pdf_pages={max_pages}"
+            )
+        out.extend(expanded)
     return out
 
 
-def render_page(page: PdfPage) -> Image.Image:
-    """The page as an RGB image of `page.size` pixels (white background, annotations and form fields drawn)."""
+def render_page(page: PdfPage, factor: int = 1) -> Image.Image:
+    """The page as an RGB image of `page.size` pixels (white background, annotations and form fields drawn); with a
+    whole `factor` > 1, rendered at 1/factor of that scale instead, to `page.size` / factor (sides rounded up)."""
+    width, height = page.size
+    size = (-(-width // factor), -(-height // factor))
     with _PDFIUM_LOCK:
         document = _open(page.path)
         try:
             document.init_forms()  # before loading the page: filled form fields are drawn too
             pdf_page = document[page.index]
             try:
-                image = pdf_page.render(scale=page.dpi / 72, may_draw_forms=True).to_pil()
+                image = pdf_page.render(scale=page.dpi / 72 / factor, may_draw_forms=True).to_pil()
             finally:
                 pdf_page.close()
         except _pdfium().PdfiumError as err:
@@ -131,16 +152,19 @@ def render_page(page: PdfPage) -> Image.Image:
         finally:
             document.close()
     image = image.convert("RGB")
-    if image.size != page.size:  # the file changed since it was checked; the token count depends on the size
-        image = image.resize(page.size, Image.Resampling.BICUBIC)
+    # The file changed since it was checked (the token count depends on the size), or a reduced render rounded a side
+    # the other way.
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
     return image
 
 
-def pdf_settings(recipe: dict) -> dict:
+def pdf_settings(recipe: dict, *, max_pdf_pages: int | None = None) -> dict:
     """`pdf_dpi` and `max_pdf_pages` from a run's recipe (a plain dict; the defaults where it has none), for
-    `prepare_samples`: evaluation and prediction render PDFs the way the run's training did."""
+    `prepare_samples`: evaluation and prediction render PDFs the way the run's training did. `max_pdf_pages`, when
+    given (a command line's `--max-pdf-pages`), replaces the recipe's cap."""
     data = recipe.get("data", {}) or {}
     return {
         "pdf_dpi": data.get("pdf_dpi") or DEFAULT_PDF_DPI,
-        "max_pdf_pages": data.get("max_pdf_pages") or DEFAULT_MAX_PDF_PAGES,
+        "max_pdf_pages": max_pdf_pages or data.get("max_pdf_pages") or DEFAULT_MAX_PDF_PAGES,
     }

@@ -41,6 +41,9 @@ class TrainerState:
     stage_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    # The family's prompt format the run writes (`ModelFamily.prompt_format`); None in a checkpoint written before
+    # it was recorded (the family's `legacy_prompt_format` then).
+    prompt_format: dict | None = None
 
     def save(self, checkpoint: Path) -> None:
         (checkpoint / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -94,10 +97,12 @@ def checkpoint_problem(checkpoint: Path, *, required: tuple[str, ...], num_stage
         state = TrainerState(**raw)
     except (ValueError, TypeError, UnicodeDecodeError) as err:
         return f"{STATE_FILE} is unreadable ({err})"
-    values = {f.name: getattr(state, f.name) for f in fields(state)}
+    values = {f.name: getattr(state, f.name) for f in fields(state) if f.name != "prompt_format"}
     bad = [k for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
     if bad:
         return f"{STATE_FILE}: {bad[0]} = {values[bad[0]]!r} is not a step count"
+    if state.prompt_format is not None and not isinstance(state.prompt_format, dict):
+        return f"{STATE_FILE}: prompt_format = {state.prompt_format!r} is not a mapping of processor options"
     step = int(CHECKPOINT_NAME.match(checkpoint.name).group(1))
     if state.global_step != step:
         return f"{STATE_FILE}: global_step {state.global_step} in a checkpoint of step {step}"

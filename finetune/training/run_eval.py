@@ -12,10 +12,26 @@ from pathlib import Path
 
 from finetune.config import ResolvedRecipe
 from finetune.constrained import JsonConstraint, answer_record, default_bounds
+from finetune.data.target_stats import target_field_stats
 from finetune.evaluation import evaluate, write_eval
+from finetune.metrics import METRICS_VERSION
 from finetune.schema import schema_from_skeleton
 from finetune.training.engine import zero_stage
 from finetune.training.run_folder import load_metrics, save_metrics
+
+
+def set_aside_outdated(metrics: dict, info: Callable) -> dict:
+    """A run's metrics history, with the scores made under other scoring rules (a run resumed across an upgrade)
+    moved under `outdated`: a new score is then compared with neither the old `before` nor the old `best`."""
+    version = metrics.get("metrics_version", 1)
+    if not metrics or version == METRICS_VERSION:
+        return {**metrics, "metrics_version": METRICS_VERSION}
+    outdated = {k: v for k, v in metrics.items() if k not in ("outdated", "metrics_version")}
+    info(
+        f"note: this run's earlier scores ({', '.join(sorted(outdated))}) were made under scoring rules version "
+        f"{version}, now {METRICS_VERSION}; kept in metrics.json under 'outdated', not compared with new ones"
+    )
+    return {"metrics_version": METRICS_VERSION, "outdated": {"metrics_version": version, **outdated}}
 
 
 class RunEvaluator:
@@ -40,6 +56,7 @@ class RunEvaluator:
         skeleton = recipe.data.prompt.skeleton
         # Conformance is scored against the skeleton refined by the training targets, never the gold answers.
         self.answer_schema = schema_from_skeleton(skeleton, train_targets)
+        self.train_fields = target_field_stats(skeleton, train_targets)  # shown in each report beside the gold's
         # The decoding bounds, sized from the training targets; saved with every model folder (`answer`), also when
         # this run does not decode constrained, so that eval / predict --constrained use them later.
         self.max_string_length, self.max_items = default_bounds(
@@ -66,7 +83,7 @@ class RunEvaluator:
                     f"decoding bounds allow takes up to {self.constraint.token_budget} tokens of this tokenizer; cut "
                     f"answers are reported as truncated"
                 )
-        self.metrics: dict = load_metrics(run_dir)  # a resumed run continues its history
+        self.metrics: dict = set_aside_outdated(load_metrics(run_dir), info)  # a resumed run continues its history
         self.last_value = float("nan")  # the latest during-training score, for the progress bar
 
     def answer(self) -> dict:
@@ -95,9 +112,17 @@ class RunEvaluator:
         )
         if acc.is_main_process:
             title = f"{self.run_dir.name}: {tag} (step {step})"
-            write_eval(result, self.run_dir / "eval", prefix=f"{tag}_", report=report and e.report, title=title)
+            fields = self.train_fields
+            write_eval(
+                result,
+                self.run_dir / "eval",
+                prefix=f"{tag}_",
+                report=report and e.report,
+                title=title,
+                train_fields=fields,
+            )
             if tag == "after":
-                write_eval(result, self.run_dir, report=e.report, title=title)
+                write_eval(result, self.run_dir, report=e.report, title=title, train_fields=fields)
         scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         group = "during" if tag.startswith(("step", "stage")) else tag  # one chart per metric across the run
         acc.log({f"eval/{group}/{k}": v for k, v in scalars.items()}, step=step)

@@ -109,6 +109,15 @@ class FineTuneRecipe:
             self.close()
             raise
 
+    def _processor_options(self, resume_from: Path | None) -> dict:
+        """The recipe's processor options; a resumed run's with the prompt format its checkpoint records (a
+        checkpoint from before formats were recorded: the family's legacy one), so its prompts do not change."""
+        options = dict(self.recipe.model.processor)
+        if resume_from is not None:
+            recorded = TrainerState.load(resume_from).prompt_format
+            options.update(self.family.legacy_prompt_format() if recorded is None else recorded)
+        return options
+
     def close(self) -> None:
         """Give up the run folder's lock (the process's exit does it too)."""
         if self.run_lock is not None:
@@ -130,7 +139,10 @@ class FineTuneRecipe:
         for line in folder_plan.warnings:
             self._info(f"warning: {line}")
 
-        self.processor = self.family.load_processor(r.model.path, r.model.revision, **r.model.processor)
+        self.processor = self.family.load_processor(
+            r.model.path, r.model.revision, **self._processor_options(folder_plan.resume_from)
+        )
+        self.state.prompt_format = self.family.prompt_format(self.processor)
         self.data = TrainData(r, self.family, self.processor)
         self.instruction_text = self.data.instruction_text
         self.train_samples, self.eval_samples = self.data.train_samples, self.data.eval_samples
@@ -264,7 +276,9 @@ class FineTuneRecipe:
 
     def _run(self) -> dict:
         metrics, started = self.metrics, time.time()
-        if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples:
+        # The base model's score: never a resumed run's (its model has trained; an outdated `before` stays outdated).
+        fresh = self.state.global_step == 0
+        if self.recipe.eval.before_training and "before" not in metrics and self.eval_samples and fresh:
             metrics["before"] = self.evaluate("before")
             self.evaluator.save()
         self.interrupt.announce = self.accelerator.is_main_process
@@ -480,6 +494,7 @@ class FineTuneRecipe:
     def _resume(self, checkpoint: Path) -> None:
         """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
         self.state = TrainerState.load(checkpoint)
+        self.state.prompt_format = self.family.prompt_format(self.processor)  # as loaded: the recorded or legacy one
         self.evaluator.forget_after(self.state.global_step)
         if self.accelerator.is_main_process:
             trim_train_log(self.run_dir, self.state.global_step)

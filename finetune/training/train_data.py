@@ -57,7 +57,7 @@ class TrainData:
             f"evaluations will overstate the model"
             for i, stage in enumerate(stages)
             for source in _stage_sources(stage)
-            if eval_source is not None and str(source) == str(eval_source)
+            if eval_source is not None and _same_source(source, eval_source)
         ]
         self.warnings += [line for rep in self.reports if (line := rep.duplicates_warning()) is not None]
         # Only the training targets refine the answer schema (RunEvaluator): a key missing there becomes optional.
@@ -68,18 +68,26 @@ class TrainData:
         self.warnings += [line for split, o in self.overlap.items() if (line := _overlap_warning(split, o))]
 
     def _overlap_with_train(self) -> dict[str, dict]:
-        """Per eval split named (val, test): whether it is data.train's file, and (for the split this run reads)
-        how many of its kept samples have the same images and target as a training sample."""
+        """Per eval split named (val, test): whether it is data.train's file (or a stage's training source), and
+        (for the split this run reads) how many of its kept samples have the same images and target as a sample
+        any stage trains on."""
         d, split_read = self.recipe.data, self.recipe.eval.split
         first_in_train: dict[tuple, str] = {}
-        for s in self.train_samples:
+        trained_on = [self.train_samples, *(part.samples for part in self.stage_samples)]
+        for s in (s for samples in trained_on for s in samples):
             first_in_train.setdefault(_sample_key(s.images, s.target), s.origin)
         overlap = {}
         for split in ("val", "test"):
             source = getattr(d, split)
             if source is None:
                 continue
-            entry: dict = {"source": str(source), "same_file": _same_source(d.train, source)}
+            train_sources = [("data.train", d.train)] + [
+                (f"stages.{i}.data", src) for i, stage in enumerate(self.recipe.stages) for src in _stage_sources(stage)
+            ]
+            same_as = next((name for name, t in train_sources if _same_source(t, source)), None)
+            entry: dict = {"source": str(source), "same_file": same_as is not None}
+            if same_as is not None:
+                entry["same_as"] = same_as
             if split == split_read:
                 shared = [
                     f"{s.origin} = {first_in_train[key]}"
@@ -186,7 +194,11 @@ class TrainData:
 
 
 def _same_source(a: str, b: str) -> bool:
-    """True if two data sources are the same file or folder (a hub dataset id: the same id)."""
+    """True if two data sources are the same file or folder (a hub dataset id: the same id); a format mapping
+    (finetune.data.formats) by the folder or file it reads."""
+    from finetune.data.formats import source_location
+
+    a, b = source_location(a), source_location(b)
     if str(a).startswith("hf:") or str(b).startswith("hf:"):
         return str(a) == str(b)
     try:
@@ -198,7 +210,7 @@ def _same_source(a: str, b: str) -> bool:
 def _overlap_warning(split: str, o: dict) -> str | None:
     overstate = f"scores on {split} overstate what the model learned"
     if o["same_file"]:
-        return f"data.{split} ({o['source']}) is the same file as data.train: {overstate}"
+        return f"data.{split} ({o['source']}) is the same file as {o.get('same_as', 'data.train')}: {overstate}"
     if not o.get("shared"):
         return None
     more = ", ..." if o["shared"] > len(o["first_shared"]) else ""

@@ -207,7 +207,14 @@ class MississippiFamily(ModelFamily):
 
     # --- text and images -----------------------------------------------------------------------------------
     def render_prompt(self, processor, instruction: str, num_images: int) -> str:
-        return f"{PROMPT}{image_lines(num_images)}{instruction}{END}{ANSWER}"
+        lines = image_lines(num_images, labelled=processor.settings.page_labels)
+        return f"{PROMPT}{lines}{instruction}{END}{ANSWER}"
+
+    def prompt_format(self, processor) -> dict:
+        return {"page_labels": processor.settings.page_labels}
+
+    def legacy_prompt_format(self) -> dict:
+        return {"page_labels": False}  # pages were written bare until labels were
 
     def end_of_turn_token(self, processor) -> str:
         return END
@@ -224,6 +231,9 @@ class MississippiFamily(ModelFamily):
     def count_prompt_tokens(self, processor, prompt_text: str, image_sizes: list[tuple[int, int]]) -> int:
         expanded = processor.expand(prompt_text, processor.tiles_for(image_sizes))
         return len(processor.tokenizer(expanded)["input_ids"])
+
+    def decode_size(self, processor, size: tuple[int, int], num_images: int = 1) -> tuple[int, int]:
+        return processor.decode_size(size, num_images)
 
     def collate_images(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         # InternVL takes every tile of the batch as one flat tensor, in the order the image tokens appear.

@@ -49,19 +49,26 @@ H2OGPT2_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|answer|>' }}{%- endif -%}"
 )
 
+# What a model trained with bare page lines (`page_labels` false) is served with.
+_PAGE_LABEL = (
+    "{%- if several -%}{%- set content.text = content.text + 'Image-' + content.images | string + ': ' -%}{%- endif -%}"
+)
+UNLABELLED_H2OGPT2_CHAT_TEMPLATE = H2OGPT2_CHAT_TEMPLATE.replace(_PAGE_LABEL, "")
+
 CONFIG_NAME = "h2ovl_processor_config.json"
 # What a processor reads from a Hub checkpoint: configs and tokenizer, not the weights.
 PROCESSOR_PATTERNS = ["*.json", "tokenizer.model", "*.jinja"]
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def image_lines(num_images: int) -> str:
-    """The user turn's page lines: `<image>\\n` for one page; for several, each labelled `Image-{i}: <image>\\n`.
+def image_lines(num_images: int, *, labelled: bool = True) -> str:
+    """The user turn's page lines: `<image>\\n` for one page; for several, each labelled `Image-{i}: <image>\\n`
+    (bare with `labelled=False`: a model trained before labels were written).
     Source: H2OVL-Mississippi-2B's model card, multi-image example (InternVL's convention that H2OVL builds on, as in
     OpenGVLab/InternVL internvl_chat/eval/mpdocvqa/evaluate_vqa.py, `VQADataset.__getitem__`, for multi-page documents).
     """
-    if num_images == 1:
-        return f"{IMAGE_PLACEHOLDER}\n"
+    if num_images == 1 or not labelled:
+        return f"{IMAGE_PLACEHOLDER}\n" * num_images
     return "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1))
 
 
@@ -73,6 +80,9 @@ class H2OVLImageSettings:
     max_tiles: int = 6
     use_msac: bool = False
     max_tiles_per_image: int | None = None  # memory cap from the recipe (lowers max_tiles)
+    # Several pages labelled `Image-{i}: ` (the original's convention); False: bare lines, as every folder saved before
+    # labels existed was trained (a saved config without the key reads as False).
+    page_labels: bool = True
 
     @classmethod
     def from_original_config(cls, config: dict) -> H2OVLImageSettings:
@@ -91,8 +101,11 @@ class H2OVLProcessor:
     image_token = h2ovl_image.IMG_CONTEXT
 
     def __init__(self, tokenizer, settings: H2OVLImageSettings):
-        if tokenizer.chat_template is None:  # the original keeps its template in conversation.py, not the tokenizer
-            tokenizer.chat_template = H2OGPT2_CHAT_TEMPLATE
+        # The original keeps its template in conversation.py, not the tokenizer; ours (either variant) follows the
+        # settings' page labels.
+        if tokenizer.chat_template in (None, H2OGPT2_CHAT_TEMPLATE, UNLABELLED_H2OGPT2_CHAT_TEMPLATE):
+            labelled = settings.page_labels
+            tokenizer.chat_template = H2OGPT2_CHAT_TEMPLATE if labelled else UNLABELLED_H2OGPT2_CHAT_TEMPLATE
         self.tokenizer = tokenizer
         self.settings = settings
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -115,6 +128,8 @@ class H2OVLProcessor:
         if unknown:
             known = sorted(asdict(settings))
             raise UserError(f"model.processor: unknown H2OVL processor option(s) {sorted(unknown)}; known: {known}")
+        if not isinstance(overrides.get("page_labels", True), bool):
+            raise UserError(f"model.processor.page_labels: {overrides['page_labels']!r} (must be true or false)")
         for key, value in overrides.items():
             setattr(settings, key, value)
         return cls(tokenizer, settings)
@@ -123,7 +138,7 @@ class H2OVLProcessor:
     def _read_settings(folder: Path, path: str) -> H2OVLImageSettings:
         ours = folder / CONFIG_NAME
         if ours.is_file():
-            return H2OVLImageSettings(**json.loads(ours.read_text()))
+            return H2OVLImageSettings(**{"page_labels": False, **json.loads(ours.read_text())})
         original = folder / "config.json"
         config = json.loads(original.read_text()) if original.is_file() else {}
         if "vision_config" not in config:
@@ -153,6 +168,19 @@ class H2OVLProcessor:
             )
             for w, h in image_sizes
         ]
+
+    def decode_size(self, size: tuple[int, int], num_images: int = 1) -> tuple[int, int]:
+        """The least size a page of `size` may be decoded at (`h2ovl_image.decode_size`, these settings)."""
+        s = self.settings
+        return h2ovl_image.decode_size(
+            *size,
+            min_tiles=s.min_tiles,
+            max_tiles=s.max_tiles,
+            use_msac=s.use_msac,
+            num_images=num_images,
+            tile_size=s.tile_size,
+            max_tiles_per_image=s.max_tiles_per_image,
+        )
 
     def expand(self, text: str, tiles: list[int]) -> str:
         """Replace each `<image>` with its image tokens (as many placeholders as images, or an error)."""

@@ -33,7 +33,7 @@ from finetune.models.hub import resolve_checkpoint
 from finetune.models.ovis import image as ovis_image
 
 CONFIG_NAME = "ovis_processor_config.json"
-RECIPE_OPTIONS = ("max_partition",)
+RECIPE_OPTIONS = ("max_partition", "page_labels")
 PROCESSOR_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]
 IMAGE_TOKEN = "<image>"  # the original's placeholder in the text, and (as in the -hf tokenizer) the image token
 INDICATOR_TOKENS = tuple(f"<ovis_visual_indicator_{i}>" for i in range(5))
@@ -62,6 +62,18 @@ def _content(labels: bool) -> str:
     )
 
 
+def _qwen2_template(labels: bool) -> str:
+    return (
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{ '<|im_start|>system\\n" + QWEN_SYSTEM_PROMPT + "<|im_end|>\\n' }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        + _content(labels=labels)
+        + "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
 CHAT_TEMPLATES = {
     "gemma2": (
         "{{- '<bos>' -}}"
@@ -74,16 +86,10 @@ CHAT_TEMPLATES = {
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
     ),
-    "qwen2": (
-        "{%- if messages[0]['role'] != 'system' -%}"
-        "{{ '<|im_start|>system\\n" + QWEN_SYSTEM_PROMPT + "<|im_end|>\\n' }}{%- endif -%}"
-        "{%- for message in messages -%}"
-        + _content(labels=True)
-        + "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-    ),
+    "qwen2": _qwen2_template(labels=True),
 }
+# What a model trained with bare page lines (`page_labels` false) is served with.
+UNLABELLED_CHAT_TEMPLATES = {**CHAT_TEMPLATES, "qwen2": _qwen2_template(labels=False)}
 
 
 @dataclass
@@ -96,6 +102,9 @@ class OvisImageSettings:
     rescale_factor: float = 1 / 255
     max_partition: int = 9  # at most this many crops per page (plus the thumbnail); the recipe's memory cap
     resample: int = 3  # PIL's bicubic, as the checkpoints' image processors say
+    # Several pages labelled `Image {i}: ` (Ovis2, as its cards write them); False: bare lines, as every folder saved
+    # before labels existed was trained (a saved config without the key reads as False).
+    page_labels: bool = True
 
     def normalisation(self) -> ovis_image.Normalisation:
         return ovis_image.Normalisation(
@@ -151,7 +160,8 @@ class OvisProcessor:
         self.tokenizer = tokenizer
         self.settings = settings
         # Always the original formatter's format: a Qwen tokenizer's own template has another default system prompt.
-        tokenizer.chat_template = CHAT_TEMPLATES[settings.chat_format]
+        templates = CHAT_TEMPLATES if settings.page_labels else UNLABELLED_CHAT_TEMPLATES
+        tokenizer.chat_template = templates[settings.chat_format]
         tokens = (IMAGE_TOKEN, *INDICATOR_TOKENS)
         if token_ids is None:  # the original tokenizer has none of them: added, in this order, as special tokens
             missing = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
@@ -176,7 +186,7 @@ class OvisProcessor:
             unknown = set(saved) - set(OvisImageSettings.__dataclass_fields__)
             if unknown:
                 raise UserError(f"{ours}: unknown setting(s) {sorted(unknown)}")
-            settings = OvisImageSettings(**saved)
+            settings = OvisImageSettings(**{"page_labels": False, **saved})  # saved before labels: trained bare
         else:
             settings = settings_from_checkpoint(folder, path)
         # Only the crop cap is the recipe's to choose; the rest are facts of the checkpoint (its crop size, token
@@ -190,6 +200,10 @@ class OvisProcessor:
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise UserError(f"model.processor.max_partition: {cap!r} (must be a whole number, at least 1)")
         settings.max_partition = cap
+        labels = overrides.get("page_labels", settings.page_labels)
+        if not isinstance(labels, bool):
+            raise UserError(f"model.processor.page_labels: {labels!r} (must be true or false)")
+        settings.page_labels = labels
         # A checkpoint says its ids: the -hf layout fixes them in config.json; the original's are added (in a fixed
         # order, after the vocabulary, so every load of the same tokenizer gives the same ids). A folder with no model
         # config (an adapter's) has the tokenizer saved with them and the ids recorded beside it.
@@ -232,8 +246,9 @@ class OvisProcessor:
     def image_lines(self, num_images: int) -> str:
         """The question's page lines, before the instruction: `<image>\\n` per page. Ovis2 (Qwen2) labels several
         `Image {i}: <image>\\n`: AIDC-AI/Ovis2-* model cards (README.md), "multiple-images input". Ovis1.6 (Gemma2)
-        does not: its card shows one image, and AIDC-AI/Ovis ovis/serve/runner.py@d248e34 l.56-62 writes bare lines."""
-        if num_images > 1 and self.settings.chat_format == "qwen2":
+        does not: its card shows one image, and AIDC-AI/Ovis ovis/serve/runner.py@d248e34 l.56-62 writes bare lines.
+        `settings.page_labels` False: bare lines (a model trained before labels were written)."""
+        if num_images > 1 and self.settings.chat_format == "qwen2" and self.settings.page_labels:
             return "".join(f"Image {i}: {IMAGE_TOKEN}\n" for i in range(1, num_images + 1))
         return f"{IMAGE_TOKEN}\n" * num_images
 
