@@ -42,13 +42,17 @@ def pages(side: int) -> dict[str, list[Image.Image]]:
     return {"one-page": [noise], "two-crops": [halves], "two-pages": [halves, noise]}
 
 
+# Whether each variant's original labels the pages of a multi-image query (see image_lines).
+LABELS_SEVERAL_PAGES = {"ovis2": True, "ovis1.6": False}
+
+
 def image_lines(variant: str, num_images: int) -> str:
     """The query's page lines as each variant's original writes them. Ovis2 labels several images: its model cards
     (AIDC-AI/Ovis2-* README.md, "multiple-images input") build the query as
     `'\\n'.join([f'Image {i+1}: <image>' for i in range(len(images))]) + '\\n' + text`, and one image as
     `'<image>\\n' + text`. Ovis1.6 writes a bare `<image>\\n` per image (ovis/serve/runner.py@d248e34, "build
     query")."""
-    if variant == "ovis2" and num_images > 1:
+    if LABELS_SEVERAL_PAGES[variant] and num_images > 1:
         return "\n".join(f"Image {i + 1}: <image>" for i in range(num_images)) + "\n"
     return "<image>\n" * num_images
 
@@ -61,7 +65,7 @@ def pixel_digest(pixel_values: torch.Tensor) -> list[list[float]]:
 
 
 def main(original: str, checkpoint: str, variant: str, out: str) -> None:
-    if variant not in ("ovis2", "ovis1.6"):
+    if variant not in LABELS_SEVERAL_PAGES:
         raise SystemExit(f"variant: ovis2 or ovis1.6, not {variant!r}")
     stub = Path(tempfile.mkdtemp()) / "deepspeed"
     stub.mkdir()

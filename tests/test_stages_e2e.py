@@ -160,7 +160,11 @@ def test_resume_in_stage_two_equals_an_uninterrupted_run(tiny_mississippi, simpl
     }
     full = tmp_path / "full"
     run_train(base_args(tiny_mississippi, simple_docs, full, **overrides))
-    assert json.loads((full / "checkpoints" / resume_at / "trainer_state.json").read_text()) == state
+    # The prompt format is recorded too (Mississippi labels the pages of a multi-page prompt, as its original).
+    assert json.loads((full / "checkpoints" / resume_at / "trainer_state.json").read_text()) == {
+        **state,
+        "prompt_format": {"page_labels": True},
+    }
 
     resumed = tmp_path / "resumed"
     later = [p.name for p in (full / "checkpoints").iterdir() if p.name > resume_at]

@@ -88,6 +88,7 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llava, simple_docs, tmp_pa
         "stage_step": 2,
         "epoch": 1,
         "batches_in_epoch": 1,
+        "prompt_format": {},  # LLaVA-OneVision's prompts have no options
     }
     changed = run_train(
         base_args(tiny_llava, simple_docs, resumed, **{**overrides, "optim.lr": 1e-3, "output.if_exists": "resume"}),
