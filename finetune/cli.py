@@ -115,11 +115,15 @@ def quiet_third_party() -> None:
       DeepSpeed engine; it would become the first line of `finetune predict ... > predictions.jsonl`. A filter on
       the "DeepSpeed" logger drops that one message; set before the import, it survives DeepSpeed's logger set-up
       (`logging.getLogger` returns the same logger, and the set-up adds a handler, not filters).
+    - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning, logged when it is first
+      imported (PEFT imports it whenever it is installed, so on every run) on a CPU with AVX512-BF16: an optional
+      kernel from the Hub that bitsandbytes replaces by its own; nothing is wrong.
     - Download / weight-loading progress bars of huggingface_hub and transformers, when stderr is not a terminal:
       in a log file they are carriage-return updates (HF_HUB_DISABLE_PROGRESS_BARS, if the user set it, decides).
     Idempotent; warnings filters and logger filters are process-wide by nature, nothing else is kept."""
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_NOISE)  # the same object again: no duplicate
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BITSANDBYTES_NOISE)
     if not _stderr_is_terminal() and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:
         import huggingface_hub.utils
 
@@ -140,6 +144,7 @@ class _DropMessages(logging.Filter):
 
 
 _DEEPSPEED_NOISE = _DropMessages("Setting accelerator to CPU")
+_BITSANDBYTES_NOISE = _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 def _report(line: str, code: int) -> int:

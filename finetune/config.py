@@ -134,6 +134,18 @@ class SubgroupSection(Section):
     modules: Annotated[list[str], Frozen] = Field(min_length=1)
 
 
+class QuantizationSection(Section):
+    """QLoRA: the frozen base loaded quantised by bitsandbytes (finetune/models/quantization.py); LoRA trains on top.
+    `skip` names groups kept unquantised (e.g. a vision tower that trains, or whose accuracy matters most)."""
+
+    bits: Literal[4, 8]
+    skip: Annotated[list[str], Frozen] = Field(default_factory=list)
+    # 4-bit only: NF4 with double quantisation (the QLoRA paper's choice) and the dtype the 4-bit matmuls run in.
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
 class TuningSection(Section):
     # Mode per module group for a one-stage recipe. Groups a family has but the recipe omits are an error
     # (nothing implicit). None: {vision: frozen, projector: frozen, llm: lora}, unless `stages` / `schedule`
@@ -146,6 +158,8 @@ class TuningSection(Section):
     # Groups carved out of the family's (see SubgroupSection), by name, beside those the family defines itself
     # (e.g. Ovis's `vision_last_block`, which its paper schedule trains).
     subgroups: Annotated[dict[str, SubgroupSection], Frozen] = Field(default_factory=dict)
+    # None: the base in the weights' own precision. Otherwise the frozen base quantised (QLoRA).
+    quantization: QuantizationSection | None = None
 
 
 class PromptSection(Section):

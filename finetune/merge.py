@@ -7,6 +7,10 @@ layout with processor, tokenizer and chat template, and for Mississippi also in 
 (`original/`, read by the original `model.chat` code and vLLM's H2OVL loader). `prompt.json` comes along (with the
 answer schema and decoding bounds the run saved in it, which eval and predict use).
 Weights trained fully beside the adapter (PEFT `modules_to_save`, e.g. a projector) are part of the merge.
+An adapter trained on a quantised base (QLoRA, `tuning.quantization`) is merged into the base's original,
+unquantised weights, as the QLoRA paper and PEFT do, and the command says so: merging into the 4-bit weights would
+round the adapter's update away, and the merged model computes what the adapter on the unquantised base computes
+(`finetune eval` on the adapter), not what the training run's quantised model computed.
 The base's remote code (`*.py`, `auto_map`) is not carried into the merged model unless the run's recipe says
 `model.trust_remote_code: true`. The folder is written beside `--out` and renamed into place with a manifest, so an
 earlier one (`--overwrite`) stays whole until the new one is complete.
@@ -45,6 +49,12 @@ def merge_adapter(
 def write_merged(source: ModelSource, out: Path) -> None:
     """The merged model of the adapter `source` saved into the folder `out`, with its prompt.json; remote code only
     if the run's recipe opts in (`model.trust_remote_code`)."""
+    quantization = (source.recipe.get("tuning") or {}).get("quantization")
+    if quantization:
+        info(
+            f"the adapter was trained on a {quantization['bits']}-bit quantised base; merging it into the base's "
+            f"unquantised weights ({source.base})"
+        )
     fam, processor, peft_model = load_model_and_processor(source)
     merged = peft_model.merge_and_unload()  # LoRA folded into the weights; modules_to_save copies put in place
     remote_code = bool((source.recipe.get("model") or {}).get("trust_remote_code", False))

@@ -174,6 +174,39 @@ def check_stages(
         )
 
 
+def check_quantization(
+    recipe: Recipe, stages: list[StageSection], family_groups: tuple[str, ...], specs: Subgroups, *, key: str
+) -> None:
+    """`tuning.quantization` (QLoRA): `skip` names groups of the family; a quantised group never trains in full
+    (its 4-bit / 8-bit weights have no gradient), so every group in `full` mode in some stage is skipped; and some
+    stage trains LoRA adapters, the only thing a quantised base can learn through."""
+    quantization = recipe.tuning.quantization
+    if quantization is None:
+        return
+    where = recipe.where
+    for i, group in enumerate(quantization.skip):
+        if group not in family_groups:
+            at = f"tuning.quantization.skip.{i}"
+            raise RecipeError(
+                f"{where(at)}: {at}: '{recipe.model.family}' has no group '{group}'{suggest(group, family_groups)}"
+            )
+    skipped = set(quantization.skip)
+    for i, stage in enumerate(stages):
+        for group, mode in stage.groups.items():
+            parent = specs.get(group, (group,))[0]
+            if mode == "full" and parent not in skipped:
+                label = f"stages.{i}.groups.{group}" if key == "stages" else f"{key}: stages.{i} ({stage.name})"
+                raise RecipeError(
+                    f"{where(key)}: {label}: '{group}' trains in full, but tuning.quantization quantises it "
+                    f"(quantised weights cannot train); add '{parent}' to tuning.quantization.skip or make it lora"
+                )
+    if not any(mode == "lora" for stage in stages for mode in stage.groups.values()):
+        raise RecipeError(
+            f"{where('tuning.quantization')}: tuning.quantization: no stage trains a group with LoRA; a quantised "
+            "base learns only through LoRA adapters (QLoRA)"
+        )
+
+
 def expand_stages(recipe: Recipe, family) -> list[StageSection]:
     """The stages to run, as written, from a preset, or the single `train` stage; each checked, every subgroup given
     a mode (its parent's unless named)."""
@@ -189,6 +222,7 @@ def expand_stages(recipe: Recipe, family) -> list[StageSection]:
         key = "tuning.groups"
     stages = [_filled_stage(stage, specs) for stage in stages]
     check_stages(recipe, stages, groups, key=key, specs=specs)
+    check_quantization(recipe, stages, tuple(family.group_prefixes), specs, key=key)
     optim_lr = _filled_lr(recipe.optim.lr, specs)
     filled = []
     for stage in stages:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv/ and install the toolkit with its dev, tracking and DeepSpeed extras. Idempotent: re-runs only
+# Create .venv/ and install the toolkit with its dev, tracking, DeepSpeed and QLoRA extras. Idempotent: re-runs only
 # when pyproject.toml or this script changed.
 #
 # torch is pinned in the same pip command: an unpinned torch request on a CPU-only machine pulls several GB
@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ]; then
   echo "[setup] installing into .venv ($TORCH_SPEC, transformers, peft, accelerate, trl, datasets, deepspeed, ...)"
   # DS_BUILD_OPS=0: DeepSpeed compiles its C++/CUDA ops on first use instead of at install time.
   DS_BUILD_OPS=0 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    "$TORCH_SPEC" -e ".[dev,track,deepspeed]"
+    "$TORCH_SPEC" -e ".[dev,track,deepspeed,qlora]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -190,8 +190,11 @@ class ModelFamily(ABC):
         revision: str | None = None,
         dtype: torch.dtype = torch.float32,
         attn_implementation: str = "sdpa",
+        quantization=None,
     ) -> torch.nn.Module:
-        """The model, with every checkpoint weight accounted for (`path` resolved as for `load_processor`)."""
+        """The model, with every checkpoint weight accounted for (`path` resolved as for `load_processor`).
+        `quantization` (a `finetune.models.quantization.Quantization`): load the base quantised (QLoRA), passing
+        `quantization.loading_kwargs(model_class, config)` to `from_pretrained`."""
 
     @abstractmethod
     def save_pretrained(

@@ -183,13 +183,15 @@ class LlavaOnevisionFamily(ModelFamily):
             raise UserError(f"{path}: no chat template in the processor or tokenizer files")
         return ImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa"):
+    def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa", quantization=None):
         folder = resolve_checkpoint(path, revision, allow_patterns=[*_PROCESSOR_PATTERNS, "*.safetensors"])
         config = AutoConfig.from_pretrained(folder)
         if config.model_type != "llava_onevision":
             raise UserError(f"{path}: model_type is '{config.model_type}', expected 'llava_onevision'")
-        model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        cls = LlavaOnevisionForConditionalGeneration
+        quantized = quantization.loading_kwargs(cls, config) if quantization else {}
+        model, info = cls.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True, **quantized
         )
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if problems:

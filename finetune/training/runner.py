@@ -65,6 +65,8 @@ from finetune.training.tuning import (
     check_lora_targets,
     enable_gradient_checkpointing,
     inject_lora,
+    prepare_quantized,
+    quantization_for,
     set_trainable,
 )
 
@@ -151,9 +153,15 @@ class FineTuneRecipe:
         for warning in self.data.warnings:
             self._info(f"warning: {warning}")
 
+        quantization = quantization_for(r, self.family, self.accelerator)
         model = self.family.load_model(
-            r.model.path, revision=r.model.revision, attn_implementation=r.model.attn_implementation
+            r.model.path,
+            revision=r.model.revision,
+            attn_implementation=r.model.attn_implementation,
+            quantization=quantization,
         )
+        if quantization is not None:
+            model = prepare_quantized(model, quantization, r.tuning.quantization.skip, say=self._info)
         model.config.use_cache = False
         # Subgroups (the family's and the recipe's) become groups of their own, now that their modules are known.
         specs = subgroup_specs(r, tuple(self.family.group_prefixes), self.family.subgroups)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig, get_peft_model
 
-from finetune.config import DEFAULT_GROUPS, LoraSection, TuningSection
+from finetune.config import DEFAULT_GROUPS, LoraSection, Recipe, TuningSection
 from finetune.errors import UserError
 from finetune.models.base import ModelFamily
+from finetune.models.quantization import MIN_4BIT_IN_FEATURES, Quantization, require_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,52 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     hooks transformers adds for the reentrant variant are removed at once (see `set_trainable`)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
+
+
+def quantization_for(recipe: Recipe, family: ModelFamily, accelerator) -> Quantization | None:
+    """`tuning.quantization` as the family loads it (QLoRA), or None. Refused under a sharding engine (DeepSpeed,
+    FSDP), whose parameter handling (casting, flattening, partitioning) does not know bitsandbytes' packed weights."""
+    section = recipe.tuning.quantization
+    if section is None:
+        return None
+    require_bitsandbytes()
+    engine = accelerator.distributed_type.name
+    if engine in ("DEEPSPEED", "FSDP"):
+        raise UserError(
+            f"{recipe.where('tuning.quantization')}: tuning.quantization runs in one process or under DDP; this "
+            f"launch uses {engine} (launch without it, or drop tuning.quantization)"
+        )
+    return Quantization.from_recipe(section, family.group_prefixes)
+
+
+def prepare_quantized(model: torch.nn.Module, quantization: Quantization, skip, say) -> torch.nn.Module:
+    """PEFT's preparation for k-bit training (the unquantised weights, layer norms above all, in fp32; every weight
+    frozen until a stage sets what trains); `say`s what was quantised and what was kept as it was."""
+    from peft import prepare_model_for_kbit_training
+
+    # Gradient checkpointing stays ours (non-reentrant: `enable_gradient_checkpointing`), not PEFT's.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    keep_4bit_weights_trainable(model)
+    say(f"quantised the base to {quantization.describe()} (groups kept unquantised: {', '.join(skip) or 'none'})")
+    if quantization.narrow:
+        names = ", ".join(quantization.narrow[:4]) + (" ..." if len(quantization.narrow) > 4 else "")
+        say(
+            f"warning: {len(quantization.narrow)} linear layer(s) with fewer than {MIN_4BIT_IN_FEATURES} inputs kept "
+            f"unquantised (4-bit quantises in blocks of {MIN_4BIT_IN_FEATURES}): {names}"
+        )
+    return model
+
+
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50, on a CPU with AVX512-BF16) repacks a 4-bit layer's weight into a faster inference layout
+    the first time the layer runs in eval mode, and keeps it so: its matmul in that layout has no backward, so a run
+    that evaluates (generates) and then trains would get wrong gradients or fail. A training model keeps the
+    trainable layout (generation is a little slower on the CPU; nothing changes on a GPU)."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_tuning(

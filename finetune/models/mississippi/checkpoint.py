@@ -41,6 +41,7 @@ from finetune.errors import UserError
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.mississippi.config import native_config, read_original_config
 from finetune.models.mississippi.image import IMG_CONTEXT
+from finetune.models.quantization import Quantization
 from finetune.models.weights import (
     NameTable,
     check_layout,
@@ -153,20 +154,26 @@ def load_h2ovl(
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    quantization: Quantization | None = None,
 ) -> InternVLForConditionalGeneration:
     """An original-layout H2OVL checkpoint (local folder or Hub id) as a native `InternVLForConditionalGeneration`.
 
     Every native weight must come from the files: a missing, unexpected (e.g. renamed) or mis-shaped tensor fails
     with one line naming it. A folder already in the native layout (config.json model_type `internvl`, e.g. our own
-    `save_pretrained` output) is loaded with `from_pretrained` instead.
+    `save_pretrained` output) is loaded with `from_pretrained` instead. `quantization`: the base loaded quantised
+    (QLoRA; finetune/models/quantization.py).
     """
     from transformers import AutoTokenizer, GenerationConfig, PreTrainedConfig
 
     folder = resolve_checkpoint(path, revision, allow_patterns=HUB_PATTERNS)
     config_file = folder / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "internvl":
+        quantized = {}
+        if quantization is not None:
+            native = InternVLForConditionalGeneration.config_class.from_pretrained(folder)
+            quantized = quantization.loading_kwargs(InternVLForConditionalGeneration, native)
         model = InternVLForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, attn_implementation=attn_implementation
+            folder, dtype=dtype, attn_implementation=attn_implementation, **quantized
         )
         return _named(model, path)
     original = read_original_config(folder)
@@ -182,8 +189,9 @@ def load_h2ovl(
     state = read_tensors(files)
     native = original_to_native(state)
     del state
+    quantized = quantization.loading_kwargs(InternVLForConditionalGeneration, config) if quantization else {}
     model = InternVLForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=native, dtype=dtype, attn_implementation=attn_implementation
+        None, config=config, state_dict=native, dtype=dtype, attn_implementation=attn_implementation, **quantized
     )
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

@@ -150,9 +150,9 @@ class MississippiFamily(ModelFamily):
     def load_processor(self, path: str, revision: str | None = None, **options) -> H2OVLProcessor:
         return H2OVLProcessor.from_pretrained(path, revision=revision, **options)
 
-    def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa"):
+    def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa", quantization=None):
         return h2ovl_checkpoint.load_h2ovl(
-            path, revision=revision, dtype=dtype, attn_implementation=attn_implementation
+            path, revision=revision, dtype=dtype, attn_implementation=attn_implementation, quantization=quantization
         )
 
     def save_pretrained(

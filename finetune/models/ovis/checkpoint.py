@@ -25,6 +25,7 @@ from finetune.models.base import drop_remote_code
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.ovis.config import read_checkpoint_config
 from finetune.models.ovis.modeling import OvisForConditionalGeneration
+from finetune.models.quantization import Quantization
 from finetune.models.weights import (
     NameTable,
     check_layout,
@@ -181,6 +182,7 @@ def load_ovis(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     processor=None,
+    quantization: Quantization | None = None,
 ) -> OvisForConditionalGeneration:
     """An Ovis checkpoint (folder or Hub id, original or -hf layout) as the native model. Every weight must come from
     the files: a missing, unexpected (renamed) or mis-shaped tensor fails with one line naming it."""
@@ -201,12 +203,14 @@ def load_ovis(
     # Gemma2's attention soft-caps its scores, which only the eager kernel implements (as the original's
     # llm_attn_implementation says for Ovis1.6); the vision backbone takes the recipe's choice.
     llm_attention = "eager" if ckpt.text_type == "gemma2" else attn_implementation
+    quantized = quantization.loading_kwargs(OvisForConditionalGeneration, config) if quantization else {}
     model = OvisForConditionalGeneration.from_pretrained(
         None,
         config=config,
         state_dict=native,
         dtype=dtype,
         attn_implementation={"text_config": llm_attention, "vision_config": attn_implementation, "": "eager"},
+        **quantized,
     )
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

@@ -107,8 +107,10 @@ class OvisFamily(ModelFamily):
         # options: `max_partition` (the crop cap); see OvisProcessor.from_pretrained
         return OvisProcessor.from_pretrained(path, revision=revision, **options)
 
-    def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa"):
-        return load_ovis(path, revision=revision, dtype=dtype, attn_implementation=attn_implementation)
+    def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa", quantization=None):
+        return load_ovis(
+            path, revision=revision, dtype=dtype, attn_implementation=attn_implementation, quantization=quantization
+        )
 
     def save_pretrained(
         self,
