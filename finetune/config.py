@@ -281,6 +281,9 @@ class TrainSection(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
     batch_size: int = Field(1, gt=0, description="Per process.")
+    # Batches filled up to this many tokens (padding and image tokens included) instead of `batch_size` samples;
+    # `batch_size` is then the most samples a batch may hold (finetune/training/sampler.py, TokenBudgetBatchSampler).
+    max_tokens_per_batch: int | None = Field(None, gt=0)
     grad_accum: int = Field(1, gt=0)
     precision: Precision = "fp32"
     group_by_length: bool = True
@@ -289,6 +292,15 @@ class TrainSection(Section):
     log_every: int = Field(1, gt=0)
     checkpoint_every: int | None = Field(None, gt=0, description="Optimizer steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _budget_has_room(self):
+        if self.max_tokens_per_batch and self.batch_size == 1:
+            raise ValueError(
+                "max_tokens_per_batch with batch_size 1 batches one sample at a time; set batch_size to the most "
+                "samples a batch may hold"
+            )
+        return self
 
 
 ScalarMetric = Literal[

@@ -245,7 +245,7 @@ class FineTuneRecipe:
         # processes)), known before `prepare` because the schedule must be prepared in the same call as the
         # model: only then does DeepSpeed's checkpoint carry it.
         self.batches_per_epoch = math.ceil(len(loader) / acc.num_processes)
-        main_batches = math.ceil(math.ceil(len(self.train_samples) / r.train.batch_size) / acc.num_processes)
+        main_batches = math.ceil(self.data.main_batches / acc.num_processes)
         optimizer, scheduler, self.stage_total, warmup = staging.optimizer_and_schedule(
             model,
             self.family,
@@ -264,10 +264,12 @@ class FineTuneRecipe:
         self.entered_stage = index
 
         epochs = self.stage_total * r.train.grad_accum / self.batches_per_epoch
+        budget = r.train.max_tokens_per_batch
+        batch = f"≤ {budget:,} tokens (≤ {r.train.batch_size} samples)" if budget else f"{r.train.batch_size} samples"
         lrs = ", ".join(f"{g} {lr:g}" for g, lr in stage.lr.items())
         self._info(
             f"stage {index + 1}/{len(self.stages)} '{stage.name}': {self.stage_total} optimizer steps of "
-            f"{r.train.grad_accum} × {r.train.batch_size} samples × {acc.num_processes} processes = "
+            f"{r.train.grad_accum} × {batch} × {acc.num_processes} processes = "
             f"{epochs:.2f} epochs of its {len(self.data.stage_samples[index].samples)} samples; "
             f"lr {lrs}; warmup {warmup}"
         )

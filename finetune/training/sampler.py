@@ -112,3 +112,61 @@ def batch_stream(train_loader, accelerator, state, batches_per_epoch: int):
             raise RuntimeError(
                 f"epoch {epoch} ended after {state.batches_in_epoch} batches, expected {batches_per_epoch}"
             )
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches filled up to a token budget (`train.max_tokens_per_batch`) instead of a fixed number of samples.
+
+    A batch costs what it occupies once right-padded: its longest sample's length (image tokens included: a
+    sample's length is its whole prompt and answer) times its size. The batches are packed once: the samples in
+    length order (`group_by_length`, longest first) or in one seeded random order, cut greedily into consecutive
+    batches of at most `max_samples` that stay within the budget. Fixed batches keep an epoch's batch count the same
+    every epoch (the schedule, the epoch accounting and an exact resume rely on it) and lose nothing: the loss sums
+    over every label token of an optimizer step's micro-batches, so which samples share a micro-batch does not
+    change a step's gradient, only which step they land in. Each epoch shuffles the batch order (`seed + epoch`),
+    and the costliest batch comes first, so a budget the memory cannot hold fails at step 1, not hours later.
+    """
+
+    def __init__(
+        self, lengths: list[int], *, max_tokens: int, max_samples: int, seed: int, group_by_length: bool = True
+    ):
+        if not lengths or max(lengths) > max_tokens:
+            raise ValueError("every sample must fit the token budget (checked by the caller, with its name)")
+        self.max_tokens, self.seed, self.epoch = max_tokens, seed, 0
+        if group_by_length:
+            # Longest first; ties in index order, so the packing does not depend on the sort's stability.
+            order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        else:
+            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.batches: list[list[int]] = []
+        longest = 0
+        for index in order:
+            batch = self.batches[-1] if self.batches else None
+            grown = max(longest, lengths[index])
+            if batch is not None and len(batch) < max_samples and grown * (len(batch) + 1) <= max_tokens:
+                batch.append(index)
+                longest = grown
+            else:
+                self.batches.append([index])
+                longest = lengths[index]
+        self.costs = [max(lengths[i] for i in batch) * len(batch) for batch in self.batches]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def sampler(self) -> TokenBudgetBatchSampler:
+        """Itself: where Accelerate sets the epoch once it shards this batch sampler across processes (it looks for
+        `batch_sampler.sampler.set_epoch`, as on a torch BatchSampler)."""
+        return self
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.batches), generator=generator).tolist()
+        costliest = max(range(len(self.batches)), key=lambda b: (self.costs[b], -b))
+        order.remove(costliest)
+        for b in [costliest, *order]:
+            yield list(self.batches[b])

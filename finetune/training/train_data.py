@@ -14,7 +14,7 @@ from finetune.data.dataset import Collator, DataReport, DocumentDataset, Sample,
 from finetune.data.prompt import render_instruction
 from finetune.errors import UserError
 from finetune.models.base import ModelFamily
-from finetune.training.sampler import EpochLengthGroupedSampler, MixtureSampler
+from finetune.training.sampler import EpochLengthGroupedSampler, MixtureSampler, TokenBudgetBatchSampler
 
 
 @dataclass
@@ -52,6 +52,15 @@ class TrainData:
             else []
         )
         self.stage_samples = [self._stage_samples(i, stage) for i, stage in enumerate(stages)]
+        self.main_batches = self.batches_per_epoch(self.train_samples)
+        if recipe.train.max_tokens_per_batch:  # every stage's batches checked now, not when the stage begins
+            for i, part in enumerate(self.stage_samples):
+                if part.is_mix:
+                    raise UserError(
+                        f"{recipe.where('train.max_tokens_per_batch')}: train.max_tokens_per_batch does not apply "
+                        f"to a stage's data.mix (stages.{i}, {stages[i].name}): batch a mix by train.batch_size"
+                    )
+                self.token_budget_batches(part.samples, 0)
         self.warnings = [
             f"stages.{i} ({stage.name}) trains on {source}, the {recipe.eval.split} split: its "
             f"evaluations will overstate the model"
@@ -177,19 +186,51 @@ class TrainData:
                 seed=seed,
                 group_by_length=t.group_by_length,
             )
+        elif t.max_tokens_per_batch:
+            return torch.utils.data.DataLoader(
+                dataset, batch_sampler=self.token_budget_batches(part.samples, seed), **self._loader_options(seed)
+            )
         else:
             sampler = EpochLengthGroupedSampler(
                 dataset.lengths, batch_size=t.batch_size, seed=seed, group_by_length=t.group_by_length
             )
         return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=t.batch_size,
-            sampler=sampler,
-            num_workers=t.num_workers,
+            dataset, batch_size=t.batch_size, sampler=sampler, **self._loader_options(seed)
+        )
+
+    def _loader_options(self, seed: int) -> dict:
+        return dict(
+            num_workers=self.recipe.train.num_workers,
             # Its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
             # instead would shift dropout masks between a resumed and an uninterrupted run.
             generator=torch.Generator().manual_seed(seed),
             collate_fn=Collator(self.family, self.processor.tokenizer.pad_token_id, padding_side="right"),
+        )
+
+    def batches_per_epoch(self, samples: list[Sample]) -> int:
+        """Batches an epoch of `samples` makes on one process (before Accelerate shards them)."""
+        t = self.recipe.train
+        if t.max_tokens_per_batch:
+            return len(self.token_budget_batches(samples, t.seed))
+        return -(-len(samples) // t.batch_size)
+
+    def token_budget_batches(self, samples, seed: int) -> TokenBudgetBatchSampler:
+        """`train.max_tokens_per_batch` batches of `samples`; a sample longer than the budget is one line naming it
+        (it could never be batched: lower data.max_length or raise the budget)."""
+        t = self.recipe.train
+        longest = max(samples, key=lambda sample: sample.length)
+        if longest.length > t.max_tokens_per_batch:
+            raise UserError(
+                f"{self.recipe.where('train.max_tokens_per_batch')}: train.max_tokens_per_batch "
+                f"{t.max_tokens_per_batch} is less than the {longest.length} tokens of {longest.origin}; raise it "
+                f"(or lower data.max_length to drop such samples)"
+            )
+        return TokenBudgetBatchSampler(
+            [sample.length for sample in samples],
+            max_tokens=t.max_tokens_per_batch,
+            max_samples=t.batch_size,
+            seed=seed,
+            group_by_length=t.group_by_length,
         )
 
 
