@@ -11,6 +11,8 @@ full set of trainable weights, checkpointing on or off alike), on the same batch
 - ours: `finetune.training.runner` from a recipe, timed from the per-step lines of its own `train_log.jsonl`;
 - bare: a plain loop over our dataset, length-grouped sampler and collator: forward (transformers' loss) /
   backward / clip / step — what the runner computed before it learnt to skip work;
+- ours-4bit, ours-8bit (QLoRA; only when named in --trainers): ours with `tuning.quantization.bits` 4 or 8, the
+  frozen base quantised by bitsandbytes; compared with ours for peak memory, weight memory and loss;
 - trl: `trl.SFTTrainer` set up as TRL documents for vision-language models (a prompt/completion dataset with
   images, completion-only loss, the processor as `processing_class`), timed by a callback at each step's end.
   Its sampler is replaced by ours' order (nothing else changes) so that all three compute the same samples:
@@ -44,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import MODELS, build_model, machine, markdown_table, model_family, run_child
 from bench_trainers import CHILDREN, GROUPS
 
-TRAINERS = ("ours", "bare", "trl")
+TRAINERS = ("ours", "bare", "trl", "ours-4bit", "ours-8bit")  # the last two: QLoRA, ours with the base quantised
+DEFAULT_TRAINERS = ("ours", "bare", "trl")
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -68,6 +71,7 @@ def summarise(name: str, result: dict, warmup: int, flops: dict, peak_flops: flo
         "padding": (positions - tokens) / positions,
         "tokens_per_sample": tokens / samples,
         "peak_mib": result["peak_mib"],
+        **({"weights_mib": result["weights_mib"]} if "weights_mib" in result else {}),
         "flops_per_s": achieved,
         "mfu": achieved / peak_flops,
         "first_loss": result["steps"][0]["loss"],
@@ -112,7 +116,7 @@ def main() -> None:
         help="training set size: length grouping sorts mega-batches of up to 50 batches, which a "
         "set of only steps × batch samples would not fill",
     )
-    parser.add_argument("--trainers", default=",".join(TRAINERS))
+    parser.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS), help=f"any of {','.join(TRAINERS)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
@@ -188,6 +192,7 @@ def main() -> None:
                 f"{r['padding']:.1%}",
                 f"{r['tokens_per_sample']:,.0f}",
                 f"{r['peak_mib']:,.0f}",
+                f"{r['weights_mib']:,.0f}" if "weights_mib" in r else "",
                 f"{r['flops_per_s'] / 1e9:,.1f}",
                 f"{r['mfu']:.1%}",
                 (
@@ -207,6 +212,7 @@ def main() -> None:
                 "padding",
                 "real tokens per sample",
                 "peak memory (MiB)",
+                "weights (MiB)",
                 "model GFLOP/s",
                 "MFU",
                 f"vs {base['trainer']}: real tokens/s / FLOP/s",

@@ -201,6 +201,7 @@ def child_ours(config: dict) -> dict:
                 "groups": GROUPS[config["tuning"]],
                 "gradient_checkpointing": config["checkpointing"],
                 "lora": {"dropout": config["lora_dropout"]},
+                **({"quantization": {"bits": config["quantization"]}} if config.get("quantization") else {}),
             },
             "optim": {"lr": LR, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
             "train": {
@@ -239,7 +240,19 @@ def child_ours(config: dict) -> dict:
             for s, rows in zip(steps, shapes, strict=True)
         ],
         "peak_mib": peak_memory_mib(config["device"]),
+        "weights_mib": _weights_mib(job.model),
     }
+
+
+def _weights_mib(model) -> float:
+    """The model's parameters and buffers as stored (bitsandbytes' packed 4-bit / int8 weights at their size)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def child_ours_quantized(config: dict) -> dict:
+    """Ours with the frozen base quantised (QLoRA): `ours-4bit`, `ours-8bit`."""
+    return child_ours({**config, "quantization": int(config["role"].removeprefix("ours-").removesuffix("bit"))})
 
 
 def child_bare(config: dict) -> dict:
@@ -449,4 +462,12 @@ def child_trl(config: dict) -> dict:
     }
 
 
-CHILDREN = {"peak": child_peak, "flops": child_flops, "ours": child_ours, "bare": child_bare, "trl": child_trl}
+CHILDREN = {
+    "peak": child_peak,
+    "flops": child_flops,
+    "ours": child_ours,
+    "ours-4bit": child_ours_quantized,
+    "ours-8bit": child_ours_quantized,
+    "bare": child_bare,
+    "trl": child_trl,
+}

@@ -44,6 +44,7 @@ from finetune.training.checkpoint import (
     trained_so_far,
     write_checkpoint,
 )
+from finetune.training.cpu_memory import HeapTrimmer
 from finetune.training.engine import (
     check_replicas_agree,
     decided_on_main,
@@ -58,7 +59,7 @@ from finetune.training.run_eval import RunEvaluator
 from finetune.training.run_folder import check_run_dir, flatten, prepare_run_dir, record_recipe, trim_train_log
 from finetune.training.run_lock import RunLock, describe_previous
 from finetune.training.sampler import batch_stream
-from finetune.training.throughput import Throughput
+from finetune.training.throughput import Throughput, memory_mib
 from finetune.training.train_data import TrainData
 from finetune.training.tuning import (
     TuningPlan,
@@ -130,6 +131,8 @@ class FineTuneRecipe:
         r = self.recipe
         self.accelerator = make_accelerator(r, str(self.run_dir))
         self.family.check_engine(zero_stage(self.accelerator))
+        # glibc keeps freed activations in its heap and a CPU run's memory climbs step after step (cpu_memory.py).
+        self.heap = HeapTrimmer() if self.accelerator.device.type == "cpu" else None
         set_seed(r.train.seed)
         self._lock_run_dir()
         # Refuse now, and find the checkpoint a resume starts from; change the folder once all is checked.
@@ -410,6 +413,8 @@ class FineTuneRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.global_step += 1
             self.state.stage_step += 1
+            if self.heap is not None:
+                self.heap.after_step()
 
             loss = acc.reduce(step_loss, reduction="sum").item()  # per-rank partial sums → the global mean
             self._log_step(bar, loss, lrs)
@@ -459,6 +464,7 @@ class FineTuneRecipe:
                 "loss": loss,
                 **rates,
                 **{f"lr/{k}": v for k, v in lrs.items()},
+                **memory_mib(acc.device),
             }
             self.accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=step)
             if self.accelerator.is_main_process:

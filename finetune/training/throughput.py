@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from finetune.training.cpu_memory import resident_mib
+
 
 class Throughput:
     """Counts samples, real tokens and padded positions of the micro-batches since the last `take()`.
@@ -44,3 +46,15 @@ class Throughput:
             "tokens_per_s": tokens / seconds,
             "padding": (positions - tokens) / positions if positions else 0.0,
         }
+
+
+def memory_mib(device: torch.device) -> dict[str, float]:
+    """What a log line says of memory: on a GPU the allocator's peak since the previous call (`cuda_peak_mib`,
+    then reset), elsewhere this process's resident memory now (`rss_mib`, Linux's VmRSS; nothing where /proc is
+    missing). A curve of it over a run shows a leak or a plateau."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"cuda_peak_mib": peak}
+    rss = resident_mib()
+    return {"rss_mib": rss} if rss is not None else {}
