@@ -120,15 +120,9 @@ def child(step: str, page: Path, checkpoint: Path, work: Path) -> None:
             batch.pop("labels")
             with torch.no_grad():
                 model.generate(**batch, max_new_tokens=4, do_sample=False)
-    print(peak_rss_mib())
+    from bench_common import peak_memory_mib  # VmHWM on the CPU
 
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory since its exec (the kernel's high-water mark of its address space)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise SystemExit("bench_memory.py needs Linux's /proc/self/status (VmHWM)")
+    print(peak_memory_mib())
 
 
 def measure(code: Path, step: str, page: Path, checkpoint: Path, work: Path) -> float:

@@ -60,7 +60,7 @@ class TrainData:
                         f"{recipe.where('train.max_tokens_per_batch')}: train.max_tokens_per_batch does not apply "
                         f"to a stage's data.mix (stages.{i}, {stages[i].name}): batch a mix by train.batch_size"
                     )
-                self.token_budget_batches(part.samples, 0)
+                self._check_budget(part.samples)
         self.warnings = [
             f"stages.{i} ({stage.name}) trains on {source}, the {recipe.eval.split} split: its "
             f"evaluations will overstate the model"
@@ -214,9 +214,9 @@ class TrainData:
             return len(self.token_budget_batches(samples, t.seed))
         return -(-len(samples) // t.batch_size)
 
-    def token_budget_batches(self, samples, seed: int) -> TokenBudgetBatchSampler:
-        """`train.max_tokens_per_batch` batches of `samples`; a sample longer than the budget is one line naming it
-        (it could never be batched: lower data.max_length or raise the budget)."""
+    def _check_budget(self, samples: list[Sample]) -> None:
+        """A sample longer than `train.max_tokens_per_batch` is one line naming it (it could never be batched: lower
+        data.max_length or raise the budget)."""
         t = self.recipe.train
         longest = max(samples, key=lambda sample: sample.length)
         if longest.length > t.max_tokens_per_batch:
@@ -225,6 +225,11 @@ class TrainData:
                 f"{t.max_tokens_per_batch} is less than the {longest.length} tokens of {longest.origin}; raise it "
                 f"(or lower data.max_length to drop such samples)"
             )
+
+    def token_budget_batches(self, samples: list[Sample], seed: int) -> TokenBudgetBatchSampler:
+        """`train.max_tokens_per_batch` batches of `samples` (checked by `_check_budget`)."""
+        t = self.recipe.train
+        self._check_budget(samples)
         return TokenBudgetBatchSampler(
             [sample.length for sample in samples],
             max_tokens=t.max_tokens_per_batch,
