@@ -301,6 +301,7 @@ class FineTuneRecipe:
         if self.recipe.eval.after_training and self.eval_samples:
             metrics["after"] = self.evaluate("after")
             self.evaluator.save()
+        self._release_engine()
         self.accelerator.end_training()
         if self.accelerator.is_main_process:  # for the model card: how and on what it was trained
             (self.run_dir / "run_info.json").write_text(
@@ -311,6 +312,14 @@ class FineTuneRecipe:
             )
         self._info(self._summary(metrics))
         return metrics
+
+    def _release_engine(self) -> None:
+        """Drop DDP's wrapper (or DeepSpeed's engine), the optimizer and the loader before the process group is
+        destroyed. DDP's reducer holds the group: left to the interpreter's exit, gloo's worker threads were torn
+        down with it and a rank could die of `terminate called without an active exception` after a finished run."""
+        self.model = self.accelerator.unwrap_model(self.model)
+        self.optimizer = self.scheduler = self.train_loader = None
+        self.accelerator.free_memory()  # forgets what prepare() returned, then collects
 
     @property
     def stages(self):
