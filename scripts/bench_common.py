@@ -17,10 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 # token counts with narrower, shallower layers (33 M parameters) so a 2-core CPU trains it in seconds per step;
 # its vocabulary is padded to 2,560 rows so the LM head is a similar share of the LLM (6%) as the real 0.8B's
 # 32k-row head (10%).
-# "0.8b" / "2b" are the real shapes (random init) for a GPU. The `ovis2-*` shapes are Ovis2's (AIMv2 on 448 px crops,
-# patch 14, hidden_stride 2 → 256 visual tokens per crop, as the real checkpoints; Qwen2 LLM with a tied head):
-# "ovis2-small" narrow and shallow for the CPU, "ovis2-1b" the real sizes (AIMv2-large + Qwen2.5-0.5B; the visual
-# vocabulary of 65,536 is the Ovis1.6 one, unconfirmed for Ovis2) for a GPU. A shape without `family` is Mississippi.
+# "0.8b" / "2b" are the real shapes (random init) for a GPU, as /work/shared/reference/models-and-schedules.md gives
+# them; "2b" tiles with MSAC, as mississippi-2b does (13 tiles for an A4 page instead of 7). The `ovis2-*` shapes are
+# Ovis2's (AIMv2 on 448 px crops, patch 14, hidden_stride 2 → 256 visual tokens per crop, as the real checkpoints;
+# Qwen2 LLM with a tied head): "ovis2-small" narrow and shallow for the CPU, "ovis2-1b" the real sizes for a GPU:
+# AIMv2-large-patch14-448 (1024 wide, 24 layers, 8 heads of 128, SwiGLU 2816: transformers' Aimv2VisionConfig
+# defaults are this model's) + Qwen2.5-0.5B-Instruct (896 wide, 24 layers, 14 / 2 KV heads, SwiGLU 4864, 151,936
+# rows, tied); the visual vocabulary of 65,536 is the Ovis1.6 one, unconfirmed for Ovis2. Widths the builder would
+# otherwise derive (MLP = 4 × hidden) are given as `*_intermediate`. A shape without `family` is Mississippi.
 MODELS = {
     "tiny": {
         "llm": "llama",
@@ -72,6 +76,7 @@ MODELS = {
         "text_kv_heads": 8,
         "text_intermediate": 6912,
         "vocab_size": 32010,
+        "use_msac": True,
     },
     "ovis2-small": {
         "family": "ovis",
@@ -96,10 +101,12 @@ MODELS = {
         "vision_hidden": 1024,
         "vision_layers": 24,
         "vision_heads": 8,
+        "vision_intermediate": 2816,
         "text_hidden": 896,
         "text_layers": 24,
         "text_heads": 14,
         "text_kv_heads": 2,
+        "text_intermediate": 4864,
         "visual_vocab_size": 65536,
         "vocab_size": 151936,
     },
@@ -147,6 +154,26 @@ def matmul_peak_flops(device: str = "cpu", dtype: str = "fp32", seconds: float =
         if flops > best["flops"]:
             best = {"flops": flops, "size": size}
     return best
+
+
+# Dense bf16 tensor-core peaks from the datasheets (FLOP/s), keyed by a substring of torch.cuda.get_device_name():
+# the conventional MFU denominator, beside the measured matmul rate. More specific names first (H100 PCIe is 756).
+DATASHEET_BF16_PEAKS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165.2e12),
+    ("A10G", 125e12),
+)
+
+
+def datasheet_peak_flops(device_name: str) -> tuple[str, float] | None:
+    """The datasheet's dense bf16 peak of this GPU as (the matched name, FLOP/s), or None for a card not listed."""
+    return next(((name, peak) for name, peak in DATASHEET_BF16_PEAKS if name in device_name), None)
 
 
 def memory_kib(field: str) -> int:

@@ -2,7 +2,8 @@
 
     python scripts/bench_train.py [--model small] [--tuning lora|full] [--checkpointing] [--batch-size 4]
                                   [--steps 4] [--rounds 3] [--trainers ours,bare,trl] [--out runs/bench-train]
-    # GPU (not run yet): --device cuda --precision bf16 --model 0.8b|2b [--attn flash_attention_2]
+    # GPU (not run yet): --device cuda --precision bf16 --model 0.8b|2b|ovis2-1b --trainers ours,ours-4bit
+    #                    [--attn sdpa|flash_attention_2] [--checkpointing]
 
 Each trainer runs in a fresh process on the same checkpoint (a Mississippi-shaped model, random init, real
 448 px tiling: scripts/bench_common.py) and the same synthetic invoices, for `warmup + steps` optimizer steps of
@@ -29,7 +30,11 @@ FLOPs are model FLOPs: the forward and backward of each sample alone (no padding
 every position, no checkpoint recomputation), counted by `torch.utils.flop_counter` on eager attention for the
 trainable set at hand; work a trainer skips (the causal half of the scores, logits without a label) still counts, as
 MFU conventionally does, so model FLOP/s exceeds what the hardware executes for ours. The peak is the best fp32 (or
-bf16) matmul rate measured in this run."""
+bf16) matmul rate measured in this run; on a GPU the table also gives MFU against the card's datasheet dense bf16
+peak (bench_common.DATASHEET_BF16_PEAKS, by device name), the conventional denominator. Peak memory is VmHWM on the
+CPU and torch.cuda.max_memory_allocated on a GPU (the allocator's, not the driver's: the CUDA context and the
+allocator's cached blocks come on top). A setting this machine cannot run (no GPU, flash-attn or bitsandbytes
+missing, flash attention without bf16) is one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import MODELS, build_model, machine, markdown_table, model_family, run_child
+from bench_common import MODELS, build_model, datasheet_peak_flops, machine, markdown_table, model_family, run_child
 from bench_trainers import CHILDREN, GROUPS
 
 TRAINERS = ("ours", "bare", "trl", "ours-4bit", "ours-8bit")  # the last two: QLoRA, ours with the base quantised
@@ -51,7 +56,32 @@ DEFAULT_TRAINERS = ("ours", "bare", "trl")
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def summarise(name: str, result: dict, warmup: int, flops: dict, peak_flops: float) -> dict:
+def unmet_requirement(args, trainers: list[str]) -> str | None:
+    """Why this machine cannot run the requested setting, in one line; None when it can."""
+    import importlib.util
+
+    cuda = args.device == "cuda"
+    if args.attn == "flash_attention_2":
+        if not cuda or args.precision != "bf16":
+            return (
+                "--attn flash_attention_2 needs --device cuda --precision bf16 (flash-attn has no CPU or fp32 kernels)"
+            )
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as err:
+            return f"--attn flash_attention_2 needs the flash-attn package, which does not import here ({err})"
+    quantized = [t for t in trainers if t in ("ours-4bit", "ours-8bit")]
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
+        return f"trainers {','.join(quantized)} need bitsandbytes: pip install bitsandbytes"
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"--device cuda, but torch {torch.__version__} sees no CUDA device"
+    return None
+
+
+def summarise(name: str, result: dict, warmup: int, flops: dict, peak_flops: float, datasheet: float | None) -> dict:
     timed = result["steps"][warmup:]
     seconds = sum(s["seconds"] for s in timed)
     samples, tokens, positions = (sum(s[k] for s in timed) for k in ("samples", "tokens", "positions"))
@@ -74,6 +104,7 @@ def summarise(name: str, result: dict, warmup: int, flops: dict, peak_flops: flo
         **({"weights_mib": result["weights_mib"]} if "weights_mib" in result else {}),
         "flops_per_s": achieved,
         "mfu": achieved / peak_flops,
+        **({"mfu_datasheet": achieved / datasheet} if datasheet else {}),
         "first_loss": result["steps"][0]["loss"],
         "last_loss": result["steps"][-1]["loss"],
         **({"default_order_padding": result["default_order_padding"]} if "default_order_padding" in result else {}),
@@ -117,7 +148,7 @@ def main() -> None:
         "set of only steps × batch samples would not fill",
     )
     parser.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS), help=f"any of {','.join(TRAINERS)}")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per process")
@@ -133,6 +164,10 @@ def main() -> None:
     unknown = set(trainers) - set(TRAINERS)
     if unknown:
         parser.error(f"unknown trainers {sorted(unknown)}; choose from {TRAINERS}")
+    unmet = unmet_requirement(args, trainers)
+    if unmet:
+        print(f"{Path(__file__).name}: {unmet}", file=sys.stderr)
+        raise SystemExit(2)
     from finetune.synthetic.invoices import write_dataset
 
     out = Path(args.out)
@@ -159,8 +194,23 @@ def main() -> None:
         "lora_dropout": args.lora_dropout,
     }
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.device == "cpu":  # the runner's Accelerator would otherwise take a GPU that the other trainers leave
+        env["ACCELERATE_USE_CPU"] = "true"
     peak = run_child(__file__, {**config, "role": "peak"}, env)
     flops = run_child(__file__, {**config, "role": "flops"}, env)
+    datasheet = None
+    if args.device == "cuda":
+        import torch
+
+        card = torch.cuda.get_device_name()
+        datasheet = datasheet_peak_flops(card) if args.precision == "bf16" else None
+        print(
+            f"{card}: datasheet dense bf16 peak "
+            + (
+                f"{datasheet[1] / 1e12:,.1f} TFLOP/s (as {datasheet[0]})" if datasheet else "not known for this setting"
+            ),
+            file=sys.stderr,
+        )
     print(
         f"matmul peak {peak['flops'] / 1e9:,.1f} GFLOP/s ({args.precision}, {peak['size']}²); model "
         f"{flops['flops_per_token'] / 1e6:,.2f} MFLOP per token for forward + backward "
@@ -171,7 +221,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in trainers:
             result = run_child(__file__, {**config, "role": name}, env)
-            runs[name].append(summarise(name, result, args.warmup_steps, flops, peak["flops"]))
+            runs[name].append(
+                summarise(name, result, args.warmup_steps, flops, peak["flops"], datasheet[1] if datasheet else None)
+            )
     rows = [combine(runs[name]) for name in trainers]
 
     lora = f" (dropout {args.lora_dropout:g})" if args.tuning == "lora" else ""
@@ -195,6 +247,7 @@ def main() -> None:
                 f"{r['weights_mib']:,.0f}" if "weights_mib" in r else "",
                 f"{r['flops_per_s'] / 1e9:,.1f}",
                 f"{r['mfu']:.1%}",
+                *([f"{r['mfu_datasheet']:.1%}"] if datasheet else []),
                 (
                     f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}× / "
                     f"{r['flops_per_s'] / base['flops_per_s']:.2f}×"
@@ -211,10 +264,11 @@ def main() -> None:
                 "real tokens/s (range)",
                 "padding",
                 "real tokens per sample",
-                "peak memory (MiB)",
+                "peak memory (MiB, " + ("CUDA max allocated)" if args.device == "cuda" else "VmHWM)"),
                 "weights (MiB)",
                 "model GFLOP/s",
-                "MFU",
+                "MFU (measured matmul peak)",
+                *([f"MFU (datasheet {datasheet[1] / 1e12:g} TFLOP/s)"] if datasheet else []),
                 f"vs {base['trainer']}: real tokens/s / FLOP/s",
                 "loss first → last",
             ],

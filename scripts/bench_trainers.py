@@ -108,9 +108,12 @@ def child_flops(config: dict) -> dict:
     family, processor, instruction, samples, _ = _samples(config)
     dataset = DocumentDataset(samples, family=family, processor=processor, instruction_text=instruction)
     collate = Collator(family, processor.tokenizer.pad_token_id)
-    # Model FLOPs: no recomputation, and eager attention, whose score matmuls the counter sees (it has no formula
-    # for the CPU flash-attention kernel, which SDPA runs here, and would count its FLOPs as zero).
-    model, _ = _model({**config, "attn": "eager"}, family, checkpointing=False)
+    # Model FLOPs: no recomputation. On the CPU, eager attention, whose score matmuls the counter sees (it has no
+    # formula for the CPU flash-attention kernel, which SDPA runs there, and would count its FLOPs as zero). On a GPU,
+    # SDPA, which the counter knows: eager would keep every layer's heads × tokens² scores, tens of GB for a real
+    # shape's long pages; its backward formula recomputes the scores, one of its five equal matmuls, taken off.
+    cuda = config["device"].startswith("cuda")
+    model, _ = _model({**config, "attn": "sdpa" if cuda else "eager"}, family, checkpointing=False)
 
     def count(item) -> int:
         batch = collate([item])
@@ -120,7 +123,9 @@ def child_flops(config: dict) -> dict:
         with counter, _autocast(config):
             model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
+        by_op = counter.get_flop_counts().get("Global", {})
+        recomputed = sum(f for op, f in by_op.items() if "scaled_dot_product" in str(op) and "backward" in str(op)) / 5
+        return counter.get_total_flops() - round(recomputed)
 
     def tiles(sample) -> int:  # from the image sizes (headers only), as the trainer's length check does
         sizes = []
@@ -227,6 +232,8 @@ def child_ours(config: dict) -> dict:
     reset_peak_memory(config["device"])
     job.train()
     steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    # On a GPU the runner reads and resets the allocator's peak at every log line: the peak is the highest of those.
+    peak_mib = max([s.get("cuda_peak_mib", 0.0) for s in steps] + [peak_memory_mib(config["device"])])
     return {
         "steps": [
             {
@@ -239,7 +246,7 @@ def child_ours(config: dict) -> dict:
             }
             for s, rows in zip(steps, shapes, strict=True)
         ],
-        "peak_mib": peak_memory_mib(config["device"]),
+        "peak_mib": peak_mib,
         "weights_mib": _weights_mib(job.model),
     }
 

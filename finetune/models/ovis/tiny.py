@@ -51,9 +51,11 @@ def build_tiny_ovis(
     patch_size: int = 7,
     hidden_stride: int = 2,
     vision_hidden: int = 32,
+    vision_intermediate: int | None = None,
     vision_layers: int = 2,
     vision_heads: int = 2,
     text_hidden: int = 64,
+    text_intermediate: int | None = None,
     text_layers: int = 2,
     text_heads: int = 4,
     text_kv_heads: int = 2,
@@ -64,6 +66,8 @@ def build_tiny_ovis(
 ) -> Path:
     """A tiny original-layout Ovis checkpoint (see the module docstring). Tokens per crop =
     ceil(image_size / patch_size / hidden_stride)²: 16 for both test presets.
+
+    `text_intermediate` / `vision_intermediate`: the MLP widths (4 × the hidden size unless given).
 
     `llm_layer_std`: the LLM's layer matrices are drawn with this std (its embedding keeps transformers' 0.02). With
     a tied head, a tiny LLM initialised at 0.02 mostly echoes its input token, so every prompt continues with one
@@ -80,7 +84,7 @@ def build_tiny_ovis(
     common = {
         "vocab_size": vocab,
         "hidden_size": text_hidden,
-        "intermediate_size": text_hidden * 4,
+        "intermediate_size": text_intermediate or text_hidden * 4,
         "num_hidden_layers": text_layers,
         "num_attention_heads": text_heads,
         "num_key_value_heads": text_kv_heads,
@@ -113,7 +117,7 @@ def build_tiny_ovis(
         backbone = {
             "model_type": "siglip_vision_model",
             "hidden_size": vision_hidden,
-            "intermediate_size": vision_hidden * 4,
+            "intermediate_size": vision_intermediate or vision_hidden * 4,
             "num_hidden_layers": vision_layers,
             "num_attention_heads": vision_heads,
             "num_channels": 3,
@@ -140,7 +144,7 @@ def build_tiny_ovis(
         backbone = {
             "model_type": "aimv2",
             "hidden_size": vision_hidden,
-            "intermediate_size": vision_hidden * 4,
+            "intermediate_size": vision_intermediate or vision_hidden * 4,
             "num_hidden_layers": vision_layers,
             "num_attention_heads": vision_heads,
             "num_channels": 3,
