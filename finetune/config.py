@@ -116,6 +116,9 @@ class LoraSection(Section):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # One dropout mask for the adapters that read the same input (q/k/v, gate/up): the same dropout rate per adapter,
+    # fewer random masks to draw and keep (finetune/training/lora_dropout.py). false: PEFT's mask per adapter.
+    shared_dropout: bool = True
     # Leaf module names per module group, e.g. {"llm": ["q_proj", "v_proj"]}. A group that is in `lora` mode and
     # absent here uses the family's default targets. Names are scoped to the group (never a bare global list,
     # which would also wrap the vision tower's identically named layers).

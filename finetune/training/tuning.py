@@ -18,6 +18,7 @@ from finetune.config import DEFAULT_GROUPS, LoraSection, Recipe, TuningSection
 from finetune.errors import UserError
 from finetune.models.base import ModelFamily
 from finetune.models.quantization import MIN_4BIT_IN_FEATURES, Quantization, require_bitsandbytes
+from finetune.training.lora_dropout import share_lora_dropout
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,10 @@ def inject_lora(
         target_modules=family.lora_target_regex(targets),
         modules_to_save=modules_to_save or None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if lora.shared_dropout:
+        share_lora_dropout(model)
+    return model
 
 
 def set_trainable(
