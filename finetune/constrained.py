@@ -2,8 +2,8 @@
 
 The JSON Schema comes from the prompt skeleton refined by the training targets (`finetune.schema`: keys every
 target has are required, no other keys, leaf types as seen, nullable). xgrammar compiles it against the tokenizer
-once and masks, at every generation step, the tokens that would leave the grammar; its transformers
-`LogitsProcessor` does the masking inside `model.generate`.
+once and masks, at every generation step, the tokens that would leave the grammar (`GrammarLogitsProcessor`, inside
+`model.generate`).
 
 Bounds make "always parseable" hold within a token budget, also for a model that has not learned anything:
 strings get a maximum length, numbers a range and lists a maximum number of items (a grammar with unbounded
@@ -295,10 +295,50 @@ class JsonConstraint:
             answer_schema=answer_schema,
         )
 
-    def logits_processor(self):
-        from xgrammar.contrib.hf import LogitsProcessor
+    def logits_processor(self) -> GrammarLogitsProcessor:
+        """A processor for one `generate` call (its matchers follow that call's sequences)."""
+        return GrammarLogitsProcessor(self.grammar)
 
-        return LogitsProcessor(self.grammar)
+
+class GrammarLogitsProcessor:
+    """Masks, at every generation step, the tokens that would leave the grammar; one matcher per sequence.
+
+    xgrammar's own transformers processor (`xgrammar.contrib.hf`) walks the batch in Python, reading each sequence's
+    last token with `.item()` and filling its mask row by row, also for sequences that have finished: at batch 8 that
+    cost 30% of the generated tokens/s on a 2-core CPU. Here the tokens come in one transfer, and xgrammar's
+    `BatchGrammarMatcher` accepts them and fills the masks of the unfinished sequences only, on its C++ threads
+    (which run between the model's forwards, when torch's threads are idle); the mask is applied to those rows only.
+    """
+
+    def __init__(self, grammar):
+        import xgrammar as xgr
+
+        self._xgr, self.grammar = xgr, grammar
+        self.matchers: list = []
+        self.batch = xgr.BatchGrammarMatcher()
+        self.bitmask = None
+        self.started = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        xgr = self._xgr
+        if not self.matchers:
+            self.matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(input_ids.shape[0])]
+            self.bitmask = xgr.allocate_token_bitmask(len(self.matchers), self.grammar.tokenizer_info.vocab_size)
+        active = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]
+        if self.started and active:
+            last = input_ids[:, -1].tolist()
+            accepted = xgr.BatchGrammarMatcher.batch_accept_token(
+                [self.matchers[i] for i in active], [last[i] for i in active]
+            )
+            if not all(accepted):  # the mask allowed only tokens the grammar accepts: a bug, never a user error
+                raise RuntimeError(f"grammar rejected a token it had allowed (sequences {active})")
+            active = [i for i in active if not self.matchers[i].is_terminated()]
+        self.started = True
+        if active:
+            self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in active], self.bitmask, indices=active)
+            bitmask = self.bitmask if scores.device.type == "cpu" else self.bitmask.to(scores.device)
+            xgr.apply_token_bitmask_inplace(scores, bitmask, indices=active)
+        return scores
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from finetune.eval import evaluate_model, main
 
@@ -189,3 +190,41 @@ def test_a_budget_that_is_not_a_positive_number_is_a_usage_error(value, capsys):
         assert exit_.value.code == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert "--max-new-tokens" in line and value in line
+
+
+def test_grammar_processor_masks_as_xgrammars_own(tiny_mississippi):
+    """Our batched processor (one transfer, C++ batch fill, finished rows skipped) must allow exactly the tokens
+    xgrammar's reference transformers processor allows, step after step, rows finishing at different steps."""
+    from xgrammar.contrib.hf import LogitsProcessor as ReferenceProcessor
+
+    from finetune.constrained import JsonConstraint
+    from finetune.models import get_family
+
+    family = get_family("mississippi")
+    processor = family.load_processor(str(tiny_mississippi))
+    tokenizer = processor.tokenizer
+    stop = family.stop_token_ids(processor)
+    vocab = len(tokenizer)
+    skeleton = {"name": "", "total": 0.0, "items": [{"code": ""}]}
+    constraint = JsonConstraint(
+        tokenizer, vocab_size=vocab, stop_token_ids=stop, skeleton=skeleton, max_string_length=4, max_items=2
+    )
+    ours, reference = constraint.logits_processor(), ReferenceProcessor(constraint.grammar)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.zeros(3, 1, dtype=torch.long)
+    finished = [False] * 3
+    for _ in range(80):
+        scores = torch.randn(3, vocab, generator=generator)
+        masked, expected = ours(input_ids, scores.clone()), reference(input_ids, scores.clone())
+        live = [i for i in range(3) if not finished[i]]
+        torch.testing.assert_close(masked[live], expected[live], rtol=0, atol=0)
+        chosen = masked.argmax(-1)
+        for i in range(3):
+            if finished[i]:
+                chosen[i] = tokenizer.pad_token_id  # what generate feeds a finished row
+            elif chosen[i].item() in stop:
+                finished[i] = True
+        input_ids = torch.cat([input_ids, chosen[:, None]], dim=1)
+        if all(finished):
+            break
+    assert all(finished)  # every row closed its JSON within the bounds
