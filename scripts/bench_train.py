@@ -1,7 +1,8 @@
 """Training throughput: our trainer vs a bare PyTorch loop vs TRL's SFTTrainer on the same model, data and machine.
 
     python scripts/bench_train.py [--model small] [--tuning lora|full] [--checkpointing] [--batch-size 4]
-                                  [--steps 4] [--rounds 3] [--trainers ours,bare,trl] [--out runs/bench-train]
+                                  [--preset invoices|form] [--steps 4] [--rounds 3] [--trainers ours,bare,trl]
+                                  [--out runs/bench-train]
     # GPU (not run yet): --device cuda --precision bf16 --model 0.8b|2b|ovis2-1b --trainers ours,ours-4bit
     #                    [--attn sdpa|flash_attention_2] [--checkpointing]
 
@@ -147,6 +148,9 @@ def main() -> None:
         help="training set size: length grouping sorts mega-batches of up to 50 batches, which a "
         "set of only steps × batch samples would not fill",
     )
+    parser.add_argument(
+        "--preset", default="invoices", help="synthetic documents: invoices (A4, 7 tiles) or form (1 tile)"
+    )
     parser.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS), help=f"any of {','.join(TRAINERS)}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
@@ -175,9 +179,9 @@ def main() -> None:
     checkpoint = build_model(out, args.model)
     total = args.warmup_steps + args.steps
     samples = max(args.samples, total * args.batch_size)
-    data_dir = out / f"invoices-{samples}"
+    data_dir = out / f"{args.preset}-{samples}"
     if not (data_dir / "train.jsonl").exists():  # deterministic by seed: the same data every run
-        write_dataset(data_dir, seed=0, n_train=samples, n_val=1, n_test=1, preset="invoices")
+        write_dataset(data_dir, seed=0, n_train=samples, n_val=1, n_test=1, preset=args.preset)
     config = {
         "checkpoint": str(checkpoint),
         "family": model_family(args.model),
