@@ -15,10 +15,11 @@ For every batch of one epoch (or the first `--steps`): one forward + backward + 
 bytes autograd keeps for backward, exactly (every saved tensor that is not a weight, once per storage, through
 `torch.autograd.graph.saved_tensors_hooks`, as scripts/bench_stage_memory.py does), and (b) the step's resident
 high-water mark above the resident size before it (glibc `malloc_trim(0)`, then VmHWM reset, read after the step).
-No warm-up step: it would cost a minute, and step 1's one-off allocations (Adam's state of the LoRA weights, 7 MiB)
-can only raise the worst step, which both samplers put first anyway. Reported per setting: samples and padded
-tokens per batch, both memories' mean, worst and worst / mean (the target: worst ≤ 1.2 × mean), seconds per step;
-then every step. Results JSON (per-step readings, sample lengths) in `--out`/results.json.
+No warm-up step (it would cost a minute): step 1's one-off allocations (Adam's state of the LoRA weights, 7 MiB,
+and whatever a first call sets up) count in it, as in a real run; both samplers put their costliest batch first.
+Reported per setting: samples and padded tokens per batch, both memories' mean, worst and worst / mean (the target:
+worst ≤ 1.2 × mean), seconds per step; then every step. Results JSON (per-step readings, sample lengths) in
+`--out`/results.json.
 """
 
 from __future__ import annotations
