@@ -89,7 +89,8 @@ SETTINGS = ("LoRA bf16", "QLoRA 4-bit", "full bf16")
 def parameters(shape: dict) -> dict[str, float]:
     """Parameter counts: `linear` (nn.Linear weights, what 4-bit quantises), `other` (embeddings, norms, biases,
     convolutions, the LM head), `lora` (the adapters r 16 adds)."""
-    ovis, gemma = shape.get("family") == "ovis", shape.get("variant") == "ovis1.6"
+    # Traits of the architecture, read from the shape: a visual vocabulary means a visual tokenizer and head.
+    ovis, gemma = "visual_vocab_size" in shape, shape.get("variant") == "ovis1.6"
     hv, layers_v, patch = shape["vision_hidden"], shape["vision_layers"], shape["patch_size"]
     iv = shape.get("vision_intermediate", 4 * hv)
     patches = (shape["image_size"] // patch) ** 2
@@ -135,7 +136,8 @@ def weight_and_state_bytes(params: dict, setting: str, fp32_base: bool) -> float
 
 def activation_bytes(shape: dict, page: dict, setting: str, fp32_base: bool, checkpointing: bool) -> float:
     """Activation memory of one sample (one page) at its peak (see the module docstring for the formulas)."""
-    ovis, gemma = shape.get("family") == "ovis", shape.get("variant") == "ovis1.6"
+    # Traits of the architecture, read from the shape: a visual vocabulary means a visual tokenizer and head.
+    ovis, gemma = "visual_vocab_size" in shape, shape.get("variant") == "ovis1.6"
     full, residual = setting == "full bf16", 4 if fp32_base else 2
     visual = page["tiles"] * page["tokens_per_tile"]
     tokens = visual + TEXT_TOKENS + page["extra_text"]
