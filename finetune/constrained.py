@@ -317,15 +317,15 @@ class GrammarLogitsProcessor:
         self.matchers: list = []
         self.batch = xgr.BatchGrammarMatcher()
         self.bitmask = None
-        self.started = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         xgr = self._xgr
-        if not self.matchers:
+        first_step = not self.matchers  # the prompt: no token generated yet to accept
+        if first_step:
             self.matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(input_ids.shape[0])]
             self.bitmask = xgr.allocate_token_bitmask(len(self.matchers), self.grammar.tokenizer_info.vocab_size)
         active = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]
-        if self.started and active:
+        if not first_step and active:
             last = input_ids[:, -1].tolist()
             accepted = xgr.BatchGrammarMatcher.batch_accept_token(
                 [self.matchers[i] for i in active], [last[i] for i in active]
@@ -333,7 +333,6 @@ class GrammarLogitsProcessor:
             if not all(accepted):  # the mask allowed only tokens the grammar accepts: a bug, never a user error
                 raise RuntimeError(f"grammar rejected a token it had allowed (sequences {active})")
             active = [i for i in active if not self.matchers[i].is_terminated()]
-        self.started = True
         if active:
             self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in active], self.bitmask, indices=active)
             bitmask = self.bitmask if scores.device.type == "cpu" else self.bitmask.to(scores.device)

@@ -47,22 +47,18 @@ class SharedInputDropout(nn.Module):
         return f"p={self.p}, shared"
 
 
-def share_lora_dropout(model: nn.Module, adapter: str = "default") -> int:
-    """Give the LoRA layers of `model` that sit under one parent module a single `SharedInputDropout`; returns how
-    many dropout modules were replaced (0: dropout off, or no parent holds two adapters)."""
+def share_lora_dropout(model: nn.Module, adapter: str = "default") -> None:
+    """Give the LoRA layers of `model` that sit under one parent module a single `SharedInputDropout` (none where
+    dropout is off or a parent holds one adapter)."""
     by_parent: dict[str, list[nn.Module]] = defaultdict(list)
     for name, module in model.named_modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, nn.ModuleDict) and adapter in dropouts and isinstance(dropouts[adapter], nn.Dropout):
             by_parent[name.rpartition(".")[0]].append(module)
-    parents = dict(model.named_modules())
-    replaced = 0
     for parent_name, layers in by_parent.items():
         if len(layers) < 2:
             continue
         shared = SharedInputDropout(layers[0].lora_dropout[adapter].p)
         for layer in layers:
             layer.lora_dropout[adapter] = shared
-        parents[parent_name].register_forward_hook(lambda *_, shared=shared: shared.forget())
-        replaced += len(layers)
-    return replaced
+        model.get_submodule(parent_name).register_forward_hook(lambda *_, shared=shared: shared.forget())

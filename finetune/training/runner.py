@@ -219,13 +219,11 @@ class FineTuneRecipe:
         """Make stage `index` current: LoRA adapters if it is the first to ask, trainable flags, a new optimizer
         and schedule, and the model, optimizer and loader (re-)prepared by Accelerate."""
         r, acc, stage = self.recipe, self.accelerator, self.stages[index]
-        model = self.model
         if self.entered_stage is not None:
-            model = acc.unwrap_model(self.model)
-            # Drops DDP's wrapper / DeepSpeed's engine and the old optimizer, scheduler and loader, so the next
-            # prepare builds them for the new trainable set (a stale engine would keep stepping old parameters).
-            self.model = self.optimizer = self.scheduler = self.train_loader = None
-            acc.free_memory()
+            # The next prepare builds wrapper, engine, optimizer and loader for the new trainable set (a stale engine
+            # would keep stepping old parameters).
+            self._release_engine()
+        model = self.model
         first_lora = staging.first_lora_stage(self.stages)
         # Adapters are created by the first stage that asks for them; under ZeRO-3 before the first stage
         # instead, because PEFT cannot wrap weights an earlier engine has partitioned (B = 0 keeps them inert).
@@ -314,9 +312,10 @@ class FineTuneRecipe:
         return metrics
 
     def _release_engine(self) -> None:
-        """Drop DDP's wrapper (or DeepSpeed's engine), the optimizer and the loader before the process group is
-        destroyed. DDP's reducer holds the group: left to the interpreter's exit, gloo's worker threads were torn
-        down with it and a rank could die of `terminate called without an active exception` after a finished run."""
+        """Drop DDP's wrapper (or DeepSpeed's engine), the optimizer, schedule and loader; `self.model` becomes the
+        bare model. Between stages, so the next stage prepares its own; at the end, before the process group is
+        destroyed: DDP's reducer holds the group, and left to the interpreter's exit gloo's worker threads were torn
+        down with it, so a rank could die of `terminate called without an active exception` after a finished run."""
         self.model = self.accelerator.unwrap_model(self.model)
         self.optimizer = self.scheduler = self.train_loader = None
         self.accelerator.free_memory()  # forgets what prepare() returned, then collects
