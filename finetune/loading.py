@@ -198,7 +198,7 @@ def load_model_and_processor(source: ModelSource):
     """(family, processor, model): the base with the adapter applied, or the saved model, in eval mode."""
     from finetune.models import get_family
 
-    family = get_family(source.family)
+    family = get_family(source.family, source.base if source.adapter else source.weights, source.revision)
     processor = family.load_processor(source.weights, **source.processor_options)
     if source.adapter:
         from peft import PeftModel

@@ -551,4 +551,5 @@ class Collator:
             "index": torch.tensor([f["index"] for f in features]),
         }
         batch.update(self.family.collate_images(features))
+        batch.update(self.family.token_inputs(batch, features))
         return batch

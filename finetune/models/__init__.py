@@ -8,13 +8,15 @@ import json
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.models.auto import AutoFamily
 from finetune.models.base import ModelFamily
 from finetune.models.llava_onevision import LlavaOnevisionFamily
 from finetune.models.mississippi import MississippiFamily
 from finetune.models.ovis import OvisFamily
 
 # The registry: every family the toolkit supports, in the order they are listed to users.
-FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (MississippiFamily, LlavaOnevisionFamily, OvisFamily)
+# `auto` comes last: it takes any transformers-native image-text-to-text checkpoint no dedicated family claims.
+FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (MississippiFamily, LlavaOnevisionFamily, OvisFamily, AutoFamily)
 
 FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in FAMILY_CLASSES}
 # config.json `model_type` → family name (to recognise a saved model or an adapter's base without a recipe).
@@ -32,13 +34,14 @@ def family_groups(name: str) -> tuple[str, ...]:
     return tuple(FAMILIES[name].group_prefixes)
 
 
-def get_family(name: str) -> ModelFamily:
-    """The family object for a recipe's `model.family`."""
+def get_family(name: str, checkpoint: str | None = None, revision: str | None = None) -> ModelFamily:
+    """The family object for a recipe's `model.family`, bound to `checkpoint` when given (`for_checkpoint`)."""
     if name not in FAMILIES:
         close = difflib.get_close_matches(name, FAMILIES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(FAMILIES)})"
         raise UserError(f"unknown model family '{name}'{hint}")
-    return FAMILIES[name]()
+    family = FAMILIES[name]()
+    return family.for_checkpoint(checkpoint, revision) if checkpoint is not None else family
 
 
 def family_of_checkpoint(path: str) -> str:
@@ -51,5 +54,12 @@ def family_of_checkpoint(path: str) -> str:
     except json.JSONDecodeError as err:
         raise UserError(f"{config}: not valid JSON ({err})") from None
     if model_type not in MODEL_TYPES:
-        raise UserError(f"{config}: model_type '{model_type}' belongs to no family (known: {', '.join(MODEL_TYPES)})")
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            return AutoFamily.name
+        raise UserError(
+            f"{config}: model_type '{model_type}' belongs to no family and is no image-text-to-text model of "
+            f"transformers (dedicated families: {', '.join(MODEL_TYPES)})"
+        )
     return MODEL_TYPES[model_type]

@@ -273,7 +273,16 @@ class ModelFamily(ABC):
             ids.add(tokenizer.eos_token_id)
         return sorted(ids)
 
+    def token_inputs(self, batch: dict[str, Any], features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Per-token inputs (beside input_ids) for a padded batch, e.g. `token_type_ids`; none by default."""
+        return {}
+
     # --- module groups -----------------------------------------------------------------------------------
+    def for_checkpoint(self, path: str, revision: str | None = None) -> ModelFamily:
+        """This family bound to the checkpoint at `path`. A family whose groups are fixed returns itself; one that
+        reads them from the checkpoint (`auto`) returns a copy that holds them."""
+        return self
+
     def with_subgroups(self, model: torch.nn.Module, specs: dict[str, tuple[str, tuple[str, ...]]]) -> ModelFamily:
         """This family with `specs` (name → (parent group, module paths)) carved out of their parents for `model`:
         a copy whose groups put each subgroup's parameters in the subgroup (checked before the parent), whose LoRA

@@ -88,7 +88,7 @@ class FineTuneRecipe:
         self.interrupt = InterruptFlag()  # Ctrl-C: finish the step, save a checkpoint, stop
         self.run_lock: RunLock | None = None  # held by the main process from setup to the end of run
         # Built by setup():
-        self.family = get_family(self.recipe.model.family)
+        self.family = get_family(self.recipe.model.family, self.recipe.model.path, self.recipe.model.revision)
         self.accelerator: Accelerator | None = None
         self.processor = None
         self.data: TrainData | None = None
