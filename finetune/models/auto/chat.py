@@ -3,8 +3,9 @@
 Read once per processor (`PromptFormat.of`), by rendering and processing small probes:
 - the prompt is the template's user turn with the generation prompt; the answer span is found by rendering the
   conversation with and without an assistant answer: the template must write the prompt, then the answer verbatim,
-  then the token that closes the turn (the end-of-turn token, labelled and a stop token). A template that rewrites
-  the answer, or closes the turn with no single token, is refused with one line.
+  then the token that closes the turn (the end-of-turn token, labelled and a stop token); training writes the
+  generation prompt before the answer, as inference does. A template that rewrites the answer, or closes the turn
+  with no single token, is refused with one line.
 - a processor without a chat template (PaliGemma's pt checkpoints) is prompted as it prompts itself: the instruction
   as `text`, the processor adding image tokens and its own framing, the answer closed by EOS.
 - per-token inputs (`token_type_ids` and the like: Gemma 3's image blocks, PaliGemma's prefix) are rebuilt for a padded
@@ -67,12 +68,15 @@ class PromptFormat:
             prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
             answer = {"role": "assistant", "content": [{"type": "text", "text": _PROBE_ANSWER}]}
             full = processor.apply_chat_template([user, answer], tokenize=False)
-            if not full.startswith(prompt + _PROBE_ANSWER):
+            # Trained as served: the generation prompt, then the answer as the template writes it in a conversation,
+            # then the token that closes the turn there. (The header a template writes before a past answer may
+            # differ from its generation prompt: llava-hf's OneVision writes `assistant \n` there, `assistant\n` here.)
+            if full.count(_PROBE_ANSWER) != 1:
                 raise UserError(
-                    f"{what}: the chat template does not write the assistant's answer right after the generation "
-                    "prompt (it adds or rewrites text there), so the answer's tokens cannot be told apart"
+                    f"{what}: the chat template does not write the assistant's answer verbatim (it rewrites or drops "
+                    "it), so the answer's tokens cannot be told apart"
                 )
-            rest = full[len(prompt) + len(_PROBE_ANSWER) :]
+            rest = full[full.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
             first = tokenizer(rest, add_special_tokens=False)["input_ids"][:1]
             token = tokenizer.convert_ids_to_tokens(first[0]) if first else None
             if token is None or token not in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
