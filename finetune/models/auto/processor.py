@@ -95,6 +95,12 @@ def save_hub_layout(processor, out_dir: Path) -> None:
     config.pop("video_processor", None)
     config["processor_class"] = name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = out_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():  # the tokenizer records the processor's class too: the stock one
+        data = json.loads(tokenizer_config.read_text())
+        if "processor_class" in data:
+            data["processor_class"] = name
+            tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     template = out_dir / "chat_template.jinja"
     if template.is_file():
         (out_dir / "chat_template.json").write_text(
