@@ -21,7 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     families = family_names()  # the registry, in the order it lists families to users
     parser.add_argument("--family", default=families[0], choices=families)
-    parser.add_argument("--preset", default="quickstart", help="size preset of the family (mississippi: test, quickstart; auto: one per proven model, e.g. qwen2_5_vl)")
+    parser.add_argument(
+        "--preset", default="quickstart", help="size preset (auto: one per proven model, e.g. qwen2_5_vl)"
+    )
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")

@@ -65,7 +65,6 @@ class PromptFormat:
         templated = bool(getattr(processor, "chat_template", None))
         if templated:
             user = _user_turn("Read it.", 1)
-            prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
             answer = {"role": "assistant", "content": [{"type": "text", "text": _PROBE_ANSWER}]}
             full = processor.apply_chat_template([user, answer], tokenize=False)
             # Trained as served: the generation prompt, then the answer as the template writes it in a conversation,
