@@ -19,15 +19,13 @@ Read once per processor (`PromptFormat.of`), by rendering and processing small p
 from __future__ import annotations
 
 import inspect
-import logging
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from finetune.errors import UserError
-
-logger = logging.getLogger(__name__)
+from finetune.progress import info
 
 _PROBE_ANSWER = '{"number": "12345", "total": "9.99"}'
 # Keys a processor returns that are neither per-token inputs nor image tensors.
@@ -91,10 +89,9 @@ class PromptFormat:
         format_.token_rules = format_._read_token_rules(processor, what)
         format_.counts_by_arithmetic = format_._arithmetic_holds(processor)
         if not format_.counts_by_arithmetic:
-            logger.info(
-                "%s: the processor's image-token arithmetic does not count its whole expansion; prompt lengths are "
-                "measured by processing blank pages once per set of page sizes (cached)",
-                what,
+            info(
+                f"{what}: the processor's image-token arithmetic does not count its whole expansion; prompt lengths "
+                "are measured by processing blank pages once per set of page sizes (cached)"
             )
         return format_
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
+from finetune import progress
 from finetune.errors import UserError
 from finetune.models.auto.chat import PromptFormat
 from finetune.models.auto.layout import GROUPS, Layout, meta_model, read_layout
@@ -29,7 +29,6 @@ from finetune.models.auto.processor import load_native_processor, save_hub_layou
 from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily, drop_remote_code
 from finetune.models.hub import resolve_checkpoint
 
-logger = logging.getLogger(__name__)
 _CONFIG_PATTERNS = ["*.json", "*.txt", "*.jinja", "*.model"]
 # Keys of a processed sample that are not image tensors (the per-token rules travel with each item).
 _RULES_KEY = "_token_rules"
@@ -89,7 +88,7 @@ class AutoFamily(ModelFamily):
                 raise
             # Some language models have no SDPA path in transformers (Gemma 2, under PaliGemma 2): eager attention
             # computes the same, slower.
-            logger.warning("%s: %s has no SDPA attention; using eager attention", path, cls.__name__)
+            progress.info(f"{path}: {cls.__name__} has no SDPA attention in transformers; using eager attention")
             model, info = cls.from_pretrained(
                 folder, dtype=dtype, attn_implementation="eager", output_loading_info=True, **quantized
             )
