@@ -161,3 +161,10 @@ def test_prompt_lengths_use_the_processors_arithmetic_only_where_it_counts_every
     family.count_prompt_tokens(processor, prompt, [(321, 123)])
     family.count_prompt_tokens(processor, prompt, [(321, 123)])
     assert len(format_.counted) - measured_before == (0 if arithmetic else 1)
+
+
+def test_a_checkpoint_transformers_cannot_load_natively_is_one_line(tiny_mississippi):
+    with pytest.raises(UserError, match=r"model_type 'h2ovl_chat' is no transformers-native image-text-to-text model"):
+        get_family("auto", str(tiny_mississippi))
+    with pytest.raises(UserError, match=r"model_type 'h2ovl_chat' is no transformers-native"):
+        get_family("auto").load_model(str(tiny_mississippi))

@@ -45,10 +45,9 @@ class AutoFamily(ModelFamily):
     # --- binding to a checkpoint ------------------------------------------------------------------------------------
     def for_checkpoint(self, path: str, revision: str | None = None) -> AutoFamily:
         """This family with the groups of the checkpoint at `path` (read from its config, no weights loaded)."""
-        from transformers import AutoConfig
 
         folder = resolve_checkpoint(path, revision, allow_patterns=_CONFIG_PATTERNS)
-        config = AutoConfig.from_pretrained(folder)
+        config = _native_config(folder, path)
         layout = read_layout(meta_model(config), str(path))
         bound = copy.copy(self)
         bound.layout = layout
@@ -69,15 +68,11 @@ class AutoFamily(ModelFamily):
         return processor
 
     def load_model(self, path, *, revision=None, dtype=torch.float32, attn_implementation="sdpa", quantization=None):
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText
 
         folder = resolve_checkpoint(path, revision, allow_patterns=[*_CONFIG_PATTERNS, "*.safetensors"])
-        config = AutoConfig.from_pretrained(folder)
-        cls = AutoModelForImageTextToText._model_mapping.get(type(config), None)
-        if cls is None:
-            raise UserError(
-                f"{path}: model_type '{config.model_type}' is not an image-text-to-text model in transformers"
-            )
+        config = _native_config(folder, path)
+        cls = AutoModelForImageTextToText._model_mapping[type(config)]
         quantized = quantization.loading_kwargs(cls, config) if quantization else {}
         try:
             model, info = cls.from_pretrained(
@@ -183,3 +178,26 @@ class AutoFamily(ModelFamily):
     def build_tiny_checkpoint(self, out_dir: Path, *, seed: int = 0, model: str = "qwen2_5_vl", **sizes) -> Path:
         builder = importlib.import_module(f"finetune.models.auto.tiny.{model}")
         return builder.build(Path(out_dir), seed=seed, **sizes)
+
+
+def _native_config(folder: Path, path: str):
+    """The checkpoint's config, read by transformers' own class for its `model_type`; one line when transformers has
+    no image-text-to-text model of that type (remote-code checkpoints: their dedicated family, if any, loads them)."""
+    import json
+
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config_file = Path(folder) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no config.json") from None
+    except ValueError as err:
+        raise UserError(f"{config_file}: not valid JSON ({err})") from None
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise UserError(
+            f"{path}: model_type '{model_type}' is no transformers-native image-text-to-text model, so the auto family "
+            "cannot load it (a checkpoint that needs remote code loads through its dedicated family, if it has one)"
+        )
+    return AutoConfig.from_pretrained(folder)
