@@ -117,13 +117,15 @@ def quiet_third_party() -> None:
       (`logging.getLogger` returns the same logger, and the set-up adds a handler, not filters).
     - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning, logged when it is first
       imported (PEFT imports it whenever it is installed, so on every run) on a CPU with AVX512-BF16: an optional
-      kernel from the Hub that bitsandbytes replaces by its own; nothing is wrong.
+      kernel from the Hub that bitsandbytes replaces by its own; nothing is wrong. Likewise `kernels`' "Skipping
+      publisher trust check ... offline mode" warning for the same optional kernel.
     - Download / weight-loading progress bars of huggingface_hub and transformers, when stderr is not a terminal:
       in a log file they are carriage-return updates (HF_HUB_DISABLE_PROGRESS_BARS, if the user set it, decides).
     Idempotent; warnings filters and logger filters are process-wide by nature, nothing else is kept."""
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_NOISE)  # the same object again: no duplicate
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BITSANDBYTES_NOISE)
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_KERNELS_NOISE)
     if not _stderr_is_terminal() and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:
         import huggingface_hub.utils
 
@@ -145,6 +147,8 @@ class _DropMessages(logging.Filter):
 
 _DEEPSPEED_NOISE = _DropMessages("Setting accelerator to CPU")
 _BITSANDBYTES_NOISE = _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community")
+# kernels (bitsandbytes' optional Hub kernels) warns, offline, that it skips a publisher check it cannot make.
+_KERNELS_NOISE = _DropMessages("Skipping publisher trust check for ")
 
 
 def _report(line: str, code: int) -> int:

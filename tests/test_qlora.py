@@ -35,6 +35,7 @@ def case(request, tmp_path_factory):
     name, preset = request.param
     family = get_family(name)
     path = family.build_tiny_checkpoint(tmp_path_factory.mktemp(name), **family.tiny_presets[preset])
+    family = family.for_checkpoint(str(path))
     return family, str(path)
 
 
