@@ -29,7 +29,7 @@ from finetune.progress import info
 
 _PROBE_ANSWER = '{"number": "12345", "total": "9.99"}'
 # Keys a processor returns that are neither per-token inputs nor image tensors.
-_TEXT_KEYS = ("input_ids", "attention_mask", "labels")
+TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def _user_turn(instruction: str, num_images: int) -> dict:
@@ -103,10 +103,18 @@ class PromptFormat:
             [_user_turn(instruction, num_images)], add_generation_prompt=True, tokenize=False
         )
 
-    def process(self, processor, images: list[Image.Image], prompt: str, **kwargs):
+    def _tokenizer_options(self) -> dict:
         # A rendered template already holds the BOS it wants (Gemma's writes `<bos>`): the tokenizer adds none.
-        options = {"add_special_tokens": False} if self.templated else {}
-        return processor(images=[images] if images else None, text=[prompt], return_tensors="pt", **options, **kwargs)
+        return {"add_special_tokens": False} if self.templated else {}
+
+    def process(self, processor, images: list[Image.Image], prompt: str, **kwargs):
+        return processor(
+            images=[images] if images else None,
+            text=[prompt],
+            return_tensors="pt",
+            **self._tokenizer_options(),
+            **kwargs,
+        )
 
     # --- per-token inputs ------------------------------------------------------------------------------------------
     def _read_token_rules(self, processor, what: str) -> dict:
@@ -115,9 +123,7 @@ class PromptFormat:
         out = self.process(processor, images, prompt)
         ids = out["input_ids"][0]
         keys = [
-            k
-            for k, v in out.items()
-            if k not in _TEXT_KEYS and torch.is_tensor(v) and v.shape == out["input_ids"].shape
+            k for k, v in out.items() if k not in TEXT_KEYS and torch.is_tensor(v) and v.shape == out["input_ids"].shape
         ]
         answer_values = {}
         if keys and "suffix" in inspect.signature(type(processor).__call__).parameters:
@@ -146,12 +152,6 @@ class PromptFormat:
             values[attention_mask == 0] = 0
         return values
 
-    def token_inputs(self, batch: dict) -> dict:
-        return {
-            key: self._apply_rule(rule, batch["input_ids"], batch["labels"], batch["attention_mask"])
-            for key, rule in self.token_rules.items()
-        }
-
     # --- counting ------------------------------------------------------------------------------------------------
     def _arithmetic_tokens(self, processor, sizes) -> int | None:
         counter = getattr(processor, "_get_num_multimodal_tokens", None)
@@ -165,8 +165,7 @@ class PromptFormat:
         return None if per_image is None else int(sum(per_image))
 
     def _text_tokens(self, processor, prompt: str) -> int:
-        options = {"add_special_tokens": False} if self.templated else {}
-        return len(processor.tokenizer(prompt, **options)["input_ids"])
+        return len(processor.tokenizer(prompt, **self._tokenizer_options())["input_ids"])
 
     def _arithmetic_holds(self, processor) -> bool:
         for sizes in ([(64, 64)], [(600, 4000), (3000, 800)], [(20, 20)]):
@@ -177,10 +176,10 @@ class PromptFormat:
         return True
 
     def _arithmetic_count(self, processor, prompt: str, sizes) -> int | None:
+        if not self.templated:  # the processor frames the instruction itself: its lengths are measured
+            return None
         image_tokens = self._arithmetic_tokens(processor, sizes)
         if image_tokens is None:
-            return None
-        if not self.templated:  # the processor frames the instruction itself: measure the framing once (no pixels)
             return None
         # Each placeholder in the rendered text is replaced by the image's tokens.
         return self._text_tokens(processor, prompt) - len(sizes) + image_tokens

@@ -23,8 +23,8 @@ from PIL import Image
 
 from finetune import progress
 from finetune.errors import UserError
-from finetune.models.auto.chat import PromptFormat
-from finetune.models.auto.layout import GROUPS, Layout, meta_model, read_layout
+from finetune.models.auto.chat import TEXT_KEYS, PromptFormat
+from finetune.models.auto.layout import GROUPS, meta_model, read_layout
 from finetune.models.auto.processor import load_native_processor, save_hub_layout
 from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily, drop_remote_code
 from finetune.models.hub import resolve_checkpoint
@@ -40,7 +40,6 @@ class AutoFamily(ModelFamily):
     # The group names are fixed; their prefixes, LoRA targets and saved modules are the checkpoint's (for_checkpoint).
     group_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {g: () for g in GROUPS}
     default_lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {g: () for g in GROUPS}
-    layout: Layout | None = None
 
     # --- binding to a checkpoint ------------------------------------------------------------------------------------
     def for_checkpoint(self, path: str, revision: str | None = None) -> AutoFamily:
@@ -50,7 +49,6 @@ class AutoFamily(ModelFamily):
         config = _native_config(folder, path)
         layout = read_layout(meta_model(config), str(path))
         bound = copy.copy(self)
-        bound.layout = layout
         bound.group_prefixes = dict(layout.group_prefixes)
         bound.default_lora_targets = dict(layout.default_lora_targets)
         bound.modules_to_save = dict(layout.modules_to_save)
@@ -114,11 +112,7 @@ class AutoFamily(ModelFamily):
         format_ = self._format(processor)
         out = format_.process(processor, images, prompt_text)
         ids = out["input_ids"][0].tolist()
-        image_inputs = {
-            k: v
-            for k, v in out.items()
-            if k not in ("input_ids", "attention_mask", "labels") and k not in format_.token_rules
-        }
+        image_inputs = {k: v for k, v in out.items() if k not in TEXT_KEYS and k not in format_.token_rules}
         image_inputs[_RULES_KEY] = format_.token_rules
         return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), image_inputs=image_inputs)
 
