@@ -229,6 +229,9 @@ class DataSection(Section):
     image_column: str = "image"
     target_column: str = "target"
     prompt: PromptSection = Field(default_factory=PromptSection)
+    # Preference pairs for a `kind: dpo` stage with `pairs: preference`: JSONL records {image, chosen, rejected}
+    # (chosen: the JSON answer to prefer; rejected: a JSON object or the text of an answer to avoid).
+    preference: SourceSpec | None = None
     max_length: int = Field(2048, gt=0, description="Samples longer than this are dropped and counted.")
     on_bad_sample: Literal["error", "skip"] = "error"
     max_train_samples: int | None = Field(None, gt=0)
@@ -376,10 +379,63 @@ class StageDataSection(Section):
         return self
 
 
+# The preference losses a `kind: dpo` stage offers: TRL DPOTrainer's per-pair `loss_type`s, computed as TRL computes
+# them (finetune/training/dpo.py; tests/test_dpo.py checks each against DPOTrainer). TRL's `aot` variants are left
+# out: they sort the whole batch, so a pair's loss would depend on which pairs share its micro-batch.
+DpoLoss = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "sigmoid_norm",
+]
+
+
+class DpoSection(Section):
+    """A preference stage's settings (`kind: dpo`): the loss, and where its (chosen, rejected) pairs come from."""
+
+    # The reference model's weight in the loss: larger keeps the policy closer to the model as the stage starts.
+    beta: float = Field(0.1, gt=0)
+    loss: DpoLoss = "sigmoid"
+    # robust: the assumed share of flipped preferences; exo_pair: its epsilon (must be > 0 there).
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # Weight of an added NLL term on the chosen answers (TRL's "sft" loss beside the preference loss; RPO).
+    sft_weight: float = Field(0.0, ge=0.0)
+    # `self`: at the stage's start the model answers the stage's training data; each answer that is not the gold
+    # JSON becomes a rejected answer, the gold the chosen one. `preference`: the pairs of `data.preference`.
+    pairs: Literal["self", "preference"] = "self"
+    # `pairs: self`: answers sampled per image besides the greedy one (each wrong one is a pair of its own), and
+    # their temperature.
+    sampled: int = Field(0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    # `pairs: self`: the longest answer generated; None: eval.max_new_tokens.
+    max_new_tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _loss_settings(self):
+        if self.loss == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError("loss exo_pair needs label_smoothing > 0 (its epsilon)")
+        if self.label_smoothing and self.loss not in ("robust", "exo_pair"):
+            raise ValueError(f"label_smoothing applies to losses robust and exo_pair, not {self.loss}")
+        if self.pairs == "preference" and (self.sampled or self.temperature != 1.0 or self.max_new_tokens):
+            raise ValueError("sampled, temperature and max_new_tokens apply to pairs: self only")
+        return self
+
+
 class StageSection(Section):
     """One training stage: which groups train and how, at which learning rates, for how long, on what data."""
 
     name: str
+    # `sft`: next-token loss on the gold answers. `dpo`: a preference loss on (chosen, rejected) answer pairs against
+    # the model as the stage starts (finetune/training/dpo.py); settings in `dpo`.
+    kind: Literal["sft", "dpo"] = "sft"
+    dpo: DpoSection | None = None
     groups: Annotated[dict[str, GroupMode], Frozen]
     # One learning rate for the stage's trainable groups or one per group; None: optim.lr.
     lr: float | Annotated[dict[str, float], Frozen] | None = None
@@ -407,7 +463,16 @@ class StageSection(Section):
         given = [k for k in ("epochs", "max_steps", "fraction") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of epochs, max_steps, fraction (got {', '.join(given)})")
+        if self.dpo is not None and self.kind != "dpo":
+            raise ValueError("dpo settings apply to a stage of kind dpo (add kind: dpo)")
         return self
+
+    @property
+    def preference(self) -> DpoSection | None:
+        """The stage's DPO settings (defaults where the recipe gives none), or None for an SFT stage."""
+        if self.kind != "dpo":
+            return None
+        return self.dpo or DpoSection()
 
 
 class Recipe(Section):
@@ -466,7 +531,7 @@ def data_sources(recipe: Recipe) -> dict[str, str | DataSource]:
     """The data sources a recipe names, as written (a string or a DataSource), by key path (splits, and each
     stage's own data)."""
     sources = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "preference"):
         value = getattr(recipe.data, split)
         if value is not None:
             sources[f"data.{split}"] = value

@@ -118,8 +118,15 @@ def _generate(
     max_new_tokens,
     synced_ranks,
     constraint,
+    options: dict | None = None,
 ):
+    """Rows {"index", "text", "truncated", "ids"} for the samples at `indices` (`ids`: the generated token ids up to
+    and including the first stop token). `options`: generate() arguments beside greedy decoding's (sampling, and
+    `num_return_sequences`: that many rows per sample, in order)."""
     tokenizer = processor.tokenizer
+    stop_ids = family.stop_token_ids(processor)
+    decoding = {"do_sample": False, **(options or {})}
+    per_sample = decoding.get("num_return_sequences", 1)
     rows = []
     starts = range(0, len(indices), batch_size)
     # Generation is the slow part of an evaluation (seconds per batch for a real model); the main process shows how
@@ -134,18 +141,20 @@ def _generate(
             with accelerator.autocast():
                 output = model.generate(
                     **batch,
-                    do_sample=False,
+                    **decoding,
                     max_new_tokens=max_new_tokens,
-                    eos_token_id=family.stop_token_ids(processor),
+                    eos_token_id=stop_ids,
                     pad_token_id=tokenizer.pad_token_id,
                     synced_gpus=synced_ranks,
                     logits_processor=[constraint.logits_processor()] if constraint else None,
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            cut = cut_by_budget(new_tokens, family.stop_token_ids(processor), max_new_tokens)
-            for i, text, truncated in zip(index.tolist(), texts, cut, strict=True):
-                rows.append({"index": i, "text": text, "truncated": truncated})
+            cut = cut_by_budget(new_tokens, stop_ids, max_new_tokens)
+            index = index.repeat_interleave(per_sample)
+            for i, text, truncated, ids in zip(index.tolist(), texts, cut, new_tokens.tolist(), strict=True):
+                end = next((k for k, token in enumerate(ids) if token in stop_ids), len(ids) - 1)
+                rows.append({"index": i, "text": text, "truncated": truncated, "ids": ids[: end + 1]})
     return rows
 
 

@@ -65,6 +65,17 @@ below 0.5 counts 0, lists are matched order-free (Hungarian). Gold ``{}`` with p
 Per-field accuracy: per dotted path of the Donut-normalised gold, the share of samples (whose gold has the path)
 whose sorted normalised values there equal the prediction's — with Donut's normalisation, so a gold ``false`` or
 ``0`` field is not scored. Schema conformance: against `finetune.schema` (skeleton refined by training targets).
+
+Per-field outcomes (:func:`field_outcomes`, ``per_field`` in :func:`score`): per sample and dotted path exactly one of
+``right`` / ``wrong`` (gold has values there; the prediction's sorted values equal them / differ), ``missed`` (gold
+has values, prediction none), ``hallucinated`` (gold has none — missing, null, "", or anything Donut drops — but the
+prediction has: filled but should be empty) and ``empty`` (neither has). Paths and values are Donut's (normalised,
+list items share their parent's path); an invalid prediction has no values. A sample's paths: the skeleton's leaves,
+every path some gold of the set fills, and the sample's own prediction paths; so a known field's counts sum to the
+number of samples, and a key only some predictions invent counts only where predicted.
+``hallucinated_field_rate`` = hallucinated / (hallucinated + empty): the share of should-be-empty fields the model
+filled. ``missed_field_rate`` = missed / (right + wrong + missed): the share of gold-filled fields it left empty.
+Both are 0.0 with a zero denominator. :func:`field_changes` compares two such counts on the same samples.
 """
 
 from __future__ import annotations
@@ -316,6 +327,82 @@ def per_field_accuracy(predictions: list, golds: list) -> dict[str, float]:
     return {path: right[path] / seen[path] for path in sorted(seen)}
 
 
+FIELD_OUTCOMES = ("right", "wrong", "missed", "hallucinated", "empty")
+
+
+def _skeleton_paths(skeleton: Any, path: str = "") -> set[str]:
+    """Dotted leaf paths of a skeleton, named as Donut's: dict keys are walked, a list stands for its items (every
+    item walked; a skeleton normally has one), an empty list or any scalar is a leaf, an empty dict has none."""
+    if isinstance(skeleton, dict):
+        return {
+            leaf for key, child in skeleton.items() for leaf in _skeleton_paths(child, f"{path}.{key}" if path else key)
+        }
+    if isinstance(skeleton, list) and skeleton:
+        return {leaf for item in skeleton for leaf in _skeleton_paths(item, path)}
+    return {path}
+
+
+def _outcome(gold_values: list, pred_values: list) -> str:
+    if gold_values:
+        if not pred_values:
+            return "missed"
+        return "right" if sorted(gold_values) == sorted(pred_values) else "wrong"
+    return "hallucinated" if pred_values else "empty"
+
+
+def field_outcomes(predictions: list, golds: list, skeleton: dict | None = None) -> dict[str, dict[str, int]]:
+    """Per dotted path (sorted), how many samples had each outcome there: ``right``, ``wrong``, ``missed``,
+    ``hallucinated`` (filled but should be empty) or ``empty``; see the module docstring. A sample's paths are the
+    skeleton's leaves, the paths any gold of the set fills, and its own prediction's paths."""
+    _check_lengths(predictions, golds)
+    gold_by_sample = [_values_by_path(gold) for gold in golds]
+    known = (_skeleton_paths(skeleton) if skeleton is not None else set()) | {p for g in gold_by_sample for p in g}
+    counts: dict[str, dict[str, int]] = {}
+    for prediction, gold_values in zip(predictions, gold_by_sample, strict=True):
+        pred_values = _values_by_path({} if prediction is None else prediction)
+        for path in known | pred_values.keys():
+            outcome = _outcome(gold_values.get(path, []), pred_values.get(path, []))
+            counts.setdefault(path, dict.fromkeys(FIELD_OUTCOMES, 0))[outcome] += 1
+    return {path: counts[path] for path in sorted(counts)}
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _accuracy(c: dict[str, int]) -> float | None:
+    return _ratio(c["right"], c["right"] + c["wrong"] + c["missed"])
+
+
+def _hallucination(c: dict[str, int]) -> float | None:
+    return _ratio(c["hallucinated"], c["hallucinated"] + c["empty"])
+
+
+def field_changes(before: dict, after: dict) -> dict[str, dict[str, float | int | None]]:
+    """What changed per field between two :func:`score` metrics of the SAME samples (e.g. before and after a DPO
+    stage). Per path in either ``per_field`` (a path absent on one side counts zeros there): each outcome's
+    after-count minus before-count (ints; fewer ``hallucinated`` is better), ``accuracy`` = change of
+    right / (right + wrong + missed) and ``hallucination`` = change of hallucinated / (hallucinated + empty), each
+    ``None`` where the rate is undefined (zero denominator) on either side. Raises ``ValueError`` if either lacks
+    ``per_field`` or their ``num_samples`` differ."""
+    if "per_field" not in before or "per_field" not in after:
+        raise ValueError("field_changes needs metrics with per_field outcome counts (finetune.metrics.score)")
+    if before.get("num_samples") != after.get("num_samples"):
+        raise ValueError(
+            f"field_changes compares the same samples, got {before.get('num_samples')} and {after.get('num_samples')}"
+        )
+    zero = dict.fromkeys(FIELD_OUTCOMES, 0)
+    changes: dict[str, dict[str, float | int | None]] = {}
+    for path in sorted(before["per_field"].keys() | after["per_field"].keys()):
+        old, new = before["per_field"].get(path, zero), after["per_field"].get(path, zero)
+        change: dict[str, float | int | None] = {k: new[k] - old[k] for k in FIELD_OUTCOMES}
+        for name, rate in (("accuracy", _accuracy), ("hallucination", _hallucination)):
+            a, b = rate(old), rate(new)
+            change[name] = None if a is None or b is None else b - a
+        changes[path] = change
+    return changes
+
+
 def _check_lengths(predictions: list, golds: list) -> None:
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds")
@@ -338,7 +425,9 @@ def score(
 
     A per-sample ``field_f1`` / ``ted_accuracy`` of ``None`` is undefined for that pair (module docstring);
     ``ted_accuracy`` is the mean over defined pairs only, ``field_f1`` is micro-averaged (undefined pairs add
-    nothing to its counts), and ``field_f1_undefined`` / ``ted_accuracy_undefined`` count the pairs left out."""
+    nothing to its counts), and ``field_f1_undefined`` / ``ted_accuracy_undefined`` count the pairs left out.
+    ``per_field`` holds :func:`field_outcomes` (the skeleton's fields counted even where neither side fills them),
+    with ``hallucinated_field_rate`` and ``missed_field_rate`` over all its counts."""
     if headline not in EXACT_MATCH_MODES:
         raise ValueError(f"unknown headline mode {headline!r}; expected one of {EXACT_MATCH_MODES}")
     _check_lengths(predictions, golds)
@@ -387,6 +476,11 @@ def score(
         "num_samples": len(samples),
         "per_field_accuracy": per_field_accuracy(predictions, golds),
     }
+    per_field = field_outcomes(predictions, golds, skeleton)
+    total = {k: sum(c[k] for c in per_field.values()) for k in FIELD_OUTCOMES}
+    metrics["per_field"] = per_field
+    metrics["hallucinated_field_rate"] = _ratio(total["hallucinated"], total["hallucinated"] + total["empty"]) or 0.0
+    metrics["missed_field_rate"] = _ratio(total["missed"], total["right"] + total["wrong"] + total["missed"]) or 0.0
     if validator is not None:
         metrics["schema_conformance_rate"] = rate("schema_valid")
     return metrics, samples

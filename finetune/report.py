@@ -1,6 +1,8 @@
-"""Self-contained HTML evaluation report: metrics, per-field accuracy bars and one card per sample with thumbnails and
-a gold-vs-prediction JSON diff. The page embeds everything (CSS inline, images as base64 JPEG) so it can be mailed,
-attached to a CI run or opened offline without a server."""
+"""Self-contained HTML evaluation report: metrics, per-field accuracy bars, per-field outcome counts (right, wrong,
+missed, filled but should be empty; with their change since an earlier evaluation when the metrics carry
+`field_changes`) and one card per sample with thumbnails and a gold-vs-prediction JSON diff. The page embeds
+everything (CSS inline, images as base64 JPEG) so it can be mailed, attached to a CI run or opened offline without a
+server."""
 
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ pre { margin: 0; padding: 8px 10px; background: #f8f9fb; border: 1px solid #e4e6
 .diff-changed { background: #fff0b3; } .diff-missing { background: #fbd5d2; text-decoration: line-through; }
 .diff-extra { background: #d3ecff; } .diff-invalid { background: #f3e8fb; border-color: #c8a6e6; color: #4b1f73; }
 .legend span { padding: 0 6px; margin-right: 8px; border-radius: 3px; font-size: 12px; }
+table.fields td.name { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
+table.fields th.v { text-align: right; } table.fields td.bad { color: #c9483e; }
+table.fields th.since, table.fields td.since { border-left: 1px solid #dde0e6; }
+.delta.better { color: #3f8f5b; } .delta.worse { color: #c9483e; } .delta.same { color: #999; font-weight: normal; }
 """
 
 
@@ -261,6 +267,65 @@ def _field_bars(per_field: dict) -> str:
     return "".join(rows)
 
 
+# finetune.metrics.field_outcomes: (key, column heading); the last three are errors, worst rows have most of them.
+_OUTCOME_COLUMNS = (
+    ("right", "right"),
+    ("empty", "left empty"),
+    ("wrong", "wrong"),
+    ("missed", "missed"),
+    ("hallucinated", "filled but should be empty"),
+)
+_ERRORS = ("wrong", "missed", "hallucinated")
+
+
+def _delta(change: Any) -> str:
+    """A signed count change, e.g. "+3" or "−2" (a rise in errors is worse); "0" for none, "" when unknown."""
+    if not _scalar_metric(change):
+        return ""
+    if change == 0:
+        return '<span class="delta same">0</span>'
+    sign, level = ("+", "worse") if change > 0 else ("−", "better")
+    return f'<span class="delta {level}">{sign}{abs(change):,}</span>'
+
+
+def _field_outcomes(per_field: dict, changes: dict | None) -> str:
+    """One row per field (most wrong + missed + hallucinated first) with its outcome counts; with `changes`
+    ({"since": tag, "fields": finetune.metrics.field_changes(...)}) also the error counts' change since `tag`."""
+    if not isinstance(changes, dict):
+        changes = None
+    fields = (changes or {}).get("fields") or {}
+    if not per_field and not fields:
+        return ""
+    rows = []
+    names = sorted(per_field.keys() | fields.keys())  # a field only in the change: one only the earlier run filled
+    for name in sorted(names, key=lambda n: -sum((per_field.get(n) or {}).get(k) or 0 for k in _ERRORS)):
+        counts = per_field.get(name) or {}
+        cells = "".join(
+            f'<td class="v{" bad" if k in _ERRORS and (counts.get(k) or 0) else ""}">{counts.get(k) or 0:,}</td>'
+            for k, _ in _OUTCOME_COLUMNS
+        )
+        if changes is not None:
+            change = fields.get(name) or {}
+            cells += "".join(f'<td class="v since">{_delta(change.get(k))}</td>' for k in _ERRORS)
+        rows.append(f'<tr><td class="name">{escape(str(name))}</td>{cells}</tr>')
+    head = "".join(f'<th class="v">{escape(label)}</th>' for _, label in _OUTCOME_COLUMNS)
+    note = ""
+    if changes is not None:
+        since = escape(str(changes.get("since", "")))
+        head += "".join(f'<th class="v since">{escape(k)}</th>' for k in _ERRORS)
+        head = (
+            f'<tr><th colspan="{1 + len(_OUTCOME_COLUMNS)}"></th>'
+            f'<th class="since" colspan="{len(_ERRORS)}">change since {since}</th></tr><tr><th>field</th>{head}</tr>'
+        )
+        note = f"<p>Change since {since}: after minus before on the same samples; a fall (−) in errors is better.</p>"
+    else:
+        head = f"<tr><th>field</th>{head}</tr>"
+    return (
+        '<section class="panel"><h2>Fields: right / wrong / missed / filled but should be empty</h2>'
+        f'<table class="metrics fields">{head}{"".join(rows)}</table>{note}</section>'
+    )
+
+
 def _target_stats(target_stats: dict[str, dict[str, dict[str, int]]] | None) -> str:
     """Per split, the fields some targets miss, leave empty or null (target_stats.py): a missing gold field is not
     scored, and a field often missing in training is one the model learns to leave out."""
@@ -305,6 +370,7 @@ def render_report(
 <div class="panels"><section class="panel"><h2>Metrics</h2>{_metric_table(metrics)}</section>
 <section class="panel"><h2>Per-field accuracy (worst first)</h2>{_field_bars(metrics.get("per_field_accuracy") or {})}
 </section></div>
+{_field_outcomes(metrics.get("per_field") or {}, metrics.get("field_changes"))}
 {_target_stats(target_stats)}
 <section><h2>Samples (failures first)</h2>{legend}
 {cards}

@@ -153,6 +153,7 @@ def check_stages(
                 raise RecipeError(f"{where('optim.lr')}: optim.lr (used by stages.{i}, which has no lr): {message}")
             at, label = place(f"{i}.{subkey}")
             raise RecipeError(f"{at}: {label}: {message}")
+    _check_preference_stages(recipe, stages, place)
     shares = sum(stage.fraction or 0 for stage in stages)
     if shares > 1 + 1e-9:
         raise RecipeError(f"{where(key)}: {key}: the fractions of the train budget add up to {shares:g} (> 1)")
@@ -171,6 +172,27 @@ def check_stages(
         raise RecipeError(
             f"{where(key)}: {key}: group(s) {', '.join(both)} are lora in one stage and full in another; a group's "
             f"adapter and its full copy cannot both train (split the run in two)"
+        )
+
+
+def _check_preference_stages(recipe: Recipe, stages: list[StageSection], place) -> None:
+    """`kind: dpo` stages and `data.preference` agree: a stage reading the preference pairs has them, and pairs
+    given are read by some stage."""
+    readers = [i for i, s in enumerate(stages) if s.preference is not None and s.preference.pairs == "preference"]
+    for i in readers:
+        if recipe.data.preference is None:
+            at, label = place(f"{i}.dpo.pairs")
+            raise RecipeError(f"{at}: {label}: pairs: preference reads data.preference, which this recipe does not set")
+        if stages[i].data is not None:
+            at, label = place(f"{i}.data")
+            raise RecipeError(
+                f"{at}: {label}: a stage with pairs: preference trains on data.preference; stage data applies to "
+                f"pairs: self"
+            )
+    if recipe.data.preference is not None and not readers:
+        raise RecipeError(
+            f"{recipe.where('data.preference')}: data.preference: no stage reads these pairs (give a stage kind: dpo "
+            f"and dpo: {{pairs: preference}})"
         )
 
 

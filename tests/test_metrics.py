@@ -9,7 +9,9 @@ from finetune.metrics import (
     conforms,
     donut_flatten,
     donut_normalize,
+    field_changes,
     field_f1,
+    field_outcomes,
     field_prf,
     json_exact_match,
     per_field_accuracy,
@@ -201,6 +203,132 @@ def test_per_field_accuracy():
     # name: right in sample 1 only -> 1/2. items.n: only in gold 1, same values once sorted -> 1/1.
     assert per_field_accuracy(predictions, golds) == {"items.n": 1.0, "name": 0.5}
     assert per_field_accuracy([None], [{"name": "A"}]) == {"name": 0.0}
+
+
+# --------------------------------------------------------------------------- per-field outcomes
+
+
+def _counts(**nonzero: int) -> dict[str, int]:
+    return {"right": 0, "wrong": 0, "missed": 0, "hallucinated": 0, "empty": 0, **nonzero}
+
+
+def test_field_outcomes_each_outcome():
+    golds = [{"name": "A", "total": "5", "note": ""}, {"name": "B", "total": None}]
+    predictions = [{"name": "A", "total": "6", "note": "hi"}, {"total": "7", "extra": "e"}]
+    # Sample 1: name right, total wrong, note filled against a gold "" (hallucinated).
+    # Sample 2: name missed, total filled against a gold null, extra invented. No gold fills note or extra, so they
+    # are counted only where predicted; no empty outcome anywhere, as every known field is filled by some side.
+    assert field_outcomes(predictions, golds) == {
+        "extra": _counts(hallucinated=1),
+        "name": _counts(right=1, missed=1),
+        "note": _counts(hallucinated=1),
+        "total": _counts(wrong=1, hallucinated=1),
+    }
+    with pytest.raises(ValueError):
+        field_outcomes([{}], [])
+
+
+def test_field_outcomes_a_field_some_gold_fills_is_counted_in_every_sample():
+    golds = [{"a": "1", "b": "2"}, {"a": "3"}, {"a": "4", "b": ""}]
+    predictions = [{"a": "1", "b": "2"}, {"a": "3"}, {"a": "4", "b": "9"}]
+    outcomes = field_outcomes(predictions, golds)
+    # b: right in 1, correctly left empty in 2 (gold lacks it), filled against a gold "" in 3.
+    assert outcomes == {"a": _counts(right=3), "b": _counts(right=1, empty=1, hallucinated=1)}
+    assert all(sum(c.values()) == len(golds) for c in outcomes.values())
+
+
+def test_field_outcomes_list_items_share_their_parents_path():
+    golds = [
+        {"items": [{"n": "x"}, {"n": "y"}, {"q": "1"}]},
+        {"items": [{"n": "x"}, {"n": "y"}]},
+    ]
+    predictions = [
+        {"items": [{"n": "y"}, {"n": "x"}, {"q": "2"}, {"p": "3"}]},  # n: same values in another order
+        {"items": [{"n": "x"}]},  # n: one of two values: wrong, not right
+    ]
+    assert field_outcomes(predictions, golds) == {
+        "items.n": _counts(right=1, wrong=1),
+        "items.p": _counts(hallucinated=1),
+        "items.q": _counts(wrong=1, empty=1),  # sample 2: neither side has a q
+    }
+
+
+def test_field_outcomes_null_empty_and_donut_falsy_golds_should_stay_empty():
+    skeleton = {"a": "", "b": "", "c": 0, "d": [], "e": ""}
+    gold = {"a": None, "b": "", "c": 0, "d": [], "e": "  "}
+    prediction = {"a": "x", "b": "y", "c": 0, "d": ["z"], "e": "w"}
+    # a, b, d: gold has nothing, prediction fills them. c: Donut drops a 0 on both sides: correctly empty.
+    # e: Donut keeps a whitespace-only string (as "", being truthy before the strip): a gold value, so "w" is wrong.
+    assert field_outcomes([prediction], [gold], skeleton) == {
+        "a": _counts(hallucinated=1),
+        "b": _counts(hallucinated=1),
+        "c": _counts(empty=1),
+        "d": _counts(hallucinated=1),
+        "e": _counts(wrong=1),
+    }
+
+
+def test_field_outcomes_invalid_prediction_has_no_values():
+    outcomes = field_outcomes([None], [{"a": "1", "b": ""}], {"a": "", "b": ""})
+    assert outcomes == {"a": _counts(missed=1), "b": _counts(empty=1)}
+
+
+def test_field_outcomes_skeleton_only_paths_count_as_empty():
+    skeleton = {"name": "", "addr": {"city": ""}, "items": [{"n": "", "q": 0}], "tags": []}
+    assert field_outcomes([{"name": "A"}], [{"name": "A"}], skeleton) == {
+        "addr.city": _counts(empty=1),
+        "items.n": _counts(empty=1),
+        "items.q": _counts(empty=1),
+        "name": _counts(right=1),
+        "tags": _counts(empty=1),
+    }
+    assert list(field_outcomes([{}], [{}], skeleton)) == ["addr.city", "items.n", "items.q", "name", "tags"]
+
+
+def test_hallucinated_and_missed_field_rates_in_score():
+    golds = [{"a": "1", "b": ""}, {"a": "2"}, {"a": "4"}]
+    predictions = [{"a": "1", "b": "x"}, {"a": "3"}, None]
+    metrics, _ = score(golds, predictions, skeleton={"a": "", "b": ""})
+    # a: right, wrong, missed (invalid). b: hallucinated, empty, empty.
+    assert metrics["per_field"] == {"a": _counts(right=1, wrong=1, missed=1), "b": _counts(hallucinated=1, empty=2)}
+    assert metrics["hallucinated_field_rate"] == pytest.approx(1 / 3)  # 1 of the 3 should-be-empty fields filled
+    assert metrics["missed_field_rate"] == pytest.approx(1 / 3)  # 1 of the 3 gold-filled fields left empty
+    # Without the skeleton no gold fills b: it is counted only where predicted, so no empty b to set against it.
+    metrics, _ = score(golds, predictions)
+    assert metrics["per_field"]["b"] == _counts(hallucinated=1) and metrics["hallucinated_field_rate"] == 1.0
+    metrics, _ = score([{"a": "1"}], [{"a": "1"}], skeleton={"a": "", "b": ""})
+    assert metrics["hallucinated_field_rate"] == 0.0 and metrics["missed_field_rate"] == 0.0
+    metrics, _ = score([], [])
+    assert metrics["per_field"] == {} and metrics["hallucinated_field_rate"] == metrics["missed_field_rate"] == 0.0
+
+
+def test_field_changes_between_two_runs_on_the_same_samples():
+    golds = [{"a": "1", "b": ""}, {"a": "2", "b": ""}]
+    before, _ = score(golds, [{"a": "1", "b": "x", "c": "z"}, {"a": "2", "b": "y"}])
+    after, _ = score(golds, [{"a": "1"}, {"b": "y"}])
+    # before: a right 2; b hallucinated 2 (no gold fills b: only predicted paths); c hallucinated 1.
+    # after: a right 1, missed 1; b hallucinated 1 (sample 2); c gone.
+    changes = field_changes(before, after)
+    assert list(changes) == ["a", "b", "c"]
+    assert changes["a"] == {**_counts(right=-1, missed=1), "accuracy": pytest.approx(-0.5), "hallucination": None}
+    # b: no empty outcome (not in the set's golds), so the rate is 1.0 on both sides: no change, and no accuracy.
+    assert changes["b"] == {**_counts(hallucinated=-1), "accuracy": None, "hallucination": 0.0}
+    # c: only before; after it counts zeros, its hallucination rate undefined there.
+    assert changes["c"] == {**_counts(hallucinated=-1), "accuracy": None, "hallucination": None}
+
+    skeleton = {"a": "", "b": ""}
+    before, _ = score(golds, [{"a": "1", "b": "x"}, {"a": "2", "b": "y"}], skeleton=skeleton)
+    after, _ = score(golds, [{"a": "1"}, {"a": "2", "b": "y"}], skeleton=skeleton)
+    assert field_changes(before, after)["b"] == {
+        **_counts(hallucinated=-1, empty=1),
+        "accuracy": None,
+        "hallucination": pytest.approx(-0.5),  # 2/2 filled -> 1/2
+    }
+    assert field_changes(before, before)["a"] == {**_counts(), "accuracy": 0.0, "hallucination": None}
+    with pytest.raises(ValueError, match="same samples"):
+        field_changes(before, score(golds[:1], [{}])[0])
+    with pytest.raises(ValueError, match="per_field"):
+        field_changes({"num_samples": 2}, after)
 
 
 # --------------------------------------------------------------------------- schema

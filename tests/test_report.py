@@ -279,3 +279,57 @@ def test_report_shows_the_fields_targets_miss_or_leave_empty_per_split():
     complete = render_report([], result.metrics, target_stats={"train": train})
     assert "present and non-empty in every target (train)" in complete
     assert "Targets: fields missing" not in render_report([], result.metrics)
+
+
+def _field_rows(html: str) -> dict[str, list[str]]:
+    """Field name -> the texts of its cells, from the per-field outcome table, in page order (dicts keep it)."""
+    table = re.search(r'<table class="metrics fields">(.*?)</table>', html, re.S).group(1)
+    rows = re.findall(r'<tr><td class="name">([^<]+)</td>(.*?)</tr>', table)
+    return {
+        name: [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", cells)]
+        for name, cells in rows
+    }
+
+
+def test_report_shows_per_field_outcomes_and_their_change():
+    from finetune.metrics import field_changes, score
+    from finetune.report import render_report
+
+    skeleton = {"name": "", "note": "", "total": ""}
+    golds = [{"name": "A", "total": "5"}, {"name": "B", "total": "6"}, {"name": "C", "note": ""}]
+    before, _ = score(
+        golds, [{"name": "A", "note": "x"}, {"name": "B", "note": "y"}, {"name": "C", "note": "z"}], skeleton=skeleton
+    )
+    after, _ = score(
+        golds, [{"name": "A", "total": "5"}, {"name": "X", "total": "6"}, {"name": "C", "<b>": "1"}], skeleton=skeleton
+    )
+    # before: name right 3; note hallucinated 3; total missed 2, empty 1.
+    # after: name right 2, wrong 1; note empty 3; total right 2, empty 1; "<b>" invented once.
+    html = render_report([], before)
+    assert "Fields: right / wrong / missed / filled but should be empty" in html and "change since" not in html
+    columns = ["right", "left empty", "wrong", "missed", "filled but should be empty"]
+    assert re.findall(r'<th class="v">([^<]+)</th>', html) == columns
+    rows = _field_rows(html)
+    assert list(rows) == ["note", "total", "name"]  # worst first: 3 errors, 2, 0
+    assert rows == {
+        "note": ["0", "0", "0", "0", "3"],
+        "total": ["0", "1", "0", "2", "0"],
+        "name": ["3", "0", "0", "0", "0"],
+    }
+    # The new rates are scalars in the metrics table; the per-field dicts are not rows there.
+    assert 'hallucinated_field_rate</td><td class="v">75.0%' in html  # 3 of the 4 should-be-empty fields
+    assert 'missed_field_rate</td><td class="v">40.0%' in html  # 2 of the 5 gold-filled fields
+    assert "<td>per_field</td>" not in html and "<td>field_changes</td>" not in html
+
+    after["field_changes"] = {"since": "sft <1>", "fields": field_changes(before, after)}
+    html = render_report([], after)
+    assert "change since sft &lt;1&gt;" in html and "sft <1>" not in html
+    assert re.findall(r'<th class="v since">([^<]+)</th>', html) == ["wrong", "missed", "hallucinated"]
+    rows = _field_rows(html)
+    assert list(rows) == ["&lt;b&gt;", "name", "note", "total"]  # errors 1, 1, 0, 0; ties by name
+    # counts (right, left empty, wrong, missed, filled), then the change of wrong, missed, hallucinated
+    assert rows["&lt;b&gt;"] == ["0", "0", "0", "0", "1", "0", "0", "+1"]
+    assert rows["name"] == ["2", "0", "1", "0", "0", "+1", "0", "0"]
+    assert rows["note"] == ["0", "3", "0", "0", "0", "0", "0", "−3"]
+    assert rows["total"] == ["2", "1", "0", "0", "0", "0", "−2", "0"]
+    assert '<span class="delta better">−3</span>' in html and '<span class="delta worse">+1</span>' in html

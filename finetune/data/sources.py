@@ -35,6 +35,7 @@ class RawRecord:
     origin: str
     problem: str | None = None  # set when the record itself is malformed (not valid JSON, missing field, ...)
     reason: str = "malformed record"  # what a lenient run counts the problem as in the data report
+    text: str | None = None  # the target as given, when it is a string that is not JSON
 
 
 def read_records(
@@ -147,9 +148,11 @@ def _record(row: dict, origin: str, image_column: str, target_column: str) -> Ra
             problem = f"target nests deeper than {MAX_JSON_DEPTH} levels (too deep for the JSON reader)"
             return RawRecord(images, None, origin, problem, "nested too deep")
         except json.JSONDecodeError as err:
-            return RawRecord(images, None, origin, f"field '{target_column}' is a string but not JSON ({err.msg})")
+            problem = f"field '{target_column}' is a string but not JSON ({err.msg})"
+            return RawRecord(images, None, origin, problem, text=row[target_column])
         except ValueError as err:
-            return RawRecord(images, None, origin, f"field '{target_column}' is a string but not JSON ({err})")
+            problem = f"field '{target_column}' is a string but not JSON ({err})"
+            return RawRecord(images, None, origin, problem, text=row[target_column])
     found = target_problem(target)
     if found is not None:
         reason, problem = found

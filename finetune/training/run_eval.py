@@ -14,7 +14,7 @@ from finetune.config import ResolvedRecipe
 from finetune.constrained import JsonConstraint, answer_record, default_bounds
 from finetune.data.target_stats import target_field_stats
 from finetune.evaluation import evaluate, write_eval
-from finetune.metrics import METRICS_VERSION
+from finetune.metrics import METRICS_VERSION, field_changes
 from finetune.schema import schema_from_skeleton
 from finetune.training.engine import zero_stage
 from finetune.training.run_folder import load_metrics, save_metrics
@@ -85,6 +85,9 @@ class RunEvaluator:
                 )
         self.metrics: dict = set_aside_outdated(load_metrics(run_dir), info)  # a resumed run continues its history
         self.last_value = float("nan")  # the latest during-training score, for the progress bar
+        # (tag, metrics) of the evaluation a preference stage started from: evaluations on as many samples during
+        # that stage get the change per field since then (`field_changes`, in metrics.json and the report).
+        self.since: tuple[str, dict] | None = None
 
     def answer(self) -> dict:
         """The answer schema and decoding bounds a saved model folder keeps (prompt.json `answer`)."""
@@ -110,6 +113,11 @@ class RunEvaluator:
             headline=e.headline,
             schema=self.answer_schema,
         )
+        since = self.since
+        if since is not None and since[1].get("num_samples") == result.metrics["num_samples"]:
+            changes = field_changes(since[1], result.metrics)
+            result.metrics["field_changes"] = {"since": since[0], "fields": changes}
+            self._info(f"eval {tag}: per field since {since[0]}: {_change_line(since[1], result.metrics)}")
         if acc.is_main_process:
             title = f"{self.run_dir.name}: {tag} (step {step})"
             fields = self.train_fields
@@ -129,7 +137,8 @@ class RunEvaluator:
         m = result.metrics
         self._info(
             f"eval {tag}: JSON exact match {m['json_exact_match']:.1%} ({e.headline}), field F1 "
-            f"{m['field_f1']:.3f}, nTED acc {m['ted_accuracy']:.3f}, valid JSON {m['valid_json_rate']:.1%}, "
+            f"{m['field_f1']:.3f}, nTED acc {m['ted_accuracy']:.3f}, valid JSON {m['valid_json_rate']:.1%}, filled but "
+            f"should be empty {m['hallucinated_field_rate']:.1%}, "
             f"n={m['num_samples']}"
         )
         return result.metrics
@@ -177,3 +186,13 @@ class RunEvaluator:
     def save(self) -> None:
         if self.accelerator.is_main_process:
             save_metrics(self.run_dir, self.metrics)
+
+
+def _change_line(before: dict, after: dict) -> str:
+    """Totals over the fields, before → after: wrong values, missed values, fields filled that should be empty."""
+
+    def total(metrics: dict, outcome: str) -> int:
+        return sum(counts.get(outcome, 0) for counts in metrics["per_field"].values())
+
+    names = {"wrong": "wrong values", "missed": "missed", "hallucinated": "filled but should be empty"}
+    return ", ".join(f"{name} {total(before, k)} -> {total(after, k)}" for k, name in names.items())

@@ -45,6 +45,7 @@ from finetune.training.checkpoint import (
     write_checkpoint,
 )
 from finetune.training.cpu_memory import HeapTrimmer
+from finetune.training.dpo_stage import PreferenceStage, stage_start_eval, start_preference_stage
 from finetune.training.engine import (
     check_replicas_agree,
     decided_on_main,
@@ -99,6 +100,7 @@ class FineTuneRecipe:
         self.model: torch.nn.Module | None = None
         # Built by each stage (_enter_stage):
         self.plan: TuningPlan | None = None
+        self.preference: PreferenceStage | None = None  # a `kind: dpo` stage's pairs and loss
         self.optimizer = self.scheduler = self.train_loader = None
         self.batches_per_epoch = self.stage_total = 0
 
@@ -219,6 +221,16 @@ class FineTuneRecipe:
         """Make stage `index` current: LoRA adapters if it is the first to ask, trainable flags, a new optimizer
         and schedule, and the model, optimizer and loader (re-)prepared by Accelerate."""
         r, acc, stage = self.recipe, self.accelerator, self.stages[index]
+        # A preference stage's pairs come from the model as the stage starts: built (or read back) before the
+        # previous stage's engine is released, since a sharded model can only generate through it.
+        self.preference = self._preference_stage(index) if stage.preference is not None else None
+        self.evaluator.since = None
+        if self.preference is not None:
+            self.evaluator.since = self._stage_start_eval(index)
+        if self.preference is not None and not self.preference.pairs:
+            self._info(f"stage {index + 1}/{len(self.stages)} '{stage.name}': no pairs to learn from; skipped")
+            self.entered_stage, self.stage_total = index, 0
+            return
         if self.entered_stage is not None:
             # The next prepare builds wrapper, engine, optimizer and loader for the new trainable set (a stale engine
             # would keep stepping old parameters).
@@ -241,7 +253,11 @@ class FineTuneRecipe:
             model, self.family, stage.groups, uses_lora=self.uses_lora, lora_later=first_lora is not None
         )
 
-        loader = self.data.loader(index)
+        if self.preference is None:
+            loader = self.data.loader(index)
+        else:
+            dataset = self.preference.dataset(self.family, self.processor, self.instruction_text)
+            loader = self.data.pair_loader(index, dataset)
         # Batches per process and epoch as Accelerate will shard them (every process gets ceil(batches /
         # processes)), known before `prepare` because the schedule must be prepared in the same call as the
         # model: only then does DeepSpeed's checkpoint carry it.
@@ -266,15 +282,22 @@ class FineTuneRecipe:
 
         epochs = self.stage_total * r.train.grad_accum / self.batches_per_epoch
         budget = r.train.max_tokens_per_batch
-        batch = f"≤ {budget:,} tokens (≤ {r.train.batch_size} samples)" if budget else f"{r.train.batch_size} samples"
+        unit = "samples" if self.preference is None else "pairs"
+        batch = f"≤ {budget:,} tokens (≤ {r.train.batch_size} {unit})" if budget else f"{r.train.batch_size} {unit}"
         lrs = ", ".join(f"{g} {lr:g}" for g, lr in stage.lr.items())
         self._info(
             f"stage {index + 1}/{len(self.stages)} '{stage.name}': {self.stage_total} optimizer steps of "
             f"{r.train.grad_accum} × {batch} × {acc.num_processes} processes = "
-            f"{epochs:.2f} epochs of its {len(self.data.stage_samples[index].samples)} samples; "
+            f"{epochs:.2f} epochs of its {len(loader.dataset)} {unit}; "
             f"lr {lrs}; warmup {warmup}"
         )
         self._info(f"stage '{stage.name}' parameters: {self.plan.summary()}")
+
+    def _preference_stage(self, index: int) -> PreferenceStage:
+        return start_preference_stage(self, index)
+
+    def _stage_start_eval(self, index: int) -> tuple[str, dict] | None:
+        return stage_start_eval(self, index)
 
     # ------------------------------------------------------------------------------------------------- train
     def run(self) -> dict:
@@ -375,7 +398,8 @@ class FineTuneRecipe:
                     self._evaluate_during(f"step{self.state.global_step}")
                 break
             tag = f"stage{index + 1}-{stage.name}"
-            if stage.eval_at_end and self.eval_samples and tag not in self.metrics.get("stages", {}):
+            ran = self.stage_total > 0  # a preference stage without pairs is skipped: nothing to evaluate
+            if ran and stage.eval_at_end and self.eval_samples and tag not in self.metrics.get("stages", {}):
                 self.metrics.setdefault("stages", {})[tag] = self._evaluate_during(tag)
             self.state.stage, self.state.stage_step, self.state.epoch, self.state.batches_in_epoch = index + 1, 0, 0, 0
         self._check_replicas_agree()
@@ -395,17 +419,24 @@ class FineTuneRecipe:
             unit="step",
         )
         self.throughput.reset()
+        preference = self.preference
         while self.state.stage_step < self.stage_total:
             micro = [next(batches) for _ in range(G)]
-            label_tokens = sum((b["labels"] != -100).sum() for b in micro)
-            global_label_tokens = acc.gather(label_tokens.reshape(1).to(acc.device)).sum()
+            if preference is None:
+                label_tokens = sum((b["labels"] != -100).sum() for b in micro)
+                global_label_tokens = acc.gather(label_tokens.reshape(1).to(acc.device)).sum()
+            else:  # pairs (and chosen tokens) of the whole step: the preference loss's denominators
+                normalizers = preference.normalizers(micro, acc)
             step_loss = torch.zeros((), device=acc.device)
             for batch in micro:
                 batch.pop("index")
                 # Accelerate counts the micro-batches: the G-th syncs gradients across processes (DDP: no_sync
                 # before it) and is the only one after which DeepSpeed's engine steps.
                 with acc.accumulate(self.model):
-                    loss = causal_lm_loss(self.model, self.family.training_inputs(batch), global_label_tokens)
+                    if preference is None:
+                        loss = causal_lm_loss(self.model, self.family.training_inputs(batch), global_label_tokens)
+                    else:
+                        loss = preference.loss(self.model, self.family, batch, normalizers)
                     # ×G cancels Accelerate's (or DeepSpeed's) division by the accumulation steps; ×processes
                     # cancels the gradient averaging across ranks: together the gradient is that of
                     # sum(CE) / all label tokens of the step.
@@ -451,6 +482,8 @@ class FineTuneRecipe:
         # Throughput since the previous log line (evaluations and checkpoints in between included).
         acc = self.accelerator
         rates = self.throughput.take(lambda counts: acc.reduce(counts.to(acc.device), "sum").cpu()) if logs else {}
+        if logs and self.preference is not None:
+            rates.update(self.preference.take_stats(acc))
         self.tokens_per_s = rates.get("tokens_per_s", self.tokens_per_s)
         bar.update(1)
         extra = {}

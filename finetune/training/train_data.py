@@ -51,6 +51,10 @@ class TrainData:
             if eval_source is not None
             else []
         )
+        # A preference stage's pairs (`pairs: preference`): the records read with `chosen` as their target.
+        self.preference_samples = (
+            self._samples(d.preference, "preference", target_column="chosen") if d.preference is not None else []
+        )
         self.stage_samples = [self._stage_samples(i, stage) for i, stage in enumerate(stages)]
         self.main_batches = self.batches_per_epoch(self.train_samples)
         if recipe.train.max_tokens_per_batch:  # every stage's batches checked now, not when the stage begins
@@ -107,8 +111,10 @@ class TrainData:
             overlap[split] = entry
         return overlap
 
-    def _samples(self, source: str, split: str, limit: int | None = None) -> list[Sample]:
-        key = f"{source}|{limit}"
+    def _samples(
+        self, source: str, split: str, limit: int | None = None, target_column: str | None = None
+    ) -> list[Sample]:
+        key = f"{source}|{limit}|{target_column}"
         if key not in self._prepared:
             d = self.recipe.data
             samples, report = prepare_samples(
@@ -122,7 +128,7 @@ class TrainData:
                 max_length=d.max_length,
                 on_bad_sample=d.on_bad_sample,
                 image_column=d.image_column,
-                target_column=d.target_column,
+                target_column=target_column or d.target_column,
                 max_image_pixels=d.max_image_pixels,
                 pdf_dpi=d.pdf_dpi,
                 max_pdf_pages=d.max_pdf_pages,
@@ -135,6 +141,8 @@ class TrainData:
 
     def _stage_samples(self, index: int, stage: StageSection) -> StageSamples:
         data = stage.data
+        if stage.preference is not None and stage.preference.pairs == "preference":
+            return StageSamples(self.preference_samples)
         if data is None:
             return StageSamples(self.train_samples)
         if data.train is not None:
@@ -197,6 +205,39 @@ class TrainData:
         return torch.utils.data.DataLoader(
             dataset, batch_size=t.batch_size, sampler=sampler, **self._loader_options(seed)
         )
+
+    def pair_loader(self, stage_index: int, dataset) -> torch.utils.data.DataLoader:
+        """A preference stage's loader over its pairs (`dataset`: finetune.training.dpo.PreferenceDataset): batches
+        of `train.batch_size` pairs (2 rows each), or filled up to `train.max_tokens_per_batch` with a pair counted
+        as its two padded rows; deterministic per (seed, stage, epoch) like every stage's."""
+        from finetune.training.dpo import PreferenceCollator
+
+        t = self.recipe.train
+        seed = t.seed + 1_000_003 * stage_index
+        options = self._loader_options(seed)
+        options["collate_fn"] = PreferenceCollator(options["collate_fn"])
+        lengths = dataset.lengths
+        if t.max_tokens_per_batch:
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[longest] > t.max_tokens_per_batch:
+                origin = dataset.samples[dataset.pairs[longest].sample].origin
+                raise UserError(
+                    f"{self.recipe.where('train.max_tokens_per_batch')}: train.max_tokens_per_batch "
+                    f"{t.max_tokens_per_batch} is less than the {lengths[longest]} tokens of a pair of {origin} (its "
+                    f"two answers, padded alike); raise it"
+                )
+            batches = TokenBudgetBatchSampler(
+                lengths,
+                max_tokens=t.max_tokens_per_batch,
+                max_samples=t.batch_size,
+                seed=seed,
+                group_by_length=t.group_by_length,
+            )
+            return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **options)
+        sampler = EpochLengthGroupedSampler(
+            lengths, batch_size=t.batch_size, seed=seed, group_by_length=t.group_by_length
+        )
+        return torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, **options)
 
     def _loader_options(self, seed: int) -> dict:
         return dict(

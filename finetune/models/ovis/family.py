@@ -25,6 +25,7 @@ from finetune.models.base import IGNORE_INDEX, Encoded, ModelFamily
 from finetune.models.hub import resolve_checkpoint
 from finetune.models.ovis import image as ovis_image
 from finetune.models.ovis.checkpoint import SIDE_FILE_PATTERNS, load_ovis, save_checkpoint
+from finetune.models.ovis.config import read_checkpoint_config
 from finetune.models.ovis.processor import OvisProcessor
 from finetune.models.ovis.tiny import build_tiny_ovis
 
@@ -78,7 +79,7 @@ class OvisFamily(ModelFamily):
         # frozen); stage 2 the whole visual tokenizer and the table; stage 3 everything. One epoch each with a cosine
         # schedule, warmup 0.1, 0.1, 0.05. Rates: the v1.5 scripts' 3e-4, 5e-5, 1e-5 (the paper's v1 used 1e-4,
         # 1e-4, 2e-5; Ovis1.6 / Ovis2 publish none). On the user's data the epochs become equal thirds of the budget.
-        return [
+        stages = [
             {
                 "name": "visual-head",
                 "groups": {"vision": "frozen", "vision_last_block": "full", "projector": "full", "llm": "frozen"},
@@ -101,6 +102,24 @@ class OvisFamily(ModelFamily):
                 "warmup_ratio": 0.05,
             },
         ]
+        config = read_checkpoint_config(resolve_checkpoint(path, revision, allow_patterns=["config.json"]))
+        if config.text_type == "gemma2":
+            # Ovis1.6 (the Gemma 2 generation) follows instruction tuning with DPO (its README; no code, data or rates
+            # published; Ovis2 names no such stage). Here: one epoch over pairs of the model's own wrong answers to
+            # the training data (`pairs: self`), the LLM only, at the rate and beta of common full-model DPO recipes
+            # (5e-7, 0.1), warmup 0.1.
+            stages.append(
+                {
+                    "name": "dpo",
+                    "kind": "dpo",
+                    "groups": {"vision": "frozen", "vision_last_block": "frozen", "projector": "frozen", "llm": "full"},
+                    "lr": 5e-7,
+                    "epochs": 1,
+                    "warmup_ratio": 0.1,
+                    "dpo": {"beta": 0.1, "loss": "sigmoid", "pairs": "self"},
+                }
+            )
+        return stages
 
     # --- loading ---------------------------------------------------------------------------------------
     def load_processor(self, path: str, revision: str | None = None, **options) -> OvisProcessor:
