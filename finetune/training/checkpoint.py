@@ -198,6 +198,24 @@ def trained_so_far(name: str, family, stages_so_far) -> bool:
     return any(stage.groups.get(group) == "full" for stage in stages_so_far)
 
 
+def keep_trained_weights_only(weights: list[dict], is_trained: Callable[[str], bool]) -> None:
+    """Accelerate's save-state pre-hook body: each state dict in `weights` keeps only the weights that trained.
+    Untouched weights come back from the base checkpoint on resume; saving them would make every LoRA checkpoint as
+    large as the model. A tied LM head is the embedding table under a second name: safetensors refuses to write
+    shared storage, and loading the table restores the head, so only the first name of each tensor is kept."""
+    for i, state in enumerate(weights):
+        kept, seen = type(state)(), set()  # Accelerate's own safetensors clean-up only takes OrderedDicts
+        for key, value in state.items():
+            if not is_trained(key.removeprefix("module.")):
+                continue
+            storage = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            if value.numel() and storage in seen:
+                continue
+            seen.add(storage)
+            kept[key] = value
+        weights[i] = kept
+
+
 def check_checkpoint_weights(checkpoint: Path, model: torch.nn.Module, is_trained: Callable[[str], bool]) -> None:
     """A non-strict load skips names it does not know: a mismatch would silently restart some weights from the
     base checkpoint, so every trained weight must be in the file and every name in the file known."""

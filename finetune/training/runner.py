@@ -37,6 +37,7 @@ from finetune.training import stages as staging
 from finetune.training.checkpoint import (
     TrainerState,
     check_checkpoint_weights,
+    keep_trained_weights_only,
     list_checkpoints,
     prune_checkpoints,
     required_files,
@@ -60,7 +61,7 @@ from finetune.training.run_eval import RunEvaluator
 from finetune.training.run_folder import check_run_dir, flatten, prepare_run_dir, record_recipe, trim_train_log
 from finetune.training.run_lock import RunLock, describe_previous
 from finetune.training.sampler import batch_stream
-from finetune.training.throughput import Throughput, memory_mib
+from finetune.training.step_log import StepLog, tracker_init_kwargs
 from finetune.training.train_data import TrainData
 from finetune.training.tuning import (
     TuningPlan,
@@ -84,8 +85,6 @@ class FineTuneRecipe:
         self.state = TrainerState()
         self.entered_stage: int | None = None  # the stage the prepared model / optimizer belong to
         self.uses_lora = False
-        self.throughput = Throughput()  # samples, tokens and padding between log lines
-        self.tokens_per_s = float("nan")
         self.interrupt = InterruptFlag()  # Ctrl-C: finish the step, save a checkpoint, stop
         self.run_lock: RunLock | None = None  # held by the main process from setup to the end of run
         # Built by setup():
@@ -97,6 +96,7 @@ class FineTuneRecipe:
         self.train_samples: list = []
         self.eval_samples: list = []
         self.evaluator: RunEvaluator | None = None
+        self.step_log: StepLog | None = None
         self.model: torch.nn.Module | None = None
         # Built by each stage (_enter_stage):
         self.plan: TuningPlan | None = None
@@ -195,10 +195,11 @@ class FineTuneRecipe:
             info=self._info,
         )
         self.model = model
+        self.step_log = StepLog(r, self.accelerator, self.run_dir)
         self.accelerator.register_save_state_pre_hook(self._keep_trained_weights_only)
         if r.tracking.report_to:
             self.accelerator.init_trackers(
-                r.tracking.project, config=flatten(r.model_dump(mode="json")), init_kwargs=_tracker_kwargs(r)
+                r.tracking.project, config=flatten(r.model_dump(mode="json")), init_kwargs=tracker_init_kwargs(r)
             )
         if resume_from:
             self._resume(resume_from)
@@ -418,7 +419,7 @@ class FineTuneRecipe:
             desc=f"stage {self.state.stage + 1}/{len(self.stages)} {stage.name}",
             unit="step",
         )
-        self.throughput.reset()
+        self.step_log.start_stage()
         preference = self.preference
         while self.state.stage_step < self.stage_total:
             micro = [next(batches) for _ in range(G)]
@@ -442,7 +443,7 @@ class FineTuneRecipe:
                     # sum(CE) / all label tokens of the step.
                     acc.backward(loss * G * acc.num_processes)
                 step_loss += loss.detach()
-                self.throughput.add(batch)
+                self.step_log.add(batch)
             if r.optim.max_grad_norm:
                 acc.clip_grad_norm_(self.model.parameters(), r.optim.max_grad_norm)  # DeepSpeed: its own config
             self.optimizer.step()
@@ -456,7 +457,16 @@ class FineTuneRecipe:
                 self.heap.after_step()
 
             loss = acc.reduce(step_loss, reduction="sum").item()  # per-rank partial sums → the global mean
-            self._log_step(bar, loss, lrs)
+            self.step_log.step(
+                bar,
+                self.state,
+                stage,
+                self.stage_total,
+                loss,
+                lrs,
+                preference=preference,
+                best=self.evaluator.last_value,
+            )
             every = r.eval.every_steps
             if every and self.eval_samples and self.state.global_step % every == 0:
                 self._evaluate_during(f"step{self.state.global_step}")
@@ -476,47 +486,6 @@ class FineTuneRecipe:
                 f"trainable weights identical on all {self.accelerator.num_processes} processes (sha256 {digest})"
             )
 
-    def _log_step(self, bar, loss: float, lrs: dict[str, float]) -> None:
-        step, stage = self.state.global_step, self.stages[self.state.stage]
-        logs = step % self.recipe.train.log_every == 0 or self.state.stage_step == self.stage_total
-        # Throughput since the previous log line (evaluations and checkpoints in between included).
-        acc = self.accelerator
-        rates = self.throughput.take(lambda counts: acc.reduce(counts.to(acc.device), "sum").cpu()) if logs else {}
-        if logs and self.preference is not None:
-            rates.update(self.preference.take_stats(acc))
-        self.tokens_per_s = rates.get("tokens_per_s", self.tokens_per_s)
-        bar.update(1)
-        extra = {}
-        if self.recipe.eval.every_steps:
-            extra[self.recipe.eval.best_metric] = f"{self.evaluator.last_value:.3f}"
-        bar.set_postfix(
-            loss=f"{loss:.4f}",
-            lr=f"{max(lrs.values()):.2e}",
-            tok_s=f"{self.tokens_per_s:,.0f}",
-            epoch=self.state.epoch,
-            **extra,
-        )
-        if logs:
-            record = {
-                "step": step,
-                "stage": stage.name,
-                "stage_step": self.state.stage_step,
-                "epoch": self.state.epoch,
-                "loss": loss,
-                **rates,
-                **{f"lr/{k}": v for k, v in lrs.items()},
-                **memory_mib(acc.device),
-            }
-            self.accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=step)
-            if self.accelerator.is_main_process:
-                path = self.run_dir / "train_log.jsonl"
-                try:
-                    with path.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                except OSError as err:  # a write's OSError names no file: the error line must
-                    err.filename = err.filename or str(path)
-                    raise
-
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """A resumable checkpoint: trained weights, optimizer, scheduler, RNG, stage and data position."""
@@ -532,21 +501,7 @@ class FineTuneRecipe:
         return trained_so_far(name, self.family, self.stages[: self.state.stage + 1])
 
     def _keep_trained_weights_only(self, models, weights, output_dir) -> None:
-        # Untouched weights come back from the base checkpoint on resume; saving them would make every LoRA
-        # checkpoint as large as the model.
-        # A tied LM head is the embedding table under a second name: safetensors refuses to write shared storage,
-        # and loading the table restores the head, so only the first name of each tensor is kept.
-        for i, state in enumerate(weights):
-            kept, seen = type(state)(), set()  # Accelerate's own safetensors clean-up only takes OrderedDicts
-            for key, value in state.items():
-                if not self._trained_so_far(key.removeprefix("module.")):
-                    continue
-                storage = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-                if value.numel() and storage in seen:
-                    continue
-                seen.add(storage)
-                kept[key] = value
-            weights[i] = kept
+        keep_trained_weights_only(weights, self._trained_so_far)
 
     def _resume(self, checkpoint: Path) -> None:
         """Rebuild the checkpoint's stage (adapters, trainable set, optimizer shapes), then load its state."""
@@ -605,8 +560,3 @@ class FineTuneRecipe:
         if self.accelerator is None or self.accelerator.is_main_process:
             info(message)
             log.debug(message)
-
-
-def _tracker_kwargs(recipe: Recipe) -> dict:
-    name = recipe.tracking.run_name or Path(recipe.output.dir).name
-    return {"wandb": {"name": name}, "trackio": {"name": name}}
