@@ -14,7 +14,7 @@ from finetune.config import DpoLoss, DpoSection
 from finetune.data.dataset import Sample
 from finetune.training.dpo import preference_loss, sequence_logps
 from finetune.training.dpo_pairs import pairs_from_answers
-from tests.conftest import run_train
+from tests.conftest import REPO, run_train
 from tests.test_faults import assert_one_line_error, train
 
 LOSSES = list(DpoLoss.__args__)
@@ -256,6 +256,60 @@ def test_a_dpo_stage_resumed_midway_equals_an_uninterrupted_one(tiny_mississippi
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_a_dpo_stage_on_two_processes_equals_one_process(tiny_mississippi, simple_docs, tmp_path):
+    """SFT then DPO with the same 4 samples per step on one process and on two (DDP, and ZeRO-3 with the weights
+    really partitioned, so generation runs with synced GPUs): the answers are sharded and gathered into the same
+    pairs, none lost or doubled, with the same reference log-probabilities; the DPO losses and rewards logged and the
+    final adapter are the same, because the loss is divided by the pairs of the whole step across processes."""
+    overrides = {
+        "stages": SFT_THEN_DPO.replace("sampled: 1, temperature: 1.5", "sampled: 0"),
+        "tuning.lora.dropout": 0.0,
+        "train.group_by_length": False,
+        "optim.max_grad_norm": "null",
+    }
+    zero3_json = json.loads((REPO / "recipes" / "accelerate" / "ds_zero3.json").read_text())
+    zero3_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3_json))
+    layouts = {
+        "one": ({"train.batch_size": 4}, 1, {}),
+        "ddp": ({"train.batch_size": 2}, 2, {}),
+        "zero3": (
+            {"train.batch_size": 2},
+            2,
+            {
+                "accelerate_config": "zero3.yaml",
+                "extra_launch_args": ("--deepspeed_config_file", str(tmp_path / "zero3.json")),
+            },
+        ),
+    }
+    logs, pairs, adapters = {}, {}, {}
+    for name, (extra, processes, launch) in layouts.items():
+        out = tmp_path / name
+        run_train(_args(tiny_mississippi, simple_docs, out, **overrides, **extra), processes=processes, **launch)
+        logs[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        saved = (out / "preference" / "stage2-dpo" / "pairs.jsonl").read_text().splitlines()
+        records = sorted(map(json.loads, saved), key=lambda p: (p["sample"], p["rejected_ids"]))
+        pairs[name] = [(p["origin"], p["rejected_ids"], (p["ref_chosen"], p["ref_rejected"])) for p in records]
+        adapters[name] = load_file(out / "final" / "adapter_model.safetensors")
+    assert pairs["one"], "the SFT stage left no wrong answers to learn from"
+    dpo_steps = [r for r in logs["one"] if r["stage"] == "dpo"]
+    assert len(dpo_steps) == 4 and all("rewards/margin" in r for r in dpo_steps)
+    for name in ("ddp", "zero3"):
+        assert [pair[:2] for pair in pairs[name]] == [pair[:2] for pair in pairs["one"]], name
+        for (*_, refs), (*_, expected) in zip(pairs[name], pairs["one"], strict=True):
+            assert refs == pytest.approx(expected, rel=1e-4), name
+        assert [r["samples"] for r in logs[name]] == [r["samples"] for r in logs["one"]], name
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"):
+            mine = [r[key] for r in logs[name] if key in r]
+            assert mine == pytest.approx([r[key] for r in logs["one"] if key in r], rel=1e-4, abs=1e-6), (name, key)
+        assert adapters[name].keys() == adapters["one"].keys()
+        # Adam divides by the root of the squared gradient: an element whose gradient is ~0 moves by up to lr (1e-2)
+        # a step on summation-order rounding alone. Allow a fifth of one step; the losses above are the exact check.
+        for key, value in adapters["one"].items():
+            torch.testing.assert_close(adapters[name][key], value, rtol=1e-3, atol=2e-3)
 
 
 @pytest.mark.slow
