@@ -9,16 +9,21 @@ trained fully. Every `--eval-every` steps it generates JSON for a held-out split
 it (field F1, exact match, nTED). The table is that learning curve against wall-clock time; the budget is 10
 CPU minutes (the run says whether it kept to it).
 
-    python scripts/bench_learn.py --dpo [--base-steps 700] [--dpo-steps 60] [--pair-samples 1024] [--reuse-base]
+    python scripts/bench_learn.py --dpo [--threads 1] [--base-steps 1200] [--dpo-lr 3e-4 3e-5 3e-6] [--reuse-base]
 
 `--dpo`: more SFT against a DPO stage with `pairs: self`, from the same partly trained model, for the same compute.
-The `simple` forms, with one line blanked out on a share of them (that field's target is null, so filling it is a
-hallucination). Phase 0 trains the tiny model from scratch for `--base-steps` (until it reads some fields and confuses
-others) and saves it; from that model, in this order, (b) one `kind: dpo` stage: the model answers `--pair-samples`
-training forms, every answer that is not the gold JSON becomes a (gold, answer) pair, then `--dpo-steps` steps of
-`--batch-size` pairs; (a) one more SFT stage, with as many steps of `--batch-size` forms as fit in (b)'s measured
-wall-clock (generation and reference pass included) at phase 0's seconds per step. Held-out field F1,
-hallucinated- and missed-field rates and exact match of the three models are the table.
+The forms are the script's own: 64 px, the `digits` preset's font at native resolution, a 5-digit number above an
+amount; a share of them lack one of the two lines, and that field's target is null, so filling it in is a
+hallucination (the presets never leave a field empty, and the 128 px `simple` forms, read as one 64 px tile, did not
+leave the loss plateau within 1,000 steps once lines were blanked). Phase 0 trains the tiny model from scratch for
+`--base-steps` (cosine schedule; a learning-curve point every `--base-eval-every` steps) until it reads some fields
+and confuses others, and saves it. From that model, in this order: (b) one `kind: dpo` stage per `--dpo-lr`: the
+model answers the first `--pair-samples` training forms, every answer that is not the gold JSON becomes a (gold,
+answer) pair, then `--dpo-steps` steps of `--batch-size` pairs; (a) one more SFT stage on the whole training set,
+with as many steps of `--batch-size` forms as fit in the first DPO run's measured time (building its pairs included)
+at phase 0's seconds per step (`--same rows`: as many forward + backward rows as its training steps instead).
+Every run is `finetune/train.py` with overrides, one stage of every group full. The table: held-out field F1,
+hallucinated- and missed-field rates, exact match, per-field outcomes.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def tiny_model(out: Path, size: str) -> Path:
 TRAIN_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def train_command(overrides: dict) -> list[str]:
+def train_command(overrides: dict, threads: int) -> list[str]:
     """The real trainer on one process: `accelerate launch finetune/train.py recipe=quickstart key=value ...`."""
     return [
         str(Path(sys.executable).parent / "accelerate"),
@@ -83,7 +88,7 @@ def train_command(overrides: dict) -> list[str]:
         "--dynamo_backend",
         "no",
         "--num_cpu_threads_per_process",
-        str(os.cpu_count()),
+        str(threads),
         str(REPO / "finetune" / "train.py"),
         "recipe=quickstart",
         *[f"{k}={v}" for k, v in overrides.items()],
@@ -108,15 +113,30 @@ def main() -> None:
         default=1,
         help="tiles per image (the 128 px form is read as one 64 px tile; more cost more tokens)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="the trainer's CPU threads (fewer than the cores when other jobs share the machine: torch's threads "
+        "wait for each other at every operation, so one that is descheduled stalls them all)",
+    )
     parser.add_argument("--out", default="runs/bench-learn")
     dpo = parser.add_argument_group("--dpo: more SFT vs a DPO stage (pairs: self) from the same partly trained model")
     dpo.add_argument("--dpo", action="store_true", help="run this comparison instead of the learning curve")
-    dpo.add_argument("--base-steps", type=int, default=700, help="phase 0: SFT steps from scratch (shared)")
+    dpo.add_argument("--base-steps", type=int, default=1200, help="phase 0: SFT steps from scratch (shared)")
+    dpo.add_argument("--base-eval-every", type=int, default=100, help="phase 0's learning curve: steps between points")
     dpo.add_argument("--dpo-steps", type=int, default=60, help="(b): optimizer steps of --batch-size pairs")
     dpo.add_argument("--pair-samples", type=int, default=1024, help="(b): training forms the model answers")
     dpo.add_argument("--dpo-beta", type=float, default=0.1)
-    dpo.add_argument("--dpo-lr", type=float, default=None, help="(b)'s learning rate (default: --stage-lr)")
-    dpo.add_argument("--stage-lr", type=float, default=3e-4, help="(a)'s learning rate (and (b)'s by default)")
+    dpo.add_argument(
+        "--dpo-lr",
+        type=float,
+        nargs="+",
+        default=[3e-4, 3e-5, 3e-6],
+        help="(b)'s learning rates, one DPO run each: (a)'s, a tenth and a hundredth of it by default",
+    )
+    dpo.add_argument("--dpo-sft-weight", type=float, default=0.0, help="(b): weight of an NLL term on the chosen")
+    dpo.add_argument("--stage-lr", type=float, default=3e-4, help="(a)'s learning rate")
     dpo.add_argument("--sampled", type=int, default=0, help="(b): sampled answers per form besides the greedy one")
     dpo.add_argument(
         "--sft-steps", type=int, default=None, help="(a)'s steps (default: as many as fit in (b)'s wall-clock)"
@@ -139,8 +159,6 @@ def main() -> None:
     if args.eval_samples is None:
         args.eval_samples = 256 if args.dpo else 64
     if args.dpo:
-        if args.preset != "simple":
-            parser.error("--dpo blanks lines of the simple forms: --preset simple only")
         compare_dpo(args)
         return
 
@@ -170,7 +188,7 @@ def main() -> None:
         "output.dir": run,
     }
     started = time.perf_counter()
-    subprocess.run(train_command(overrides), check=True, env=TRAIN_ENV)
+    subprocess.run(train_command(overrides, args.threads), check=True, env=TRAIN_ENV)
     minutes = (time.perf_counter() - started) / 60
 
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -208,7 +226,7 @@ def main() -> None:
     print(
         f"\n{args.preset} forms, {args.train_samples} training / {args.eval_samples} held-out, "
         f"{args.max_tiles} tile(s) per image, batch "
-        f"{args.batch_size}, lr {args.lr:g}; {machine()}"
+        f"{args.batch_size}, lr {args.lr:g}; {machine().rsplit(', ', 1)[0]}, trainer threads {args.threads}"
     )
     print(
         markdown_table(
@@ -227,41 +245,59 @@ def main() -> None:
 
 
 # --dpo ---------------------------------------------------------------------------------------------------------------
-# The simple form's two lines (PIL's default font at 22 px, drawn from y = 28 and y = 72) lie in these pixel rows.
-LINE_ROWS = {"number": (0, 64), "total": (64, 128)}
 GROUPS = {"vision": "full", "projector": "full", "llm": "full"}
+# What phase 0's model depends on: `--reuse-base` reuses it only when they are unchanged.
+BASE_SETTINGS = (
+    "base_steps",
+    "base_eval_every",
+    "batch_size",
+    "lr",
+    "train_samples",
+    "eval_samples",
+    "model",
+    "max_tiles",
+    "blank_share",
+    "threads",
+)
 
 
-def blank_lines(source: Path, out: Path, share: float) -> Path:
-    """The forms of `source` with `share` of them missing their number line and as many others their total line
-    (painted over in the page's white); that field's target is null. Deterministic per form."""
-    from PIL import Image, ImageDraw
+def two_line_forms(out: Path, *, n_train: int, n_val: int, share: float) -> Path:
+    """64 px forms with two lines at native resolution, the `digits` preset's font and size: a 5-digit number above
+    an amount (`{"number": "60494", "total": "63.05"}`). `share` of the forms have no number line and as many others
+    no total line: that field's target is null. Deterministic per form; written once."""
+    from finetune.synthetic.render import Page, load_font
 
     if (out / "train.jsonl").exists():
         return out
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for split in ("val", "test", "train"):  # train.jsonl last: it marks the folder complete
+    font = load_font(None, 20)
+    for split, count in (("val", n_val), ("train", n_train)):  # train.jsonl last: it marks the folder complete
         lines = []
-        for line in (source / f"{split}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            draw = random.Random(f"blank/{record['image']}").random()
-            field = "number" if draw < share else "total" if draw < 2 * share else None
-            image = Image.open(source / record["image"]).convert("RGB")
-            if field is not None:
-                top, bottom = LINE_ROWS[field]
-                ImageDraw.Draw(image).rectangle((0, top, image.width - 1, bottom - 1), fill=(255, 255, 255))
-                record["target"][field] = None
-            image.save(out / record["image"])
-            lines.append(json.dumps(record) + "\n")
+        for index in range(count):
+            rng = random.Random(f"two-line/{split}/{index}")
+            target = {"number": str(rng.randint(10000, 99999)), "total": f"{rng.randint(1000, 9999) / 100:.2f}"}
+            draw = rng.random()
+            blank = "number" if draw < share else "total" if draw < 2 * share else None
+            page = Page(64, 64, (255, 255, 255), (0, 0, 0))
+            for field, y in (("number", 4), ("total", 34)):  # glyphs in rows 10-24 and 40-53
+                if field == blank:
+                    target[field] = None
+                else:
+                    page.text(4, y, target[field], font)
+            name = f"images/{split}_{index:05d}.png"
+            page.image.save(out / name)
+            lines.append(json.dumps({"image": name, "target": target}) + "\n")
         (out / f"{split}.jsonl").write_text("".join(lines))
     return out
 
 
-def run_trainer(overrides: dict) -> tuple[float, list[tuple[float, str]]]:
+def run_trainer(overrides: dict, threads: int) -> tuple[float, list[tuple[float, str]]]:
     """The trainer as `train_command` runs it; its stderr passes through, each line kept with the seconds since the
     start. Returns the run's seconds and those lines."""
     started = time.perf_counter()
-    child = subprocess.Popen(train_command(overrides), env=TRAIN_ENV, stderr=subprocess.PIPE, text=True, bufsize=1)
+    child = subprocess.Popen(
+        train_command(overrides, threads), env=TRAIN_ENV, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
     lines = []
     for line in child.stderr:
         sys.stderr.write(line)
@@ -280,14 +316,16 @@ def seconds_at(lines: list[tuple[float, str]], start: str) -> float:
 
 
 def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    """A run's train_log.jsonl (none: a DPO stage without pairs, skipped)."""
+    path = run / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def compare_dpo(args) -> None:
     """Phase 0 (shared), then (b) a DPO stage and (a) more SFT from its model; the table of the three models."""
     out = Path(args.out)
-    source = forms(out / f"data-simple-{args.train_samples}-val{args.eval_samples}", args)
-    data = blank_lines(source, out / f"{source.name}-blank{args.blank_share:g}", args.blank_share)
+    data = out / f"data-two-line-{args.train_samples}-val{args.eval_samples}-blank{args.blank_share:g}"
+    data = two_line_forms(data, n_train=args.train_samples, n_val=args.eval_samples, share=args.blank_share)
     pair_data = data / f"train-first{args.pair_samples}.jsonl"  # (b)'s stage data: forms it answers
     pair_data.write_text(
         "".join(data.joinpath("train.jsonl").read_text().splitlines(keepends=True)[: args.pair_samples])
@@ -312,11 +350,7 @@ def compare_dpo(args) -> None:
 
     # Phase 0: from scratch, every group full, until it reads some fields and confuses others.
     base = out / "dpo-base"
-    base_settings = {
-        k: v
-        for k, v in vars(args).items()
-        if k in ("base_steps", "batch_size", "lr", "train_samples", "eval_samples", "model", "max_tiles", "blank_share")
-    }
+    base_settings = {k: v for k, v in vars(args).items() if k in BASE_SETTINGS}
     recorded = base / "bench_settings.json"
     reuse = (
         args.reuse_base
@@ -335,17 +369,25 @@ def compare_dpo(args) -> None:
                 "train.max_steps": args.base_steps,
                 "optim.lr": args.lr,
                 "eval.before_training": "false",
+                # Its learning curve, on the first half of the held-out forms.
+                "eval.every_steps": args.base_eval_every,
+                "eval.during_training_samples": max(1, args.eval_samples // 2),
+                "eval.best_metric": "field_f1",
                 "output.dir": base,
                 "output.if_exists": "overwrite",
-            }
+            },
+            args.threads,
         )
         recorded.write_text(json.dumps(base_settings, indent=2) + "\n")
     base_log = read_log(base)
-    base_s_per_step = sum(r["seconds"] for r in base_log) / base_log[-1]["step"]
-    shared = json.loads((base / "metrics.json").read_text())["after"]
+    # Its pace: the median log line's seconds per step (a line after an evaluation counts that evaluation too).
+    previous = [0] + [r["step"] for r in base_log[:-1]]
+    paces = sorted(r["seconds"] / (r["step"] - p) for r, p in zip(base_log, previous, strict=True))
+    base_s_per_step = paces[len(paces) // 2]
+    base_metrics = json.loads((base / "metrics.json").read_text())
+    shared, curve = base_metrics["after"], base_metrics.get("during", [])
 
-    def arm(name: str, stage: dict, steps: int, lr: float) -> dict:
-        run = out / f"dpo-{name}"
+    def arm(name: str, stage: dict, steps: int, lr: float, run: Path) -> dict:
         overrides = {
             **common,
             "model.path": base / "final",
@@ -356,7 +398,7 @@ def compare_dpo(args) -> None:
             "output.dir": run,
             "output.if_exists": "overwrite",
         }
-        seconds, lines = run_trainer(overrides)
+        seconds, lines = run_trainer(overrides, args.threads)
         metrics = json.loads((run / "metrics.json").read_text())
         log = read_log(run)
         # The stage's compute: its optimizer steps (train_log.jsonl's seconds; evaluations before and after left
@@ -368,10 +410,11 @@ def compare_dpo(args) -> None:
             "lr": lr,
             "run_seconds": seconds,
             "train_seconds": train_seconds,
+            "rows": sum(r["samples"] for r in log),  # sequences through forward + backward (a pair is two)
             "pairs_seconds": 0.0,
             "before": metrics["before"],
             "after": metrics["after"],
-            "last_log": log[-1],
+            "last_log": log[-1] if log else {},
         }
         if "preference" in metrics:
             built = seconds_at(lines, f"stage '{name}': the model answered")
@@ -383,21 +426,19 @@ def compare_dpo(args) -> None:
         result["stage_seconds"] = result["pairs_seconds"] + train_seconds
         return result
 
-    dpo_lr = args.dpo_lr or args.stage_lr
     dpo_settings = {"beta": args.dpo_beta, "loss": "sigmoid", "pairs": "self", "sampled": args.sampled}
-    b = arm("dpo", {"kind": "dpo", "dpo": dpo_settings, "data": {"train": str(pair_data)}}, args.dpo_steps, dpo_lr)
+    dpo_settings["sft_weight"] = args.dpo_sft_weight
+    dpo_stage = {"kind": "dpo", "dpo": dpo_settings, "data": {"train": str(pair_data)}}
+    dpo_arms = [arm("dpo", dpo_stage, args.dpo_steps, lr, out / f"dpo-dpo-lr{lr:g}") for lr in args.dpo_lr]
+    b = dpo_arms[0]  # (a)'s compute is matched to the first
     b_pairs = b["pair_summary"]["pairs"]
-    # (a)'s rows: one forward + backward per form; (b)'s: chosen + rejected per pair, besides building the pairs.
-    pairs_per_step = min(args.batch_size, b_pairs)
-    b["rows"] = b["steps"] * 2 * pairs_per_step
     if args.sft_steps:
         sft_steps = args.sft_steps
     elif args.same == "rows":  # as many forward + backward rows as (b)'s training steps; its pair building free
         sft_steps = max(1, round(b["rows"] / args.batch_size))
     else:  # as many steps as phase 0's pace fits in (b)'s stage: pairs built, then trained
         sft_steps = max(1, round(b["stage_seconds"] / base_s_per_step))
-    a = arm("sft", {}, sft_steps, args.stage_lr)
-    a["rows"] = a["steps"] * args.batch_size
+    a = arm("sft", {}, sft_steps, args.stage_lr, out / "dpo-sft")
 
     def scores(m: dict) -> list[str]:
         return [
@@ -417,18 +458,28 @@ def compare_dpo(args) -> None:
             f"{a['stage_seconds'] / 60:.2f}",
             *scores(a["after"]),
         ],
-        [
-            f"(b) + DPO, pairs: self (β {args.dpo_beta:g}, lr {b['lr']:g})",
-            f"{b['steps']} × {pairs_per_step} pairs",
-            f"{b['rows']:,} fwd+bwd + answers to {args.pair_samples} forms + reference fwd",
-            f"{b['stage_seconds'] / 60:.2f} ({b['pairs_seconds'] / 60:.2f} of it building pairs)",
-            *scores(b["after"]),
+        *[
+            [
+                f"(b) + DPO, pairs: self (β {args.dpo_beta:g}, lr {d['lr']:g}"
+                + (f", sft_weight {args.dpo_sft_weight:g})" if args.dpo_sft_weight else ")"),
+                f"{d['steps'] if b_pairs else 0} × {min(args.batch_size, b_pairs)} pairs",
+                f"{d['rows']:,} fwd+bwd + answers to {args.pair_samples} forms + reference fwd",
+                f"{d['stage_seconds'] / 60:.2f} ({d['pairs_seconds'] / 60:.2f} of it building pairs)",
+                *scores(d["after"]),
+            ]
+            for d in dpo_arms
         ],
     ]
     print(
-        f"\nsimple forms, {args.blank_share:.0%} without their number line and {args.blank_share:.0%} without their "
-        f"total (null in the target); {args.train_samples} training / {args.eval_samples} held-out; every group full, "
-        f"batch {args.batch_size}; phase 0 lr {args.lr:g} ({base_s_per_step:.2f} s/step); {machine()}"
+        f"\ntwo-line 64 px forms, {args.blank_share:.0%} without their number line and {args.blank_share:.0%} without "
+        f"their total (null in the target); {args.train_samples} training / {args.eval_samples} held-out; every group "
+        f"full, batch {args.batch_size}; phase 0 lr {args.lr:g} ({base_s_per_step:.2f} s/step); "
+        f"{machine().rsplit(', ', 1)[0]}, trainer threads {args.threads}"
+    )
+    print(
+        f"phase 0's learning curve (field F1 / filled but should be empty, first {args.eval_samples // 2} held-out "
+        "forms): "
+        + ", ".join(f"step {c['step']} {c['field_f1']:.3f} / {c['hallucinated_field_rate']:.0%}" for c in curve)
     )
     print(
         markdown_table(
@@ -448,7 +499,9 @@ def compare_dpo(args) -> None:
     )
     outcomes = ("right", "wrong", "missed", "hallucinated", "empty")
     field_rows = []
-    for label, m in (("phase 0", shared), ("(a) more SFT", a["after"]), ("(b) DPO", b["after"])):
+    models = [("phase 0", shared), ("(a) more SFT", a["after"])]
+    models += [(f"(b) DPO lr {d['lr']:g}", d["after"]) for d in dpo_arms]
+    for label, m in models:
         for field, counts in m["per_field"].items():
             field_rows.append([label, field, *(str(counts[k]) for k in outcomes)])
     print("\nheld-out outcomes per field (forms):")
@@ -459,13 +512,15 @@ def compare_dpo(args) -> None:
         f"right ({summary['greedy_invalid']} invalid JSON); {summary['pairs']} pairs; per field "
         + "; ".join(f"{f}: " + ", ".join(f"{c[k]} {k}" for k in outcomes[1:4]) for f, c in summary["fields"].items())
     )
-    last = b["last_log"]
-    print(
-        f"(b)'s last logged step: loss {last['loss']:.4f}, reward margin "
-        f"{last.get('rewards/margin', float('nan')):.3f}, ranked right {last.get('rewards/accuracy', float('nan')):.0%}"
-    )
+    for d in dpo_arms:
+        last = d["last_log"]
+        print(
+            f"(b) lr {d['lr']:g}, last logged step: loss {last.get('loss', float('nan')):.4f}, reward margin "
+            f"{last.get('rewards/margin', float('nan')):.3f}, pairs ranked right "
+            f"{last.get('rewards/accuracy', float('nan')):.0%}"
+        )
     same_start = all(
-        a["before"][k] == b["before"][k] == shared[k] for k in ("field_f1", "json_exact_match", "per_field")
+        r["before"][k] == shared[k] for r in (a, *dpo_arms) for k in ("field_f1", "json_exact_match", "per_field")
     )
     print(
         f"both arms start from phase 0's model: {'yes' if same_start else 'NO'} (their `before` scores "
@@ -473,10 +528,14 @@ def compare_dpo(args) -> None:
     )
     how = f"--sft-steps {args.sft_steps}" if args.sft_steps else f"same {args.same}"
     print(
-        f"stage 2 ({how}): (a) {a['steps']} steps in {a['stage_seconds']:.0f} s ({a['train_seconds'] / a['steps']:.2f} "
-        f"s/step; phase 0 {base_s_per_step:.2f}); (b) {b['stage_seconds']:.0f} s = {b['pairs_seconds']:.0f} s "
-        f"building {b_pairs} pairs + {b['steps']} steps in {b['train_seconds']:.0f} s "
-        f"({b['train_seconds'] / b['steps']:.2f} s/step)"
+        f"stage 2 ({how}, to the first DPO run): (a) {a['steps']} steps in {a['stage_seconds']:.0f} s "
+        f"({a['train_seconds'] / a['steps']:.2f} s/step; phase 0 {base_s_per_step:.2f}); "
+        + "; ".join(
+            f"(b) lr {d['lr']:g} {d['stage_seconds']:.0f} s = {d['pairs_seconds']:.0f} s building "
+            f"{d['pair_summary']['pairs']} pairs + {d['steps']} steps in {d['train_seconds']:.0f} s "
+            f"({d['train_seconds'] / d['steps']:.2f} s/step)"
+            for d in dpo_arms
+        )
     )
     (out / "results-dpo.json").write_text(
         json.dumps(
@@ -484,9 +543,10 @@ def compare_dpo(args) -> None:
                 "args": vars(args),
                 "machine": machine(),
                 "base_seconds_per_step": base_s_per_step,
+                "base_curve": curve,
                 "shared": shared,
                 "sft": a,
-                "dpo": b,
+                "dpo": dpo_arms,
                 "same_start": same_start,
             },
             indent=2,

@@ -108,3 +108,22 @@ def test_bench_learn_records_a_learning_curve(tmp_path):
     assert [point["step"] for point in curve] == [2, 4]
     assert all(0 <= point["field_f1"] <= 1 and point["minutes"] > 0 for point in curve)
     assert "field F1" in stdout
+
+
+def test_bench_learn_dpo_compares_more_sft_with_a_dpo_stage(tmp_path):
+    """At toy size (an untrained model: every answer is wrong, so every form gives a pair): phase 0, one DPO run and
+    one SFT run from its model, all starting from the same weights, and the table of the three."""
+    stdout = run_script(
+        "bench_learn.py",
+        "--dpo",
+        *("--train-samples", "16", "--eval-samples", "4", "--batch-size", "4", "--threads", "1"),
+        *("--base-steps", "2", "--base-eval-every", "2", "--dpo-steps", "1", "--pair-samples", "4"),
+        *("--dpo-lr", "1e-3", "--sft-steps", "1", "--out", str(tmp_path)),
+    )
+    results = json.loads((tmp_path / "results-dpo.json").read_text())
+    assert results["same_start"] is True
+    [dpo] = results["dpo"]
+    assert dpo["pair_summary"]["pairs"] == 4 and dpo["steps"] == 1 and dpo["rows"] == 8  # a pair is two rows
+    assert results["sft"]["steps"] == 1 and results["sft"]["rows"] == 4
+    assert 0 <= dpo["after"]["hallucinated_field_rate"] <= 1
+    assert "(b) + DPO, pairs: self" in stdout and "(a) + more SFT" in stdout
