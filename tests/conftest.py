@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,19 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+def partitioned_zero3(folder: Path) -> dict:
+    """`run_train` launch arguments for ZeRO-3 with every weight really partitioned (the checked-in config with
+    persistence threshold 0: tiny models would otherwise keep all their weights whole on every rank). The config
+    file is written into `folder`."""
+    config = json.loads((REPO / "recipes" / "accelerate" / "ds_zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (folder / "zero3.json").write_text(json.dumps(config))
+    return {
+        "accelerate_config": "zero3.yaml",
+        "extra_launch_args": ("--deepspeed_config_file", str(folder / "zero3.json")),
+    }
 
 
 def run_train(

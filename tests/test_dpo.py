@@ -14,7 +14,7 @@ from finetune.config import DpoLoss, DpoSection
 from finetune.data.dataset import Sample
 from finetune.training.dpo import preference_loss, sequence_logps
 from finetune.training.dpo_pairs import pairs_from_answers
-from tests.conftest import REPO, run_train
+from tests.conftest import partitioned_zero3, run_train
 from tests.test_faults import assert_one_line_error, train
 
 LOSSES = list(DpoLoss.__args__)
@@ -270,20 +270,10 @@ def test_a_dpo_stage_on_two_processes_equals_one_process(tiny_mississippi, simpl
         "train.group_by_length": False,
         "optim.max_grad_norm": "null",
     }
-    zero3_json = json.loads((REPO / "recipes" / "accelerate" / "ds_zero3.json").read_text())
-    zero3_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "zero3.json").write_text(json.dumps(zero3_json))
     layouts = {
         "one": ({"train.batch_size": 4}, 1, {}),
         "ddp": ({"train.batch_size": 2}, 2, {}),
-        "zero3": (
-            {"train.batch_size": 2},
-            2,
-            {
-                "accelerate_config": "zero3.yaml",
-                "extra_launch_args": ("--deepspeed_config_file", str(tmp_path / "zero3.json")),
-            },
-        ),
+        "zero3": ({"train.batch_size": 2}, 2, partitioned_zero3(tmp_path)),
     }
     logs, pairs, adapters = {}, {}, {}
     for name, (extra, processes, launch) in layouts.items():

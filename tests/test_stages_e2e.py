@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_train
+from tests.conftest import partitioned_zero3, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -237,17 +237,7 @@ def test_two_stage_recipe_under_ddp_zero2_and_zero3(tiny_mississippi, simple_doc
         "train.checkpoint_every": 2,
         "train.keep_checkpoints": 5,
     }
-    zero3_json = json.loads((REPO / "recipes" / "accelerate" / "ds_zero3.json").read_text())
-    zero3_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "zero3.json").write_text(json.dumps(zero3_json))
-    runs = {
-        "ddp": {},
-        "zero2": {"accelerate_config": "zero2.yaml"},
-        "zero3": {
-            "accelerate_config": "zero3.yaml",
-            "extra_launch_args": ("--deepspeed_config_file", str(tmp_path / "zero3.json")),
-        },
-    }
+    runs = {"ddp": {}, "zero2": {"accelerate_config": "zero2.yaml"}, "zero3": partitioned_zero3(tmp_path)}
     logs, adapters = {}, {}
     for name, launch in runs.items():
         out = tmp_path / name
